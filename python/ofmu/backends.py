@@ -1,0 +1,147 @@
+"""The one place that chooses which kernels run the step math.
+
+Order of preference: on CUDA tensors the CUDA extension, then Triton, then the torch
+reference; on CPU tensors the C++ extension, then the torch reference. ``backend=`` on the
+optimizer or the ``OFMU_BACKEND`` environment variable overrides the choice (an unavailable
+explicit choice is an error, never a silent fallback). :func:`backend_info` says what exists
+here and why the rest does not.
+
+Every backend exposes the kernel contract of :mod:`ofmu.functional`:
+``reduce3(x, y)``, ``combine(x, y, coeffs, out_a, out_b=None)``, ``update(theta, x, y, coeffs)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from . import functional as F
+
+NAMES = ("torch", "cpp", "cuda", "triton")
+_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    reduce3: Callable
+    combine: Callable
+    update: Callable
+
+
+def _torch_backend() -> Backend:
+    return Backend("torch", F.reduce3, F.combine, F.update)
+
+
+def _load_ext() -> tuple[object | None, str]:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.ofmu.*)
+    except ImportError as e:  # not built, or built against another torch
+        return None, f"ofmu._C not importable ({e})"
+    return torch.ops.ofmu, ""
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", key)
+
+
+def _ext_backend(name: str, key: str) -> tuple[Backend | None, str]:
+    ops, why = _load_ext()
+    if ops is None:
+        return None, why
+    if not all(_has_kernel(op, key) for op in ("reduce3", "combine", "update")):
+        if key == "CUDA":
+            return None, "cuda kernels not built into ofmu._C (no nvcc or torch is a CPU build)"
+        return None, f"ofmu._C has no {key} kernels"
+    if key == "CUDA" and not torch.cuda.is_available():
+        return None, "cuda kernels built but no CUDA device is visible"
+    return Backend(name, ops.reduce3, ops.combine, ops.update), ""
+
+
+def _triton_backend() -> tuple[Backend | None, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None, "triton is not installed"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpret:
+        return None, "triton needs a GPU (or TRITON_INTERPRET=1 for CPU tensors)"
+    try:
+        import ofmu_kernels as K
+    except ImportError as e:
+        return None, f"ofmu_kernels not importable ({e})"
+    return Backend("triton", K.reduce3, K.combine, K.update), ""
+
+
+def _probe(name: str) -> tuple[Backend | None, str]:
+    if name == "torch":
+        return _torch_backend(), ""
+    if name == "cpp":
+        return _ext_backend("cpp", "CPU")
+    if name == "cuda":
+        return _ext_backend("cuda", "CUDA")
+    if name == "triton":
+        return _triton_backend()
+    raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {NAMES}")
+
+
+_CACHE: dict[str, tuple[Backend | None, str]] = {}
+
+
+def probe(name: str) -> tuple[Backend | None, str]:
+    """``(backend or None, reason it is unavailable)``; cached per process."""
+    if name not in _CACHE:
+        _CACHE[name] = _probe(name)
+    return _CACHE[name]
+
+
+def _device_class(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def select(requested: str, device: torch.device) -> tuple[Backend, str]:
+    """The backend for buffers on ``device`` and a sentence saying why it was chosen."""
+    env = os.environ.get("OFMU_BACKEND")
+    if requested == "auto" and env:
+        requested, source = env, "OFMU_BACKEND"
+    else:
+        source = "backend="
+    cls = _device_class(device)
+    if requested != "auto":
+        if requested not in NAMES:
+            raise ValueError(f"unknown backend {requested!r} (from {source}); "
+                             f"expected 'auto' or one of {NAMES}")
+        if requested == "cpp" and cls != "cpu" or requested in ("cuda",) and cls != "cuda":
+            raise ValueError(f"backend {requested!r} (from {source}) cannot run on {device}")
+        b, why = probe(requested)
+        if b is None:
+            raise RuntimeError(f"backend {requested!r} requested via {source} is unavailable: {why}")
+        return b, f"{requested} requested via {source}"
+    skipped = []
+    for name in _PREFERENCE[cls]:
+        b, why = probe(name)
+        if b is not None:
+            reason = f"first available for {cls}"
+            if skipped:
+                reason += " (" + "; ".join(skipped) + ")"
+            return b, reason
+        skipped.append(f"{name}: {why}")
+    raise AssertionError("the torch reference backend is always available")
+
+
+def backend_info() -> SimpleNamespace:
+    """What exists here and which backend each device class gets (``ofmu info`` prints it)."""
+    avail = {n: (probe(n)[0] is not None, probe(n)[1]) for n in NAMES}
+    chosen = {}
+    for cls, dev in (("cpu", torch.device("cpu")), ("cuda", torch.device("cuda"))):
+        if cls == "cuda" and not torch.cuda.is_available():
+            chosen[cls] = ("-", "no CUDA device visible")
+            continue
+        b, reason = select("auto", dev)
+        chosen[cls] = (b.name, reason)
+    return SimpleNamespace(available=avail, chosen=chosen, torch=torch.__version__,
+                           env_override=os.environ.get("OFMU_BACKEND"))
