@@ -1,1 +1,7 @@
+"""ofmu: OFMU machine unlearning as a drop-in ``torch.optim.Optimizer`` with fused kernels."""
+
 from .backends import backend_info
+from .optimizer import OFMU
+
+__all__ = ["OFMU", "backend_info"]
+__version__ = "0.1.0"

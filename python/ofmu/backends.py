@@ -13,9 +13,9 @@ Every backend exposes the kernel contract of :mod:`ofmu.functional`:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 
@@ -59,7 +59,10 @@ def _ext_backend(name: str, key: str) -> tuple[Backend | None, str]:
         return None, f"ofmu._C has no {key} kernels"
     if key == "CUDA" and not torch.cuda.is_available():
         return None, "cuda kernels built but no CUDA device is visible"
-    return Backend(name, ops.reduce3, ops.combine, ops.update), ""
+    def combine(x, y, coeffs, out_a, out_b=None):
+        ops.combine(x, y, coeffs, out_a, out_b)
+
+    return Backend(name, ops.reduce3, combine, ops.update), ""
 
 
 def _triton_backend() -> tuple[Backend | None, str]:
@@ -119,7 +122,8 @@ def select(requested: str, device: torch.device) -> tuple[Backend, str]:
             raise ValueError(f"backend {requested!r} (from {source}) cannot run on {device}")
         b, why = probe(requested)
         if b is None:
-            raise RuntimeError(f"backend {requested!r} requested via {source} is unavailable: {why}")
+            raise RuntimeError(f"backend {requested!r} requested via {source} is unavailable: "
+                               f"{why}")
         return b, f"{requested} requested via {source}"
     skipped = []
     for name in _PREFERENCE[cls]:

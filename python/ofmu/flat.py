@@ -1,0 +1,101 @@
+"""Flat buffers: one contiguous storage per (param group x device x dtype).
+
+Parameters are re-viewed into one storage (``p.data`` points at a slice of it), so the step math
+runs as one kernel launch over the whole buffer instead of one per tensor. Two gradient buffers
+of the same layout hold the forget and the retain gradient; their slices are bound as ``p.grad``
+before the matching backward pass, so autograd accumulates straight into them (no copy). Scratch
+buffers of the same layout (allocated on first use) hold seeds, Hessian-vector products and
+the outer direction.
+
+Each slice starts on a 16-byte boundary (NOTE: alignment — vectorised kernels load 16 B at a
+time). Padding elements are zero in every buffer and stay zero: they contribute nothing to dot
+products or norms, and every update maps 0 to 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ALIGN_BYTES = 16
+
+
+class FlatBuffer:
+    """Parameters of one group, device and dtype, viewed into a single flat storage."""
+
+    def __init__(self, params: list[Tensor], names: list[str]):
+        if not params:
+            raise ValueError("FlatBuffer needs at least one parameter")
+        device, dtype = params[0].device, params[0].dtype
+        for p, n in zip(params, names):
+            if p.device != device:
+                raise ValueError(
+                    f"parameter {n} is on {p.device} but {names[0]} is on {device}: one flat "
+                    "buffer holds one device (put them in separate param groups or move them)"
+                )
+            if p.dtype != dtype:
+                raise ValueError(f"parameter {n} has dtype {p.dtype}, expected {dtype}")
+        self.device, self.dtype = device, dtype
+        self.params, self.names = list(params), list(names)
+        align = max(1, ALIGN_BYTES // params[0].element_size())
+        self.offsets, off = [], 0
+        for p in params:
+            self.offsets.append(off)
+            off += -(-p.numel() // align) * align
+        self.numel = off
+        self.param = torch.zeros(off, dtype=dtype, device=device)
+        self.grad_f = torch.zeros_like(self.param)
+        self.grad_r = torch.zeros_like(self.param)
+        self._extra: dict[str, tuple[Tensor, list[Tensor]]] = {}
+        self.param_views = self.views(self.param)
+        self.grad_f_views = self.views(self.grad_f)
+        self.grad_r_views = self.views(self.grad_r)
+        with torch.no_grad():
+            for p, v in zip(params, self.param_views):
+                v.copy_(p)
+                p.data = v
+        self._ptrs = [v.data_ptr() for v in self.param_views]
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Per-parameter views (with the parameters' shapes) into a buffer of this layout."""
+        return [flat[o : o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
+
+    def buffer(self, name: str) -> tuple[Tensor, list[Tensor]]:
+        """A buffer of this layout and its per-parameter views: ``"param"``, ``"f"`` (forget
+        gradient), ``"r"`` (retain gradient), or a scratch buffer allocated on first use
+        (HVP results, seeds, the outer direction)."""
+        if name == "param":
+            return self.param, self.param_views
+        if name == "f":
+            return self.grad_f, self.grad_f_views
+        if name == "r":
+            return self.grad_r, self.grad_r_views
+        if name not in self._extra:
+            flat = torch.zeros_like(self.param)
+            self._extra[name] = (flat, self.views(flat))
+        return self._extra[name]
+
+    def bind_grads(self, name: str) -> None:
+        """Point every ``p.grad`` at its slice of buffer ``name`` (autograd accumulates there)."""
+        for p, g in zip(self.params, self.buffer(name)[1]):
+            p.grad = g
+
+    def check_aliasing(self) -> None:
+        """Cheap check that no parameter's storage was replaced behind the optimizer's back."""
+        for p, ptr, n in zip(self.params, self._ptrs, self.names):
+            if p.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"parameter {n} no longer lives in the optimizer's flat buffer (its storage was "
+                    "replaced, e.g. by model.to(), load_state_dict(assign=True) or FSDP wrapping "
+                    "after the optimizer was built). Build the optimizer after moving the model."
+                )
+
+    def copy_in(self, views: list[Tensor], tensors: list[Tensor | None]) -> None:
+        """Copy a list of per-parameter tensors into views of a buffer (``None`` gives zeros)."""
+        dst = [v for v, t in zip(views, tensors) if t is not None]
+        src = [t.detach() for t in tensors if t is not None]
+        for v, t in zip(views, tensors):
+            if t is None:
+                v.zero_()
+        if dst:
+            torch._foreach_copy_(dst, src)
