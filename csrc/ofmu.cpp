@@ -1,0 +1,61 @@
+// ofmu._C: op schemas, Meta (fake-tensor) implementations and the Python module entry point.
+//
+// The three ops implement the kernel contract of python/ofmu/functional.py. They are registered
+// with TORCH_LIBRARY so that torch.compile and FakeTensorMode see them as ordinary ops:
+// the Meta kernels below only validate arguments and describe outputs. The CPU kernels live in
+// csrc/cpu/, the CUDA kernels (when built) in csrc/cuda/.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace ofmu {
+namespace {
+
+at::Tensor reduce3_meta(const at::Tensor& x, const std::optional<at::Tensor>& y) {
+  check_reduce3(x, y);
+  return at::empty({3}, x.options().dtype(acc_dtype(x.scalar_type())));
+}
+
+void combine_meta(const at::Tensor& x, const std::optional<at::Tensor>& y, const at::Tensor& coeffs,
+                  const at::Tensor& out_a, const std::optional<at::Tensor>& out_b) {
+  check_combine(x, y, coeffs, out_a, out_b);
+}
+
+void update_meta(const at::Tensor& theta, const at::Tensor& x, const std::optional<at::Tensor>& y,
+                 const at::Tensor& coeffs) {
+  check_update(theta, x, y, coeffs);
+}
+
+}  // namespace
+}  // namespace ofmu
+
+TORCH_LIBRARY(ofmu, m) {
+  // stats = [<x, y>, <x, x>, <y, y>] in the accumulation dtype; deterministic.
+  m.def("reduce3(Tensor x, Tensor? y) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // out_a = c0*x + c1*y; out_b = c2*x + c3*y (outputs may alias x or y).
+  m.def("combine(Tensor x, Tensor? y, Tensor coeffs, Tensor(a!) out_a, Tensor(b!)? out_b) -> ()",
+        {at::Tag::pt2_compliant_tag});
+  // theta = c0*theta + c1*x + c2*y unless c3 == 0 (theta then untouched).
+  m.def("update(Tensor(a!) theta, Tensor x, Tensor? y, Tensor coeffs) -> ()",
+        {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(ofmu, Meta, m) {
+  m.impl("reduce3", &ofmu::reduce3_meta);
+  m.impl("combine", &ofmu::combine_meta);
+  m.impl("update", &ofmu::update_meta);
+}
+
+// A minimal Python module: importing ofmu._C loads this library, whose static initialisers
+// above register the ops with the dispatcher (torch must be imported first, which
+// ofmu.backends does).
+static PyModuleDef ofmu_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Compiled ofmu kernels; the ops live under torch.ops.ofmu (reduce3, combine, update).", -1,
+    nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ofmu_module); }
