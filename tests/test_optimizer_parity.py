@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from _reference import BatchStream, ReferenceOFMU
-
 from ofmu import OFMU
 
 MODES = [(s, h) for s in ("project", "hvp", "none") for h in ("forget", "exact", "fd", "none")]

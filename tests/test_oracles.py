@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from ofmu import OFMU
 
 N = 11

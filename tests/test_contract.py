@@ -1,0 +1,294 @@
+"""The drop-in optimizer contract: state, schedulers, groups, dtypes, errors, non-finite safety."""
+
+import copy
+import math
+
+import pytest
+import torch
+from _reference import BatchStream, ReferenceOFMU
+from ofmu import OFMU
+from ofmu.flat import FlatBuffer
+
+ce = torch.nn.functional.cross_entropy
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 7), torch.nn.Tanh(),
+                               torch.nn.Linear(7, 3)).to(dtype)
+
+
+def flat_params(m):
+    return torch.cat([p.detach().flatten().double() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("similarity,outer_hvp", [("project", "forget"), ("hvp", "fd")])
+def test_state_dict_round_trip_gives_identical_continuation(similarity, outer_hvp):
+    kw = dict(lr=0.1, inner_lr=0.05, inner_steps=2, beta=0.5, rho=0.1, rho_growth=1.7,
+              rho_max=0.5, similarity=similarity, outer_hvp=outer_hvp)
+    m = mlp()
+    stream = BatchStream(m, dtype=torch.float32)
+    opt = OFMU(m.parameters(), **kw)
+    for _ in range(3):
+        opt.step(stream)
+    saved_model, saved_opt = copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict())
+    saved_i = stream.i
+    for _ in range(3):
+        opt.step(stream)
+
+    m2 = mlp(seed=123)  # different init: everything must come from the checkpoint
+    opt2 = OFMU(m2.parameters(), **dict(kw, rho=9.0))
+    m2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    stream2 = BatchStream(m2, dtype=torch.float32)
+    stream2.i = saved_i
+    for _ in range(3):
+        opt2.step(stream2)
+    assert torch.equal(flat_params(m), flat_params(m2))
+    assert opt.param_groups[0]["rho_k"] == opt2.param_groups[0]["rho_k"]
+    assert opt.param_groups[0]["k"] == opt2.param_groups[0]["k"] == 6
+
+
+def test_lr_scheduler_scales_both_loops():
+    """StepLR acts on lr; an explicit inner_lr is scaled by the same factor."""
+    m, mref = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    opt = OFMU(m.parameters(), lr=0.2, inner_lr=0.05, inner_steps=1, beta=0.3, rho=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    ref = ReferenceOFMU([dict(params=list(mref.parameters()), lr=0.2, inner_lr=0.05, beta=0.3,
+                              rho=0.1, rho_growth=1.0, rho_max=1.0, weight_decay=0.0,
+                              max_grad_norm=None)], inner_steps=1)
+    s1, s2 = BatchStream(m), BatchStream(mref)
+    for _ in range(3):
+        opt.step(s1)
+        sched.step()
+        ref.step(s2)
+        ref.groups[0]["lr"] *= 0.5
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 / 8)
+    assert (flat_params(m) - flat_params(mref)).norm() < 1e-10 * flat_params(mref).norm()
+
+
+def test_frozen_parameters_are_left_alone():
+    m = mlp()
+    m[0].weight.requires_grad_(False)
+    frozen = m[0].weight.detach().clone()
+    others = [p.detach().clone() for p in list(m.parameters())[1:]]
+    opt = OFMU(m.parameters(), lr=0.1, inner_steps=1)
+    opt.step(BatchStream(m, dtype=torch.float32))
+    assert torch.equal(m[0].weight, frozen)
+    assert all(not torch.equal(p, q) for p, q in zip(list(m.parameters())[1:], others))
+
+
+def test_mixed_dtypes_get_one_buffer_each_and_match_reference():
+    class Net(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.a, self.b = torch.nn.Linear(4, 7).double(), torch.nn.Linear(7, 3).float()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x.double())).float()).double()
+
+    m, mref = Net(0), Net(0)
+    opt = OFMU(m.parameters(), lr=0.1, inner_lr=0.05, inner_steps=2, beta=0.4, rho=0.1)
+    assert len(opt.backend_summary()) == 2
+    ref = ReferenceOFMU([dict(params=list(mref.parameters()), lr=0.1, inner_lr=0.05, beta=0.4,
+                              rho=0.1, rho_growth=1.0, rho_max=1.0, weight_decay=0.0,
+                              max_grad_norm=None)], inner_steps=2)
+    s, sref = BatchStream(m), BatchStream(mref)
+    for _ in range(3):
+        opt.step(s)
+        ref.step(sref)
+    err = (flat_params(m) - flat_params(mref)).norm() / flat_params(mref).norm()
+    assert 0 <= err < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_params_track_fp32_with_fp32_accumulation(dtype):
+    """Half-precision buffers stay within the rounding of their dtype of an fp32 run, and the
+    reductions are accumulated in fp32 (the cosine matches the fp32 run closely)."""
+    m16, m32 = mlp(1, dtype), mlp(1, torch.float32)
+    with torch.no_grad():  # same starting point: the fp32 model holds the rounded values
+        for p, q in zip(m32.parameters(), m16.parameters()):
+            p.copy_(q.float())
+    kw = dict(lr=0.05, inner_lr=0.02, inner_steps=2, beta=0.5, rho=0.1)
+    o16, o32 = OFMU(m16.parameters(), **kw), OFMU(m32.parameters(), **kw)
+    s16, s32 = BatchStream(m16, dtype=dtype), BatchStream(m32, dtype=torch.float32)
+    start = flat_params(m32)
+    o16.step(s16)
+    o32.step(s32)
+    delta32 = flat_params(m32) - start
+    err = (flat_params(m16) - flat_params(m32)).norm() / delta32.norm()
+    unit = torch.finfo(dtype).eps
+    assert err < 40 * unit * start.norm() / delta32.norm()
+    assert abs(o16.last_stats()["cosine"] - o32.last_stats()["cosine"]) < 0.05
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def test_closure_errors_name_the_culprit():
+    m = mlp()
+    opt = OFMU(m.parameters())
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match=r"\(forget_loss, retain_loss\).*single Tensor"):
+        opt.step(lambda: m(x).sum())
+    with pytest.raises(TypeError, match="sequence of 3"):
+        opt.step(lambda: (m(x).sum(), m(x).sum(), m(x).sum()))
+    with pytest.raises(ValueError, match=r"retain_loss.*scalar.*\(3, 3\)"):
+        opt.step(lambda: (m(x).sum(), m(x)))
+    with pytest.raises(ValueError, match="forget_loss.*does not require grad"):
+        opt.step(lambda: (m(x).sum().detach(), m(x).sum()))
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=float("nan")), "lr must be finite"),
+    (dict(lr=-1.0), "lr must be finite and >= 0"),
+    (dict(beta=-0.1), "beta"),
+    (dict(beta=1.5), "beta must be <= 1 with similarity='project'"),
+    (dict(rho=float("inf")), "rho must be finite"),
+    (dict(rho_growth=0.5), "rho_growth must be >= 1"),
+    (dict(inner_lr=-0.1), "inner_lr"),
+    (dict(weight_decay=-1e-3), "weight_decay"),
+    (dict(max_grad_norm=0.0), "max_grad_norm must be finite and > 0"),
+    (dict(similarity="cosine"), "unknown similarity mode 'cosine'"),
+    (dict(outer_hvp="hessian"), "unknown outer_hvp mode 'hessian'"),
+    (dict(inner_steps=-1), "inner_steps"),
+    (dict(backend="opencl"), "unknown backend 'opencl'"),
+])
+def test_bad_hyperparameters_raise_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OFMU(mlp().parameters(), **kwargs)
+
+
+def test_hvp_mode_allows_beta_above_one_and_groups_are_validated():
+    OFMU(mlp().parameters(), beta=2.0, similarity="hvp")
+    m = mlp()
+    with pytest.raises(ValueError, match=r"beta.*param group 1"):
+        OFMU([{"params": [m[0].weight]}, {"params": [m[2].weight], "beta": 3.0}])
+    with pytest.raises(ValueError, match="'similarity' is a per-optimizer setting"):
+        OFMU([{"params": m.parameters(), "similarity": "hvp"}])
+    with pytest.raises(TypeError, match="lr must be a number"):
+        OFMU(m.parameters(), lr="0.1")
+
+
+def test_sparse_gradients_are_rejected_naming_the_parameter():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = OFMU(emb.parameters())
+    idx = torch.tensor([1, 2])
+    with pytest.raises(TypeError, match=r"params\[0\].*sparse gradient"):
+        opt.step(lambda: (emb(idx).sum(), emb(idx).pow(2).sum()))
+
+
+def test_one_flat_buffer_holds_one_device():
+    a = torch.zeros(3, requires_grad=True)
+    b = torch.zeros(3, device="meta", requires_grad=True)
+    with pytest.raises(ValueError, match=r"parameter p1 is on meta but p0 is on cpu"):
+        FlatBuffer([a, b], ["p0", "p1"])
+
+
+def test_storage_replaced_behind_the_optimizer_is_detected():
+    m = mlp()
+    opt = OFMU(m.parameters())
+    m.double()
+    with pytest.raises(RuntimeError, match=r"params\[0\].*no longer lives in the optimizer's flat"):
+        opt.step(BatchStream(m))
+
+
+# ---------------------------------------------------------------------- non-finite safety
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("where", ["inner", "outer"])
+@pytest.mark.parametrize("similarity", ["project", "hvp"])
+def test_non_finite_loss_skips_update_and_is_counted(backend, where, similarity):
+    m = mlp()
+    opt = OFMU(m.parameters(), lr=0.1, inner_steps=1, similarity=similarity, backend=backend)
+    x = torch.randn(5, 4)
+    y = torch.randint(0, 3, (5,))
+    before = flat_params(m)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        poison = (where == "inner") == (len(calls) == 1)
+        lf = ce(m(x), y) * (float("nan") if poison else 1.0)
+        return lf, ce(m(x), 1 - y.clamp(max=1))
+
+    opt.step(closure)
+    stats = opt.last_stats()
+    assert stats["skipped_steps"] == 1
+    after = flat_params(m)
+    if where == "inner":
+        assert not torch.equal(after, before)  # the outer step still ran
+    assert torch.isfinite(after).all()
+    # the skipped step touched nothing: replay only the healthy step on a copy
+    m2 = mlp()
+    opt2 = OFMU(m2.parameters(), lr=0.1, inner_steps=0, similarity=similarity, backend=backend)
+    if where == "inner":
+        opt2.outer_step(lambda: (ce(m2(x), y), ce(m2(x), 1 - y.clamp(max=1))))
+    else:
+        opt2.inner_step(lambda: (ce(m2(x), y), ce(m2(x), 1 - y.clamp(max=1))))
+    assert torch.equal(after, flat_params(m2))
+
+
+def test_inf_in_one_gradient_element_is_caught():
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = OFMU([p], lr=0.1, inner_steps=0, rho=0.0)
+    mask = torch.tensor([1.0, 1.0, float("inf"), 1.0, 1.0])
+    opt.step(lambda: ((p * p).sum(), (p * mask).sum()))
+    assert torch.equal(p.detach(), torch.ones(5))
+    assert opt.last_stats()["skipped_steps"] == 1
+
+
+# ------------------------------------------------------------------------- misc contract
+
+
+def test_step_is_inner_steps_then_outer_and_returns_retain_loss():
+    a, b = mlp(3), mlp(3)
+    kw = dict(lr=0.1, inner_lr=0.03, inner_steps=2, beta=0.4, rho=0.2)
+    oa, ob = OFMU(a.parameters(), **kw), OFMU(b.parameters(), **kw)
+    sa, sb = BatchStream(a, dtype=torch.float32), BatchStream(b, dtype=torch.float32)
+    loss = oa.step(sa)
+    ob.inner_step(sb)
+    ob.inner_step(sb)
+    loss_b = ob.outer_step(sb)
+    assert torch.equal(flat_params(a), flat_params(b))
+    assert loss.shape == () and not loss.requires_grad and torch.equal(loss, loss_b)
+
+
+def test_zero_grad_keeps_flat_views_and_grads_show_retain_gradient():
+    m = mlp()
+    opt = OFMU(m.parameters(), inner_steps=0, rho=0.0)
+    s = BatchStream(m, dtype=torch.float32)
+    opt.step(s)
+    buf = opt._buffers[0]
+    lo, hi = buf.grad_r.data_ptr(), buf.grad_r.data_ptr() + buf.grad_r.numel() * 4
+    assert all(lo <= p.grad.data_ptr() < hi for p in m.parameters())
+    opt.zero_grad()
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    assert all(lo <= p.grad.data_ptr() < hi for p in m.parameters())
+
+
+def test_diagnostics_match_closed_forms():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    af = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    ar = torch.tensor([0.0, 3.0, 1.0], dtype=torch.float64)
+    opt = OFMU([p], lr=0.0, inner_steps=0, rho=0.5, rho_growth=2.0, similarity="none")
+    opt.step(lambda: ((af * p).sum(), (ar * p).sum()))
+    st = opt.last_stats()
+    assert st["cosine"] == pytest.approx(2.0 / (math.sqrt(5) * math.sqrt(10)), rel=1e-12)
+    assert st["forget_grad_norm"] == pytest.approx(math.sqrt(5), rel=1e-12)
+    assert st["retain_grad_norm"] == pytest.approx(math.sqrt(10), rel=1e-12)
+    assert st["grad_phi_sq"] == pytest.approx(5.0, rel=1e-12)
+    assert st["rho"] == 0.5 and opt.param_groups[0]["rho_k"] == 1.0
+
+
+def test_max_grad_norm_clips_the_step():
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    g = torch.tensor([3.0, 4.0, 0.0, 0.0], dtype=torch.float64)
+    opt = OFMU([p], lr=1.0, inner_steps=0, rho=0.0, max_grad_norm=1.0)
+    opt.step(lambda: ((p * p).sum(), (g * p).sum()))
+    assert p.detach().norm().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(p.detach(), -g / 5, rtol=1e-5, atol=0)
