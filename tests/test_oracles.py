@@ -147,7 +147,7 @@ def test_beta0_rho0_T0_is_sgd_on_retain_loss():
     it = iter(batches)
     for _ in range(5):
         (xf, yf), (xr, yr) = next(it), next(it)
-        opt.step(lambda: (ce(a(xf), yf), ce(a(xr), yr)))
+        opt.step(lambda xf=xf, yf=yf, xr=xr, yr=yr: (ce(a(xf), yf), ce(a(xr), yr)))
         sgd.zero_grad()
         ce(b(xr), yr).backward()
         sgd.step()

@@ -143,7 +143,7 @@ class OFMU(Optimizer):
         self.backend_reasons: list[str] = []
         self._hooks: list = []
         self._skipped: Tensor | None = None
-        self._diag: dict[str, Tensor] = {}
+        self._diag: dict[str, Tensor | float] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction and state
@@ -279,7 +279,7 @@ class OFMU(Optimizer):
             self._diag.update(cosine=F.similarity_scalars(gstats, self.eps)[0],
                               forget_grad_norm=torch.sqrt(gstats[1]),
                               retain_grad_norm=torch.sqrt(gstats[2]),
-                              rho=torch.tensor(self.param_groups[0]["rho_k"]))
+                              rho=self.param_groups[0]["rho_k"])
             if need_h:
                 phi_sq, ok_v = self._form_v(graph, stats, gstats)
                 self._diag["grad_phi_sq"] = phi_sq
@@ -313,8 +313,9 @@ class OFMU(Optimizer):
         """Diagnostics of the last step as Python floats (this call syncs with the device):
         ``cosine`` / ``forget_grad_norm`` / ``retain_grad_norm`` at the outer evaluation,
         ``inner_cosine`` of the last inner step, ``grad_phi_sq`` (``|v|^2`` when ``h`` was
-        computed), ``rho`` (used by the last outer step), ``skipped_steps`` (cumulative). ``rho`` is group 0's."""
-        out = {k: float(v) for k, v in self._diag.items()}
+        computed), ``rho`` (group 0's, used by the last outer step), ``skipped_steps``
+        (cumulative)."""
+        out = {k: float(v) for k, v in self._diag.items()}  # the only sync
         out["skipped_steps"] = int(self._skipped) if self._skipped is not None else 0
         return out
 
