@@ -292,3 +292,85 @@ def test_max_grad_norm_clips_the_step():
     opt.step(lambda: ((p * p).sum(), (g * p).sum()))
     assert p.detach().norm().item() == pytest.approx(1.0, rel=1e-5)
     torch.testing.assert_close(p.detach(), -g / 5, rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------- Adam preconditioning
+
+
+def _two_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(40)]
+
+
+def test_adam_preconditioner_is_torch_adam_per_loop():
+    """beta = rho = 0: T Adam ascent steps on L_f (own moments), then an Adam descent step on
+    L_r (own moments): the same as two torch.optim.Adam instances, one with maximize=True."""
+    a, b = mlp(5), mlp(5)
+    data = _two_batches(6)
+    kw = dict(lr=1e-2, inner_lr=3e-3, inner_steps=2, beta=0.0, rho=0.0, weight_decay=1e-3,
+              preconditioner="adam", betas=(0.8, 0.99), adam_eps=1e-7)
+    opt = OFMU(a.parameters(), **kw)
+    it = iter(data)
+
+    def closure():
+        (xf, yf), (xr, yr) = next(it), next(it)
+        return ce(a(xf), yf), ce(a(xr), yr)
+
+    inner = torch.optim.Adam(b.parameters(), lr=3e-3, betas=(0.8, 0.99), eps=1e-7,
+                             weight_decay=1e-3, maximize=True)
+    outer = torch.optim.Adam(b.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-7,
+                             weight_decay=1e-3)
+    j = 0
+    for _ in range(3):
+        opt.step(closure)
+        for t in range(3):
+            (xf, yf), (xr, yr) = data[j], data[j + 1]
+            j += 2
+            o = inner if t < 2 else outer
+            o.zero_grad()
+            (ce(b(xf), yf) if t < 2 else ce(b(xr), yr)).backward()
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_skip_leaves_moments_untouched_and_state_round_trips():
+    m = mlp(7)
+    kw = dict(lr=1e-2, inner_steps=1, beta=0.5, rho=0.1, preconditioner="adam")
+    opt = OFMU(m.parameters(), **kw)
+    s = BatchStream(m, dtype=torch.float32)
+    opt.step(s)
+    before = copy.deepcopy(opt.state_dict())
+    params = flat_params(m)
+    opt.step(lambda: (s()[0] * float("nan"), s()[1]))
+    after = opt.state_dict()
+    assert torch.equal(flat_params(m), params)
+    for name, t in before["ofmu"]["moments"][0].items():
+        assert torch.equal(t, after["ofmu"]["moments"][0][name]), name
+    assert opt.last_stats()["skipped_steps"] == 2
+
+    m2 = mlp(8)
+    opt2 = OFMU(m2.parameters(), **kw)
+    m2.load_state_dict(m.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    s2 = BatchStream(m2, dtype=torch.float32)
+    s2.i = s.i
+    for _ in range(2):
+        opt.step(s)
+        opt2.step(s2)
+    assert torch.equal(flat_params(m), flat_params(m2))
+
+
+def test_outer_steps_repeat_the_outer_step():
+    a, b = mlp(9), mlp(9)
+    kw = dict(lr=0.1, inner_steps=1, beta=0.3, rho=0.2, rho_growth=1.5)
+    oa = OFMU(a.parameters(), outer_steps=2, **kw)
+    ob = OFMU(b.parameters(), **kw)
+    sa, sb = BatchStream(a, dtype=torch.float32), BatchStream(b, dtype=torch.float32)
+    oa.step(sa)
+    ob.inner_step(sb)
+    ob.outer_step(sb)
+    ob.outer_step(sb)
+    assert torch.equal(flat_params(a), flat_params(b))
+    assert oa.param_groups[0]["rho_k"] == ob.param_groups[0]["rho_k"] == pytest.approx(0.45)

@@ -75,6 +75,9 @@ class FlatBuffer:
             self._extra[name] = (flat, self.views(flat))
         return self._extra[name]
 
+    def has(self, name: str) -> bool:
+        return name in ("param", "f", "r") or name in self._extra
+
     def bind_grads(self, name: str) -> None:
         """Point every ``p.grad`` at its slice of buffer ``name`` (autograd accumulates there)."""
         for p, g in zip(self.params, self.buffer(name)[1]):

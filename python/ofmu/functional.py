@@ -166,3 +166,21 @@ def update_coeffs(lr: float, weight_decay: float, coef: Tensor, scale: Tensor, o
     s = lr * scale
     decay = torch.full_like(s, 1.0 - abs(lr) * weight_decay)
     return torch.stack([decay, s * coef[0], s * coef[1], ok.to(s.dtype)])
+
+
+def adam_apply(theta: Tensor, direction: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+               step: Tensor, *, lr: float, betas: tuple[float, float], eps: float,
+               weight_decay: float, ascend: bool, scale: Tensor, ok: Tensor) -> None:
+    """Adam-preconditioned application of a direction (``preconditioner="adam"``).
+
+    Runs torch's fused Adam on the flat buffers: ``direction * scale`` is the gradient
+    (``ascend`` flips the sign for the inner loop), and a false ``ok`` skips the whole update,
+    moments and step count included (torch's ``found_inf`` contract: no host sync).
+    """
+    found_inf = (~ok).to(torch.float32)
+    step.add_(1.0)
+    torch._fused_adam_([theta], [direction], [exp_avg], [exp_avg_sq], [], [step], lr=lr,
+                       beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
+                       amsgrad=False, maximize=ascend, grad_scale=(1.0 / scale).to(torch.float32),
+                       found_inf=found_inf)
+    step.sub_(found_inf.to(step.dtype))

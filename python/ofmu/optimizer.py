@@ -18,10 +18,12 @@ from .flat import FlatBuffer
 SIMILARITY_MODES = ("project", "hvp", "none")
 OUTER_HVP_MODES = ("forget", "exact", "fd", "none")
 # Decide which backward passes run, so they hold for the whole optimizer (not per group).
-_GLOBAL_KEYS = ("similarity", "outer_hvp", "inner_steps", "eps", "fd_delta", "backend")
+_GLOBAL_KEYS = ("similarity", "outer_hvp", "inner_steps", "outer_steps", "preconditioner", "eps",
+                "fd_delta", "backend")
+PRECONDITIONERS = ("sgd", "adam")
 # Numeric hyperparameters any param group may override.
 _GROUP_KEYS = ("lr", "inner_lr", "beta", "rho", "rho_growth", "rho_max", "weight_decay",
-               "max_grad_norm")
+               "max_grad_norm", "betas", "adam_eps")
 
 
 class OFMU(Optimizer):
@@ -81,6 +83,15 @@ class OFMU(Optimizer):
             group, using the norms the reductions already computed (default None: off).
         eps (float): relative epsilon of every division (default 1e-12).
         fd_delta (float): step :math:`\delta` of ``outer_hvp="fd"`` (default 1e-3).
+        outer_steps (int): outer steps per :meth:`step`, each on fresh minibatches and each
+            advancing the :math:`\rho` schedule (default 1).
+        preconditioner (str): ``"sgd"`` applies the directions as written above (the paper's
+            form); ``"adam"`` feeds each loop's direction (:math:`u` ascended, the outer
+            direction descended, weight decay as Adam's L2 term) through torch's fused Adam,
+            with separate moment state per loop (default ``"sgd"``). Not in the paper: it is
+            what LLM unlearning uses in practice.
+        betas (Tuple[float, float]), adam_eps (float): Adam's coefficients (defaults
+            (0.9, 0.999) and 1e-8); used only with ``preconditioner="adam"``.
         backend (str): ``"auto"`` | ``"torch"`` | ``"cpp"`` | ``"cuda"`` | ``"triton"``; see
             :func:`ofmu.backend_info` (default ``"auto"``, ``OFMU_BACKEND`` overrides it).
 
@@ -117,6 +128,10 @@ class OFMU(Optimizer):
         max_grad_norm: float | None = None,
         eps: float = 1e-12,
         fd_delta: float = 1e-3,
+        outer_steps: int = 1,
+        preconditioner: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
         backend: str = "auto",
     ):
         if similarity not in SIMILARITY_MODES:
@@ -127,6 +142,11 @@ class OFMU(Optimizer):
                              f"{OUTER_HVP_MODES}")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        if isinstance(outer_steps, bool) or not isinstance(outer_steps, int) or outer_steps < 1:
+            raise ValueError(f"outer_steps must be an int >= 1, got {outer_steps!r}")
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"unknown preconditioner {preconditioner!r}; expected one of "
+                             f"{PRECONDITIONERS}")
         _check_number("eps", eps, positive=True)
         _check_number("fd_delta", fd_delta, positive=True)
         if not isinstance(backend, str) or backend not in ("auto",) + backends.NAMES:
@@ -134,9 +154,11 @@ class OFMU(Optimizer):
                              f"{backends.NAMES}")
         self.similarity, self.outer_hvp = similarity, outer_hvp
         self.inner_steps, self.eps, self.fd_delta = inner_steps, eps, fd_delta
+        self.outer_steps, self.preconditioner = outer_steps, preconditioner
         self.backend = backend
         defaults = dict(lr=lr, inner_lr=inner_lr, beta=beta, rho=rho, rho_growth=rho_growth,
-                        rho_max=rho_max, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+                        rho_max=rho_max, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                        betas=tuple(betas), adam_eps=adam_eps)
         self._buffers: list[FlatBuffer] = []
         self._buffer_group: list[int] = []
         self._backends: list[backends.Backend] = []
@@ -144,6 +166,7 @@ class OFMU(Optimizer):
         self._hooks: list = []
         self._skipped: Tensor | None = None
         self._diag: dict[str, Tensor | float] = {}
+        self._adam_steps: dict[tuple[int, str], Tensor] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction and state
@@ -174,6 +197,11 @@ class OFMU(Optimizer):
         _check_number("rho_max", group["rho_max"], where=where)
         if group["max_grad_norm"] is not None:
             _check_number("max_grad_norm", group["max_grad_norm"], where=where, positive=True)
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and
+                all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}{where}")
+        _check_number("adam_eps", group["adam_eps"], where=where, positive=True)
         if self.similarity == "project" and group["beta"] > 1.0:
             raise ValueError(f"beta must be <= 1 with similarity='project' (beta = 1 already "
                              f"removes the whole retain component), got {group['beta']}{where}")
@@ -200,8 +228,15 @@ class OFMU(Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["ofmu"] = {"skipped_steps": self._skipped.clone() if self._skipped is not None
-                      else None}
+        # Adam moments live in flat buffers (one per group x device x dtype); they are saved
+        # in that layout, so a checkpoint loads into an optimizer built the same way.
+        moments = [{name: buf.buffer(name)[0].clone() for name in _MOMENTS if buf.has(name)}
+                   for buf in self._buffers]
+        sd["ofmu"] = {
+            "skipped_steps": self._skipped.clone() if self._skipped is not None else None,
+            "moments": moments,
+            "adam_steps": {f"{i}:{loop}": t.clone() for (i, loop), t in self._adam_steps.items()},
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -212,6 +247,20 @@ class OFMU(Optimizer):
             self._validate_group(group, gi)
         skipped = extra.get("skipped_steps")
         self._skipped = skipped.clone() if skipped is not None else None
+        moments = extra.get("moments", [])
+        if moments and len(moments) != len(self._buffers):
+            raise ValueError(f"checkpoint has {len(moments)} flat buffers, this optimizer "
+                             f"{len(self._buffers)}: build it with the same param groups")
+        for buf, saved in zip(self._buffers, moments):
+            for name, t in saved.items():
+                if t.numel() != buf.numel:
+                    raise ValueError(f"checkpoint buffer {name!r} has {t.numel()} elements, "
+                                     f"expected {buf.numel}: different model or param groups")
+                buf.buffer(name)[0].copy_(t)
+        self._adam_steps = {}
+        for key, t in extra.get("adam_steps", {}).items():
+            i, loop = key.split(":")
+            self._adam_step(int(i), loop).copy_(t)
         self._check_buffers()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -230,13 +279,15 @@ class OFMU(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Tensor:
-        """``inner_steps`` inner ascent steps, then one outer step. Returns the outer retain
-        loss (a detached device tensor: no host sync)."""
+        """``inner_steps`` inner ascent steps, then ``outer_steps`` outer steps. Returns the last
+        outer retain loss (a detached device tensor: no host sync)."""
         if closure is None:
             raise ValueError("OFMU.step needs a closure returning (forget_loss, retain_loss)")
         for _ in range(self.inner_steps):
             self.inner_step(closure)
-        return self.outer_step(closure)
+        for _ in range(self.outer_steps):
+            loss = self.outer_step(closure)
+        return loss
 
     @torch.no_grad()
     def inner_step(self, closure: Callable) -> Tensor:
@@ -252,12 +303,7 @@ class OFMU(Optimizer):
         del graph
         coefs = self._direction_coeffs(gstats)
         sqn = self._group_sqnorms(coefs, ustats)
-        for i, (buf, be) in enumerate(zip(self._buffers, self._backends)):
-            group = self.param_groups[self._buffer_group[i]]
-            scale = F.clip_scale(sqn[self._buffer_group[i]], group["max_grad_norm"])
-            c = F.update_coeffs(self._inner_lr(group), group["weight_decay"], coefs[i], scale, ok)
-            be.update(buf.param, buf.grad_f, self._opt(buf, ybuf), self._on(c, buf))
-        self._count_skip(ok)
+        self._apply("inner", "f", ybuf, coefs, sqn, ok)
         return loss_f.detach()
 
     @torch.no_grad()
@@ -295,13 +341,7 @@ class OFMU(Optimizer):
             sqn = self._group_sqnorms(coefs, dstats)
         else:
             sqn = self._group_sqnorms([torch.stack([0.0 * one, one])] * len(coefs), stats)
-        for i, (buf, be) in enumerate(zip(self._buffers, self._backends)):
-            group = self.param_groups[self._buffer_group[i]]
-            scale = F.clip_scale(sqn[self._buffer_group[i]], group["max_grad_norm"])
-            c = F.update_coeffs(-group["lr"], group["weight_decay"], coefs[i], scale, ok)
-            h = buf.buffer("h")[0] if need_h else None
-            be.update(buf.param, buf.grad_r, h, self._on(c, buf))
-        self._count_skip(ok)
+        self._apply("outer", "r", "h" if need_h else None, coefs, sqn, ok)
         for group in self.param_groups:
             group["rho_k"] = min(group["rho_k"] * group["rho_growth"], group["rho_max"])
             group["k"] += 1
@@ -549,9 +589,44 @@ class OFMU(Optimizer):
             be.combine(buf.buffer("h")[0], buf.buffer("up")[0], c, buf.buffer("h")[0])
             buf.grad_r.copy_(buf.buffer("r_saved")[0])
 
+    def _apply(self, loop: str, x: str, y: str | None, coefs: list[Tensor],
+               sqnorms: dict[int, Tensor], ok: Tensor) -> None:
+        """Apply ``coef[0]*x + coef[1]*y`` (clipped per group, skipped unless ``ok``): ascent
+        for the inner loop, descent for the outer one, plain or Adam-preconditioned."""
+        for i, (buf, be) in enumerate(zip(self._buffers, self._backends)):
+            group = self.param_groups[self._buffer_group[i]]
+            scale = F.clip_scale(sqnorms[self._buffer_group[i]], group["max_grad_norm"])
+            lr = self._inner_lr(group) if loop == "inner" else group["lr"]
+            if self.preconditioner == "sgd":
+                c = F.update_coeffs(lr if loop == "inner" else -lr, group["weight_decay"],
+                                    coefs[i], scale, ok)
+                be.update(buf.param, buf.buffer(x)[0], self._opt(buf, y), self._on(c, buf))
+                continue
+            direction = buf.buffer(x)[0]
+            if y is not None:  # materialise the direction (torch's fused Adam reads one buffer)
+                direction = buf.buffer("dir")[0]
+                c4 = torch.cat([coefs[i], torch.zeros_like(coefs[i])])
+                be.combine(buf.buffer(x)[0], buf.buffer(y)[0], self._on(c4, buf), direction)
+            m, v = buf.buffer(f"{loop}_exp_avg")[0], buf.buffer(f"{loop}_exp_avg_sq")[0]
+            F.adam_apply(buf.param, direction, m, v, self._adam_step(i, loop), lr=lr,
+                         betas=group["betas"], eps=group["adam_eps"],
+                         weight_decay=group["weight_decay"], ascend=loop == "inner",
+                         scale=self._on(scale, buf).float(), ok=ok.to(buf.device))
+        self._count_skip(ok)
+
+    def _adam_step(self, i: int, loop: str) -> Tensor:
+        key = (i, loop)
+        if key not in self._adam_steps:
+            self._adam_steps[key] = torch.zeros((), dtype=torch.float32,
+                                                device=self._buffers[i].device)
+        return self._adam_steps[key]
+
     def _count_skip(self, ok: Tensor) -> None:
         bad = (~ok).to(torch.int64)
         self._skipped = bad if self._skipped is None else self._skipped + bad.to(self._skipped)
+
+
+_MOMENTS = ("inner_exp_avg", "inner_exp_avg_sq", "outer_exp_avg", "outer_exp_avg_sq")
 
 
 def _vjp(outputs: list[Tensor | None], grad_outputs: list[Tensor],
