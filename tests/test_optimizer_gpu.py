@@ -1,0 +1,69 @@
+"""The whole optimizer on a CUDA device (skipped without one; run by benchmarks/gpu_check.sh)."""
+
+import pytest
+import torch
+from _reference import BatchStream, ReferenceOFMU
+
+from ofmu import OFMU, backend_info
+
+pytestmark = pytest.mark.gpu
+
+GPU_BACKENDS = [n for n in ("cuda", "triton", "torch")
+                if torch.cuda.is_available() and backend_info().available[n][0]]
+
+
+def mlp(dtype, device="cuda"):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 33), torch.nn.Tanh(),
+                               torch.nn.Linear(33, 3)).to(device=device, dtype=dtype)
+
+
+class CudaStream(BatchStream):
+    def __call__(self, same_batch=False):
+        if not same_batch:
+            self.i += 1
+        xf, yf, xr, yr = (t.cuda() for t in self.batch(self.i))
+        ce = torch.nn.functional.cross_entropy
+        return ce(self.model(xf), yf), ce(self.model(xr), yr)
+
+
+HP = dict(lr=0.1, inner_lr=0.05, beta=0.5, rho=0.2, rho_growth=1.2, rho_max=1.0,
+          weight_decay=0.0, max_grad_norm=None)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("similarity", ["project", "hvp"])
+def test_cuda_step_matches_float64_reference(backend, dtype, tol, similarity):
+    m, mref = mlp(dtype), mlp(torch.float64, device="cpu")
+    with torch.no_grad():
+        for p, q in zip(mref.parameters(), m.parameters()):
+            p.copy_(q.double().cpu())
+    kw = dict(similarity=similarity, outer_hvp="forget", inner_steps=2)
+    opt = OFMU(m.parameters(), backend=backend, **kw, **HP)
+    ref = ReferenceOFMU([dict(params=list(mref.parameters()), **HP)], **kw)
+    s, sref = CudaStream(m, dtype=dtype), BatchStream(mref)
+    for _ in range(3):
+        opt.step(s)
+        ref.step(sref)
+    got = torch.cat([p.detach().double().cpu().flatten() for p in m.parameters()])
+    want = torch.cat([p.detach().flatten() for p in mref.parameters()])
+    assert (got - want).norm() / want.norm() < tol
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("preconditioner", ["sgd", "adam"])
+def test_step_has_no_host_sync(backend, preconditioner):
+    m = mlp(torch.float32)
+    opt = OFMU(m.parameters(), backend=backend, inner_steps=2, rho=0.1,
+               preconditioner=preconditioner, **{k: v for k, v in HP.items() if k != "rho"})
+    s = CudaStream(m, dtype=torch.float32)
+    opt.step(s)  # warm-up: lazy allocations and kernel compilation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            opt.step(s)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert opt.last_stats()["skipped_steps"] == 0
