@@ -57,7 +57,15 @@ def test_step_has_no_host_sync(backend, preconditioner):
     m = mlp(torch.float32)
     opt = OFMU(m.parameters(), backend=backend, inner_steps=2, rho=0.1,
                preconditioner=preconditioner, **{k: v for k, v in HP.items() if k != "rho"})
-    s = CudaStream(m, dtype=torch.float32)
+    # batches live on the device beforehand: a pageable host-to-device copy would sync
+    src = BatchStream(m, dtype=torch.float32)
+    batches = iter([tuple(t.cuda() for t in src.batch(i)) for i in range(40)])
+    ce = torch.nn.functional.cross_entropy
+
+    def s():
+        xf, yf, xr, yr = next(batches)
+        return ce(m(xf), yf), ce(m(xr), yr)
+
     opt.step(s)  # warm-up: lazy allocations and kernel compilation may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
