@@ -3,7 +3,6 @@
 import pytest
 import torch
 from _reference import BatchStream, ReferenceOFMU
-
 from ofmu import OFMU, backend_info
 
 pytestmark = pytest.mark.gpu
