@@ -18,7 +18,8 @@ def _fail(op: str, name: str, what: str) -> None:
     raise ValueError(f"ofmu_kernels.{op}: {name} {what}")
 
 
-def check_buffer(op: str, name: str, t: object, like: Tensor | None = None) -> None:
+def check_buffer(op: str, name: str, t: object, like: Tensor | None = None,
+                 like_name: str = "x") -> None:
     """``t`` is a 1-D contiguous float buffer (matching ``like`` in length, dtype and device)."""
     if not isinstance(t, Tensor):
         _fail(op, name, f"must be a torch.Tensor, got {type(t).__name__}")
@@ -31,14 +32,14 @@ def check_buffer(op: str, name: str, t: object, like: Tensor | None = None) -> N
     if like is None:
         return
     if t.numel() != like.numel():
-        _fail(op, name, f"has {t.numel()} elements, expected {like.numel()} (as x)")
+        _fail(op, name, f"has {t.numel()} elements, expected {like.numel()} (as {like_name})")
     if t.dtype != like.dtype:
-        _fail(op, name, f"has dtype {t.dtype}, expected {like.dtype} (as x)")
+        _fail(op, name, f"has dtype {t.dtype}, expected {like.dtype} (as {like_name})")
     if t.device != like.device:
-        _fail(op, name, f"is on {t.device}, expected {like.device} (as x)")
+        _fail(op, name, f"is on {t.device}, expected {like.device} (as {like_name})")
 
 
-def check_coeffs(op: str, coeffs: object, like: Tensor) -> None:
+def check_coeffs(op: str, coeffs: object, like: Tensor, like_name: str = "x") -> None:
     """``coeffs`` is a contiguous 4-element fp32/fp64 tensor on the buffers' device."""
     if not isinstance(coeffs, Tensor):
         _fail(op, "coeffs", f"must be a torch.Tensor on the device, got {type(coeffs).__name__}")
@@ -49,11 +50,11 @@ def check_coeffs(op: str, coeffs: object, like: Tensor) -> None:
     if coeffs.dtype not in COEFF_DTYPES:
         _fail(op, "coeffs", f"must be float32 or float64, got {coeffs.dtype}")
     if coeffs.device != like.device:
-        _fail(op, "coeffs", f"is on {coeffs.device}, expected {like.device} (as x)")
+        _fail(op, "coeffs", f"is on {coeffs.device}, expected {like.device} (as {like_name})")
 
 
-def check_device(op: str, x: Tensor, interpreted: bool) -> None:
+def check_device(op: str, name: str, t: Tensor, interpreted: bool) -> None:
     """Compiled kernels need GPU memory; CPU tensors only work through the interpreter."""
-    if x.device.type == "cpu" and not interpreted:
-        _fail(op, "x", "is on cpu: the Triton kernels need GPU tensors "
+    if t.device.type == "cpu" and not interpreted:
+        _fail(op, name, "is on cpu: the Triton kernels need GPU tensors "
                        "(set TRITON_INTERPRET=1 before importing ofmu_kernels' ops to run on CPU)")

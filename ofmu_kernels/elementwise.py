@@ -94,30 +94,32 @@ def combine(x: Tensor, y: Tensor | None, coeffs: Tensor, out_a: Tensor,
             check_buffer("combine", name, t, like=x)
     check_coeffs("combine", coeffs, x)
     interpreted = launch.is_interpreted(_combine_kernel)
-    check_device("combine", x, interpreted)
+    check_device("combine", "x", x, interpreted)
     n = x.numel()
     if n == 0:
         return
     g = launch.plan(n, "elementwise", interpreted)
-    _combine_kernel[(g.programs,)](
-        x, x if y is None else y, out_a, out_a if out_b is None else out_b, coeffs,
-        n, g.programs, g.iters, BLOCK=g.block, HAS_Y=y is not None, HAS_B=out_b is not None,
-        LOOP=g.loop, num_warps=g.num_warps)
+    with launch.on_device_of(x):
+        _combine_kernel[(g.programs,)](
+            x, x if y is None else y, out_a, out_a if out_b is None else out_b, coeffs,
+            n, g.programs, g.iters, BLOCK=g.block, HAS_Y=y is not None,
+            HAS_B=out_b is not None, LOOP=g.loop, num_warps=g.num_warps)
 
 
 def update(theta: Tensor, x: Tensor, y: Tensor | None, coeffs: Tensor) -> None:
     """In place ``theta = c0*theta + c1*x + c2*y``; ``theta`` is not touched when ``c3 == 0``."""
     check_buffer("update", "theta", theta)
-    check_buffer("update", "x", x, like=theta)
+    check_buffer("update", "x", x, like=theta, like_name="theta")
     if y is not None:
-        check_buffer("update", "y", y, like=theta)
-    check_coeffs("update", coeffs, theta)
+        check_buffer("update", "y", y, like=theta, like_name="theta")
+    check_coeffs("update", coeffs, theta, like_name="theta")
     interpreted = launch.is_interpreted(_update_kernel)
-    check_device("update", theta, interpreted)
+    check_device("update", "theta", theta, interpreted)
     n = theta.numel()
     if n == 0:
         return
     g = launch.plan(n, "elementwise", interpreted)
-    _update_kernel[(g.programs,)](
-        theta, x, x if y is None else y, coeffs, n, g.programs, g.iters,
-        BLOCK=g.block, HAS_Y=y is not None, LOOP=g.loop, num_warps=g.num_warps)
+    with launch.on_device_of(theta):
+        _update_kernel[(g.programs,)](
+            theta, x, x if y is None else y, coeffs, n, g.programs, g.iters,
+            BLOCK=g.block, HAS_Y=y is not None, LOOP=g.loop, num_warps=g.num_warps)

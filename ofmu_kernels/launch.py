@@ -82,6 +82,15 @@ def forced(block: int, max_programs: int):
         _FORCED = old
 
 
+def on_device_of(t):
+    """Launch on ``t``'s GPU: triton uses the *current* device, which may be another one."""
+    import torch
+
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def is_interpreted(kernel: object) -> bool:
     """Whether a ``@triton.jit`` kernel was defined under ``TRITON_INTERPRET=1``."""
     from triton.runtime.interpreter import InterpretedFunction

@@ -76,7 +76,7 @@ def reduce3(x: Tensor, y: Tensor | None) -> Tensor:
     if y is not None:
         check_buffer("reduce3", "y", y, like=x)
     interpreted = launch.is_interpreted(_reduce3_partials_kernel)
-    check_device("reduce3", x, interpreted)
+    check_device("reduce3", "x", x, interpreted)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.empty(3, dtype=acc, device=x.device)
     n = x.numel()
@@ -84,11 +84,12 @@ def reduce3(x: Tensor, y: Tensor | None) -> Tensor:
         return out.zero_()
     g = launch.plan(n, "reduce", interpreted)
     part = out if g.programs == 1 else torch.empty(3 * g.programs, dtype=acc, device=x.device)
-    _reduce3_partials_kernel[(g.programs,)](
-        x, x if y is None else y, part, n, g.programs, g.iters,
-        BLOCK=g.block, HAS_Y=y is not None, LOOP=g.loop, num_warps=g.num_warps)
-    if g.programs > 1:
-        _reduce3_finalize_kernel[(1,)](
-            part, out, g.programs, BLOCK_P=max(16, triton.next_power_of_2(g.programs)),
-            num_warps=4)
+    with launch.on_device_of(x):
+        _reduce3_partials_kernel[(g.programs,)](
+            x, x if y is None else y, part, n, g.programs, g.iters,
+            BLOCK=g.block, HAS_Y=y is not None, LOOP=g.loop, num_warps=g.num_warps)
+        if g.programs > 1:
+            _reduce3_finalize_kernel[(1,)](
+                part, out, g.programs, BLOCK_P=max(16, triton.next_power_of_2(g.programs)),
+                num_warps=4)
     return out

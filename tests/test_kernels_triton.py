@@ -404,6 +404,8 @@ def test_argument_errors_name_the_argument():
         (lambda: K.combine(x, None, 0.5, x), "coeffs must be a torch.Tensor"),
         (lambda: K.update(x, x, None, c.half()), "coeffs must be float32 or float64"),
         (lambda: K.update(x, x, x[::2].contiguous(), c), "y has 32 elements"),
+        (lambda: K.update(x, x[:3], None, c), r"x has 3 elements, expected 64 \(as theta\)"),
+        (lambda: K.update(x.view(8, 8), x, None, c), "theta must be 1-D"),
         (lambda: K.update(x, torch.zeros(64, 2, device=DEV)[:, 0], None, c),
          "x must be contiguous"),
     ]
@@ -420,6 +422,64 @@ def test_backend_probe_finds_triton_under_the_interpreter():
     assert (backend.reduce3, backend.combine, backend.update) == (K.reduce3, K.combine, K.update)
     x = rand(10, torch.float32, 31)
     assert_reduce3_close(x, x, backend.reduce3(x, x))
+
+
+_COMPILE_SCRIPT = r"""
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from ofmu_kernels import elementwise as E, reduce as R
+
+def sig(names, types):
+    return dict(zip(names, types))
+
+for dt, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+    for loop in (False, True):
+        geo = ("i64", "i32", "i32")
+        jobs = [
+            (R._reduce3_partials_kernel,
+             ("x_ptr", "y_ptr", "part_ptr", "n", "num_programs", "iters"),
+             ("*" + dt, "*" + dt, "*" + acc) + geo,
+             {"BLOCK": 4096, "HAS_Y": True, "LOOP": loop}),
+            (E._combine_kernel,
+             ("x_ptr", "y_ptr", "a_ptr", "b_ptr", "coeffs_ptr", "n", "num_programs", "iters"),
+             ("*" + dt,) * 4 + ("*" + acc,) + geo,
+             {"BLOCK": 2048, "HAS_Y": False, "HAS_B": True, "LOOP": loop}),
+            (E._update_kernel,
+             ("t_ptr", "x_ptr", "y_ptr", "coeffs_ptr", "n", "num_programs", "iters"),
+             ("*" + dt,) * 3 + ("*" + acc,) + geo,
+             {"BLOCK": 2048, "HAS_Y": True, "LOOP": loop}),
+        ]
+        for fn, names, types, consts in jobs:
+            s = sig(names, types)
+            s.update({k: "constexpr" for k in consts})
+            compile(ASTSource(fn, s, consts), target=GPUTarget("cuda", 90, 32),
+                    options={"num_warps": 8})
+compile(ASTSource(R._reduce3_finalize_kernel,
+                  {"part_ptr": "*fp32", "out_ptr": "*fp32", "num_partials": "i32",
+                   "BLOCK_P": "constexpr"}, {"BLOCK_P": 1024}),
+        target=GPUTarget("cuda", 90, 32))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles the kernels")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter is lenient about types; the real compiler (to an sm_90 cubin) is not."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no offline compile API ({e})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("triton wheel without ptxas")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------
