@@ -85,6 +85,9 @@ def _update_kernel(t_ptr, x_ptr, y_ptr, coeffs_ptr, n, num_programs, iters,
         _update_block(t_ptr, x_ptr, y_ptr, c0, c1, c2, pid * BLOCK + lanes, n, HAS_Y)
 
 
+_INTERPRETED = launch.is_interpreted(_combine_kernel)
+
+
 def combine(x: Tensor, y: Tensor | None, coeffs: Tensor, out_a: Tensor,
             out_b: Tensor | None = None) -> None:
     """``out_a = c0*x + c1*y``; ``out_b = c2*x + c3*y`` if given. Outputs may alias inputs."""
@@ -93,12 +96,11 @@ def combine(x: Tensor, y: Tensor | None, coeffs: Tensor, out_a: Tensor,
         if t is not None or name == "out_a":
             check_buffer("combine", name, t, like=x)
     check_coeffs("combine", coeffs, x)
-    interpreted = launch.is_interpreted(_combine_kernel)
-    check_device("combine", "x", x, interpreted)
+    check_device("combine", "x", x, _INTERPRETED)
     n = x.numel()
     if n == 0:
         return
-    g = launch.plan(n, "elementwise", interpreted)
+    g = launch.plan(n, "elementwise", _INTERPRETED)
     with launch.on_device_of(x):
         _combine_kernel[(g.programs,)](
             x, x if y is None else y, out_a, out_a if out_b is None else out_b, coeffs,
@@ -113,12 +115,11 @@ def update(theta: Tensor, x: Tensor, y: Tensor | None, coeffs: Tensor) -> None:
     if y is not None:
         check_buffer("update", "y", y, like=theta, like_name="theta")
     check_coeffs("update", coeffs, theta, like_name="theta")
-    interpreted = launch.is_interpreted(_update_kernel)
-    check_device("update", "theta", theta, interpreted)
+    check_device("update", "theta", theta, _INTERPRETED)
     n = theta.numel()
     if n == 0:
         return
-    g = launch.plan(n, "elementwise", interpreted)
+    g = launch.plan(n, "elementwise", _INTERPRETED)
     with launch.on_device_of(theta):
         _update_kernel[(g.programs,)](
             theta, x, x if y is None else y, coeffs, n, g.programs, g.iters,

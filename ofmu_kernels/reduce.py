@@ -67,6 +67,9 @@ def _reduce3_finalize_kernel(part_ptr, out_ptr, num_partials, BLOCK_P: tl.conste
         tl.store(out_ptr + k, tl.sum(v, axis=0))
 
 
+_INTERPRETED = launch.is_interpreted(_reduce3_partials_kernel)
+
+
 def reduce3(x: Tensor, y: Tensor | None) -> Tensor:
     """``[<x, y>, |x|^2, |y|^2]`` on ``x.device``: fp64 for fp64 buffers, fp32 otherwise.
 
@@ -75,14 +78,13 @@ def reduce3(x: Tensor, y: Tensor | None) -> Tensor:
     check_buffer("reduce3", "x", x)
     if y is not None:
         check_buffer("reduce3", "y", y, like=x)
-    interpreted = launch.is_interpreted(_reduce3_partials_kernel)
-    check_device("reduce3", "x", x, interpreted)
+    check_device("reduce3", "x", x, _INTERPRETED)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.empty(3, dtype=acc, device=x.device)
     n = x.numel()
     if n == 0:
         return out.zero_()
-    g = launch.plan(n, "reduce", interpreted)
+    g = launch.plan(n, "reduce", _INTERPRETED)
     part = out if g.programs == 1 else torch.empty(3 * g.programs, dtype=acc, device=x.device)
     with launch.on_device_of(x):
         _reduce3_partials_kernel[(g.programs,)](
