@@ -11,10 +11,15 @@ from .metrics import (
     true_label_prob,
     wall_timer,
 )
+from .report import aggregate, markdown_table, plot_tradeoff, write_outputs
 
 __all__ = [
     "METRICS",
     "accuracy",
+    "aggregate",
+    "markdown_table",
+    "plot_tradeoff",
+    "write_outputs",
     "avg_gap",
     "evaluate",
     "mia_efficacy",

@@ -44,7 +44,8 @@ def accuracy(model: torch.nn.Module, split) -> float:
 
 def true_label_prob(model: torch.nn.Module, split) -> np.ndarray:
     p = predict_proba(model, split.x)
-    return p.gather(1, split.y[:, None]).squeeze(1).double().numpy()
+    # a diverged model (NaN logits) is scored as giving the true label no probability
+    return np.nan_to_num(p.gather(1, split.y[:, None]).squeeze(1).double().numpy(), nan=0.0)
 
 
 def mia_efficacy_from_scores(member: np.ndarray, nonmember: np.ndarray, target: np.ndarray,

@@ -1,0 +1,26 @@
+"""Unlearning methods under one protocol: ``run(method, model, data, hparams, seed)``.
+
+Registered methods: FT, GA, GradDiff, NPO, Proj (first-order projection), OFMU (project),
+OFMU-hvp, the ablations OFMU-beta0 / OFMU-rho0, and the OFMU-Adam prototype.
+"""
+
+from . import baselines, ofmu_runs  # noqa: F401  (register the methods)
+from .base import REGISTRY, Method, Streams, get, run, steps_for
+from .batches import BatchStream
+from .models import RECIPES, Recipe, make_mlp, original_model, retrained_model, train_model
+
+__all__ = [
+    "REGISTRY",
+    "RECIPES",
+    "BatchStream",
+    "Method",
+    "Recipe",
+    "Streams",
+    "get",
+    "make_mlp",
+    "original_model",
+    "retrained_model",
+    "run",
+    "steps_for",
+    "train_model",
+]
