@@ -1,0 +1,201 @@
+"""The CUDA ops of ``ofmu._C`` on a GPU: accuracy, determinism, no host syncs, CUDA graphs.
+
+Run on a lent GPU machine with ``pytest -m gpu`` (benchmarks/gpu_check.sh); conftest.py skips
+these tests where no CUDA device is visible. Accuracy uses the same reference and tolerance rule
+as tests/test_kernels_cpp.py (kernel error <= 2x the plain torch error + a scale-relative slack).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+pytest.importorskip("ofmu._C", reason="ofmu._C is not built (pip install -e . --no-build-isolation)")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ofmu import functional as F  # noqa: E402
+from test_kernels_cpp import (  # noqa: E402
+    assert_bitwise_equal,
+    check_combine,
+    check_reduce3,
+    check_update,
+    make_coeffs,
+    make_pair,
+)
+
+ops = torch.ops.ofmu
+DEV = "cuda"
+SIZES = [1, 3, 4095, 65537, 2**20 + 7]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("ofmu::reduce3", "CUDA"):
+        pytest.fail("ofmu._C was built without CUDA kernels on a CUDA machine "
+                    "(rebuild with OFMU_FORCE_CUDA=1 to see why)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_reduce3_cuda(n, dtype):
+    x, y = make_pair(n, dtype, "random", device=DEV)
+    check_reduce3(x, y)
+    s = check_reduce3(x, None)
+    assert s[0].item() == 0 and s[2].item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["zero", "orthogonal", "antiparallel"])
+def test_reduce3_cuda_special(kind, dtype):
+    x, y = make_pair(65537, dtype, kind, device=DEV)
+    check_reduce3(x, y)
+
+
+def test_reduce3_cuda_empty():
+    x = torch.empty(0, device=DEV)
+    assert ops.reduce3(x, x).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_combine_cuda(n, dtype):
+    x, y = make_pair(n, dtype, "random", device=DEV)
+    c = make_coeffs(dtype, device=DEV)
+    check_combine(x, y, c)
+    check_combine(x, y, c, with_b=False)
+    check_combine(x, None, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_update_cuda(n, dtype):
+    theta, _ = make_pair(n, dtype, "random", device=DEV, seed=1)
+    x, y = make_pair(n, dtype, "random", device=DEV)
+    c = make_coeffs(dtype, device=DEV)
+    check_update(theta, x, y, c)
+    check_update(theta, x, None, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_unaligned_views_use_the_scalar_path(dtype, offset):
+    # Views starting off a 16-byte boundary cannot use vector loads; results must not change.
+    n = 65537
+    bx, by = make_pair(n + offset, dtype, "random", device=DEV)
+    x, y = bx[offset:], by[offset:]
+    check_reduce3(x, y)
+    check_combine(x, y, make_coeffs(dtype, device=DEV))
+    # check_update works on a (re-aligned) clone of theta, so update an unaligned view directly.
+    buf, _ = make_pair(n + offset, dtype, "random", device=DEV, seed=1)
+    theta = buf[offset:]
+    want = theta.clone()
+    c = make_coeffs(dtype, device=DEV)
+    F.update(want, x, y, c)
+    ops.update(theta, x, y, c)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(theta, want, rtol=2 * eps, atol=2 * eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_combine_cuda_aliasing(dtype):
+    x, y = make_pair(2**20 + 7, dtype, "random", device=DEV)
+    c = make_coeffs(dtype, device=DEV)
+    want_a, want_b = torch.empty_like(x), torch.empty_like(x)
+    ops.combine(x, y, c, want_a, want_b)
+    xs, ys = x.clone(), y.clone()
+    ops.combine(xs, ys, c, ys, xs)  # out_a aliases y, out_b aliases x
+    assert_bitwise_equal(ys, want_a)
+    assert_bitwise_equal(xs, want_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nonfinite_cuda(dtype):
+    x, y = make_pair(65537, dtype, "random", device=DEV)
+    x[777] = float("nan")
+    assert not torch.isfinite(ops.reduce3(x, y)[:2]).any()
+    theta, _ = make_pair(65537, dtype, "random", device=DEV, seed=1)
+    theta[5] = float("nan")
+    before = theta.clone()
+    ops.update(theta, x, y, make_coeffs(dtype, device=DEV, c3=0.0))
+    assert_bitwise_equal(theta, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_deterministic(dtype):
+    x, y = make_pair(2**22 + 5, dtype, "random", device=DEV)
+    c = make_coeffs(dtype, device=DEV)
+    first = ops.reduce3(x, y)
+    for _ in range(5):
+        assert_bitwise_equal(ops.reduce3(x, y), first)
+    a1, a2 = torch.empty_like(x), torch.empty_like(x)
+    ops.combine(x, y, c, a1, None)
+    ops.combine(x, y, c, a2, None)
+    assert_bitwise_equal(a1, a2)
+
+
+def test_cuda_matches_cpu_kernel_closely():
+    x, y = make_pair(2**20 + 7, torch.float32, "random")
+    s_cpu = ops.reduce3(x, y)
+    s_gpu = ops.reduce3(x.to(DEV), y.to(DEV)).cpu()
+    scale = torch.tensor([(s_cpu[1] * s_cpu[2]).sqrt(), s_cpu[1], s_cpu[2]])
+    assert ((s_gpu - s_cpu).abs() <= 1e-5 * scale).all()
+
+
+def test_no_host_sync():
+    x, y = make_pair(2**20 + 7, torch.float32, "random", device=DEV)
+    theta = x.clone()
+    a, b = torch.empty_like(x), torch.empty_like(x)
+    c = make_coeffs(torch.float32, device=DEV)
+    ops.reduce3(x, y)  # warm up allocator and module loading outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = ops.reduce3(x, y)
+        coeffs = torch.stack([c[0], c[1] * s[0].sign(), c[2], c[3]])
+        ops.combine(x, y, coeffs, a, b)
+        ops.update(theta, a, b, coeffs)
+        ops.update(theta, a, None, coeffs * 0)  # the skip flag is read on the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_update_cuda_graph_capture():
+    n = 2**20 + 7
+    theta, _ = make_pair(n, torch.float32, "random", device=DEV, seed=1)
+    x, y = make_pair(n, torch.float32, "random", device=DEV)
+    coeffs = make_coeffs(torch.float32, device=DEV)
+    stats = torch.empty(3, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream, as the CUDA graphs docs recommend
+        ops.update(theta.clone(), x, y, coeffs)
+        ops.reduce3(x, y)
+    torch.cuda.current_stream().wait_stream(s)
+    start = theta.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        stats.copy_(ops.reduce3(x, y))
+        ops.update(theta, x, y, coeffs)
+    theta.copy_(start)
+    want = start.clone()
+    F.update(want, x, y, coeffs)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(theta, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats, F.reduce3(x, y), rtol=1e-5, atol=1e-3)
+    # Coefficients are read from device memory at replay: writing the skip flag in place makes
+    # the replayed update leave theta untouched.
+    coeffs[3] = 0.0
+    before = theta.clone()
+    g.replay()
+    torch.cuda.synchronize()
+    assert_bitwise_equal(theta, before)
