@@ -29,17 +29,19 @@ DEFAULT_SIZES = {
 
 @dataclass
 class Split:
-    """Inputs ``x`` (float32, standardised rows) and labels ``y`` (int64)."""
+    """Inputs ``x`` (float32, standardised rows), labels ``y`` (int64) and ``idx``, each row's
+    index in its source array (the dataset's train or test file), for provenance checks."""
 
     x: Tensor
     y: Tensor
+    idx: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def subset(self, idx) -> Split:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return Split(self.x[idx], self.y[idx])
+        return Split(self.x[idx], self.y[idx], None if self.idx is None else self.idx[idx])
 
 
 @dataclass
@@ -89,7 +91,7 @@ def _pool(dataset: str, seed: int, n_train: int, n_val: int, n_test: int):
         p = rng.permutation(len(y))
         tr, va = p[:n_train], p[n_train:n_train + n_val]
         te = rng.permutation(len(yt))[:n_test]
-        return (x[tr], y[tr]), (x[va], y[va]), (xt[te], yt[te])
+        return (x[tr], y[tr], tr), (x[va], y[va], va), (xt[te], yt[te], te)
     if dataset == "digits":
         x, y = load_digits()
         if n_train + n_val + n_test > len(y):
@@ -97,7 +99,7 @@ def _pool(dataset: str, seed: int, n_train: int, n_val: int, n_test: int):
         p = rng.permutation(len(y))
         tr, va = p[:n_train], p[n_train:n_train + n_val]
         te = p[n_train + n_val:n_train + n_val + n_test]
-        return (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
+        return (x[tr], y[tr], tr), (x[va], y[va], va), (x[te], y[te], te)
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
 
 
@@ -121,13 +123,14 @@ def make_unlearning_data(dataset: str = "digits", scenario: str = "random", seed
     for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if v is not None:
             sizes[k] = int(v)
-    (xtr, ytr), (xva, yva), (xte, yte) = _pool(dataset, seed, **sizes)
+    (xtr, ytr, itr), (xva, yva, iva), (xte, yte, ite) = _pool(dataset, seed, **sizes)
     mean, std = float(xtr.mean()), float(xtr.std()) + 1e-8
 
-    def split(x, y) -> Split:
-        return Split(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(y).long())
+    def split(x, y, i) -> Split:
+        return Split(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(y).long(),
+                     torch.from_numpy(np.asarray(i)).long())
 
-    train, val, test = split(xtr, ytr), split(xva, yva), split(xte, yte)
+    train, val, test = split(xtr, ytr, itr), split(xva, yva, iva), split(xte, yte, ite)
     n_classes = int(max(ytr.max(), yva.max(), yte.max())) + 1
     rng = np.random.default_rng([seed, 1])  # forget draw independent of the pool draw
     test_forgotten = None
