@@ -16,6 +16,8 @@ Build knobs (environment variables, in the style of flash-attention's setup.py):
 * ``OFMU_CUDA_ARCHS="90"``      semicolon/comma-separated SM architectures to compile for
   (e.g. "80;90"); each gets SASS plus PTX of the newest one. Default: "90" (H100/H200).
 * ``MAX_JOBS``                  parallel compile jobs for ninja (read by torch's BuildExtension).
+* ``CUDA_HOME``                 the CUDA toolkit; when unset, the toolkit of the ``nvcc`` on PATH
+  (or /usr/local/cuda) that actually has ``include/cuda_runtime.h`` (see _default_cuda_home).
 """
 
 import os
@@ -44,16 +46,36 @@ def _rel(*parts: str) -> str:
     return os.path.join(*parts)
 
 
+def _default_cuda_home() -> None:
+    """Set CUDA_HOME when torch would guess wrong.
+
+    torch takes ``dirname(dirname(which nvcc))`` as the toolkit, which is wrong when ``nvcc`` on
+    PATH is a wrapper script (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc:
+    torch then looks for cuda_runtime.h in /usr/local/include). Must run before
+    torch.utils.cpp_extension is imported, which reads the variable once.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _cuda_build_possible() -> tuple[bool, str]:
     import torch
     from torch.utils import cpp_extension
 
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is a CPU build"
-    if cpp_extension.CUDA_HOME is None or not (
-        shutil.which("nvcc") or os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    ):
-        return False, "nvcc not found (set CUDA_HOME)"
+    home = cpp_extension.CUDA_HOME
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return False, f"nvcc not found (CUDA_HOME={home}; set CUDA_HOME to the CUDA toolkit)"
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return False, f"{home}/include/cuda_runtime.h not found (set CUDA_HOME to the CUDA toolkit)"
     return True, ""
 
 
@@ -74,6 +96,7 @@ def _extensions() -> tuple[list, dict]:
     if SKIP_CPP_BUILD:
         print("ofmu: OFMU_SKIP_CPP_BUILD set, not building ofmu._C")
         return [], {}
+    _default_cuda_home()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cpu_sources = [_rel("csrc", "ofmu.cpp"), _rel("csrc", "cpu", "ofmu_cpu.cpp")]
