@@ -131,12 +131,27 @@ def _sample(fn: Callable[[], object], calls: int, device: torch.device) -> float
 def time_fn(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 2,
             min_sample_s: float = 2e-3, max_calls: int = 10_000) -> tuple[list[float], int]:
     """Per-call seconds of ``repeats`` samples (warm-up excluded) and the calls per sample."""
+    return time_interleaved({"fn": fn}, device, repeats, warmup, min_sample_s, max_calls)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
+                     repeats: int = 10, warmup: int = 2, min_sample_s: float = 2e-3,
+                     max_calls: int = 10_000) -> dict[str, tuple[list[float], int]]:
+    """Like :func:`time_fn` for several functions, sampled round-robin (sample r of every
+    function before sample r+1 of any), so that a slow drift of the machine — other load,
+    clock changes — biases none of them against the others."""
     synchronize(device)
-    for _ in range(warmup):
-        fn()
-    one = max(_sample(fn, 1, device), 1e-9)
-    calls = max(1, min(max_calls, math.ceil(min_sample_s / one)))
-    return [_sample(fn, calls, device) / calls for _ in range(repeats)], calls
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        one = max(_sample(fn, 1, device), 1e-9)
+        calls[name] = max(1, min(max_calls, math.ceil(min_sample_s / one)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_sample(fn, calls[name], device) / calls[name])
+    return {name: (samples[name], calls[name]) for name in fns}
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float]:
@@ -158,20 +173,23 @@ class Stopwatch:
         self.cpu: dict[str, float] = {}
         self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
 
-    def wrap(self, label: str, fn: Callable) -> Callable:
+    def wrap(self, label: str | Callable[[], str], fn: Callable) -> Callable:
+        """``fn`` with its time added to ``label`` (a string, or a callable read at call time:
+        lets one wrapper attribute time to the phase the caller is in)."""
         def timed(*args, **kwargs):
+            key = label() if callable(label) else label
             if self.device.type == "cuda":
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
                 out = fn(*args, **kwargs)
                 e.record()
-                self.events.setdefault(label, []).append((s, e))
+                self.events.setdefault(key, []).append((s, e))
                 return out
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.cpu[label] = self.cpu.get(label, 0.0) + time.perf_counter() - t0
+                self.cpu[key] = self.cpu.get(key, 0.0) + time.perf_counter() - t0
 
         return timed
 
