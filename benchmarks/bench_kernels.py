@@ -94,10 +94,10 @@ def model_like_sizes(n: int) -> list[int]:
 def make_buffers(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Buffers:
     """theta ~ N(0,1); g_r ~ N(0,1); g_f = 0.6 g_r + 0.8 N(0,1) (cosine 0.6, so the projection
     term is as large as the gradient term and a wrong coefficient is visible)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: 2^30 on a GPU
 
     def randn():
-        return torch.randn(n, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        return torch.randn(n, generator=gen, device=device).to(dtype)
 
     theta0, gr = randn(), randn()
     gf = (0.6 * gr.float() + 0.8 * randn().float()).to(dtype)
