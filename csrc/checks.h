@@ -21,7 +21,8 @@ inline c10::ScalarType acc_dtype(c10::ScalarType t) {
 inline void check_buffer(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
   TORCH_CHECK(st == c10::kFloat || st == c10::kDouble || st == c10::kHalf || st == c10::kBFloat16,
-              "ofmu.", op, ": `", name, "` must be float32, float64, float16 or bfloat16, got ", st);
+              "ofmu.", op, ": `", name, "` must be float32, float64, float16 or bfloat16, got ",
+              st);
   TORCH_CHECK(t.dim() == 1, "ofmu.", op, ": `", name, "` must be 1-D, got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "ofmu.", op, ": `", name, "` must be contiguous");
 }

@@ -37,8 +37,10 @@ TORCH_LIBRARY(ofmu, m) {
   // stats = [<x, y>, <x, x>, <y, y>] in the accumulation dtype; deterministic.
   m.def("reduce3(Tensor x, Tensor? y) -> Tensor", {at::Tag::pt2_compliant_tag});
   // out_a = c0*x + c1*y; out_b = c2*x + c3*y (outputs may alias x or y).
-  m.def("combine(Tensor x, Tensor? y, Tensor coeffs, Tensor(a!) out_a, Tensor(b!)? out_b) -> ()",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "combine(Tensor x, Tensor? y, Tensor coeffs, Tensor(a!) out_a, Tensor(b!)? out_b=None) "
+      "-> ()",
+      {at::Tag::pt2_compliant_tag});
   // theta = c0*theta + c1*x + c2*y unless c3 == 0 (theta then untouched).
   m.def("update(Tensor(a!) theta, Tensor x, Tensor? y, Tensor coeffs) -> ()",
         {at::Tag::pt2_compliant_tag});

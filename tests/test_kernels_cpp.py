@@ -273,6 +273,16 @@ def test_update_nan_flag_matches_reference(dtype):
     assert not torch.equal(t, theta)
 
 
+def test_combine_out_b_defaults_to_none():
+    # The schema mirrors the contract's signature combine(x, y, coeffs, out_a, out_b=None).
+    x, y = make_pair(33, torch.float32, "random")
+    c = make_coeffs(torch.float32)
+    a, want = torch.empty_like(x), torch.empty_like(x)
+    ops.combine(x, y, c, a)
+    ops.combine(x, y, c, want, None)
+    assert_bitwise_equal(a, want)
+
+
 def test_combine_without_y_keeps_reference_semantics():
     # With y=None the reference computes c1 * 0: a non-finite c1 gives NaN, a finite one c0*x.
     x, _ = make_pair(4095, torch.float32, "random")

@@ -154,7 +154,8 @@ void update_cpu(const at::Tensor& theta, const at::Tensor& x, const std::optiona
                 const at::Tensor& coeffs) {
   check_update(theta, x, y, coeffs);
   const int64_t n = theta.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, theta.scalar_type(), "ofmu.update", [&] {
+  const auto dtype = theta.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ofmu.update", [&] {
     const auto* c = coeffs.const_data_ptr<acc_t<scalar_t>>();
     if (c[3] == 0) return;  // the non-finite flag: theta is not even rewritten
     auto* tp = theta.data_ptr<scalar_t>();

@@ -234,7 +234,9 @@ void dispatch_dtype(DType dtype, F&& f) {
   }
 }
 
-inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned16(const void* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 inline const char* last_error() {
   const cudaError_t err = cudaGetLastError();
@@ -253,7 +255,9 @@ inline unsigned grid_for(int64_t n, int pack, int64_t cap) {
 
 }  // namespace
 
-int64_t reduce3_workspace_elems(int64_t n) { return 3 * (n > 0 ? static_cast<int64_t>(grid_for(n, 1, kReduceBlocks)) : 1); }
+int64_t reduce3_workspace_elems(int64_t n) {
+  return 3 * (n > 0 ? static_cast<int64_t>(grid_for(n, 1, kReduceBlocks)) : 1);
+}
 
 const char* reduce3(DType dtype, const void* x, const void* y, int64_t n, void* workspace,
                     void* stats, void* stream) {
@@ -271,10 +275,11 @@ const char* reduce3(DType dtype, const void* x, const void* y, int64_t n, void* 
       // it never exceeds grid_for(n, 1, ...), the size reduce3_workspace_elems reserves.
       const int pack = vec ? pack_width<T, true>() : 1;
       blocks = grid_for(n, pack, kReduceBlocks);
-      if (vec && yp) reduce3_partials_kernel<T, true, true><<<blocks, kThreads, 0, s>>>(xp, yp, n, part);
-      else if (vec) reduce3_partials_kernel<T, false, true><<<blocks, kThreads, 0, s>>>(xp, yp, n, part);
-      else if (yp) reduce3_partials_kernel<T, true, false><<<blocks, kThreads, 0, s>>>(xp, yp, n, part);
-      else reduce3_partials_kernel<T, false, false><<<blocks, kThreads, 0, s>>>(xp, yp, n, part);
+      const unsigned g = static_cast<unsigned>(blocks);
+      if (vec && yp) reduce3_partials_kernel<T, true, true><<<g, kThreads, 0, s>>>(xp, yp, n, part);
+      else if (vec) reduce3_partials_kernel<T, false, true><<<g, kThreads, 0, s>>>(xp, yp, n, part);
+      else if (yp) reduce3_partials_kernel<T, true, false><<<g, kThreads, 0, s>>>(xp, yp, n, part);
+      else reduce3_partials_kernel<T, false, false><<<g, kThreads, 0, s>>>(xp, yp, n, part);
     }
     reduce3_finalize_kernel<A><<<1, kThreads, 0, s>>>(part, blocks, static_cast<A*>(stats));
   });
