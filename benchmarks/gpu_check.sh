@@ -18,7 +18,7 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 export MAX_JOBS="${MAX_JOBS:-16}"              # parallel nvcc/c++ jobs (16 cores)
 export OFMU_CUDA_ARCHS="${OFMU_CUDA_ARCHS:-90}" # sm_90 only: H100/H200, and a short build
 export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # ofmu, ofmu_kernels from source
