@@ -374,3 +374,21 @@ def test_outer_steps_repeat_the_outer_step():
     ob.outer_step(sb)
     assert torch.equal(flat_params(a), flat_params(b))
     assert oa.param_groups[0]["rho_k"] == ob.param_groups[0]["rho_k"] == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("rho,outer_hvp,forget_backwards", [
+    (0.0, "forget", 2), (0.1, "none", 2), (0.1, "forget", 3)])
+def test_outer_step_skips_the_forget_backward_without_penalty(rho, outer_hvp, forget_backwards):
+    """2 inner steps always need g_f; the outer step needs it only for the rho penalty."""
+    p = torch.nn.Parameter(torch.ones(3))
+    count = []
+
+    def closure():
+        lf = (p * p).sum()
+        lf.register_hook(lambda g: count.append(1))
+        return lf, (p - 2).pow(2).sum()
+
+    opt = OFMU([p], lr=0.1, inner_steps=2, rho=rho, outer_hvp=outer_hvp)
+    opt.step(closure)
+    assert len(count) == forget_backwards
+    assert ("cosine" in opt.last_stats()) == (forget_backwards == 3)

@@ -313,34 +313,39 @@ class OFMU(Optimizer):
         self._check_buffers()
         need_h = self.outer_hvp != "none" and any(g["rho_k"] > 0 for g in self.param_groups)
         sim2 = need_h and self.similarity == "hvp"  # v itself needs a double backward
+        self._diag["rho"] = self.param_groups[0]["rho_k"]
         with torch.enable_grad():
             loss_f, loss_r = self._call(closure)
-            graph = self._gradients(
-                loss_f, loss_r,
-                graph_f=sim2 or (need_h and self.outer_hvp in ("forget", "exact")),
-                graph_r=sim2 or (need_h and self.outer_hvp == "exact" and
-                                 self.similarity != "none"))
-            stats, gstats = self._reduce("f", "r")
-            ok = torch.isfinite(gstats).all()
-            self._diag.update(cosine=F.similarity_scalars(gstats, self.eps)[0],
-                              forget_grad_norm=torch.sqrt(gstats[1]),
-                              retain_grad_norm=torch.sqrt(gstats[2]),
-                              rho=self.param_groups[0]["rho_k"])
-            if need_h:
+            if not need_h:
+                # Without the penalty the outer step is retain descent: the forget gradient
+                # would only feed diagnostics, so its backward pass is skipped.
+                self._gradients(None, loss_r)
+                stats, gstats = self._reduce("r", None)  # [0, |g_r|^2, 0]
+                for key in ("cosine", "forget_grad_norm", "grad_phi_sq"):
+                    self._diag.pop(key, None)
+                self._diag["retain_grad_norm"] = torch.sqrt(gstats[1])
+                ok = torch.isfinite(gstats).all()
+            else:
+                graph = self._gradients(
+                    loss_f, loss_r,
+                    graph_f=sim2 or self.outer_hvp in ("forget", "exact"),
+                    graph_r=sim2 or (self.outer_hvp == "exact" and self.similarity != "none"))
+                stats, gstats = self._reduce("f", "r")
+                ok = torch.isfinite(gstats).all()
+                self._diag.update(cosine=F.similarity_scalars(gstats, self.eps)[0],
+                                  forget_grad_norm=torch.sqrt(gstats[1]),
+                                  retain_grad_norm=torch.sqrt(gstats[2]))
                 phi_sq, ok_v = self._form_v(graph, stats, gstats)
                 self._diag["grad_phi_sq"] = phi_sq
                 self._hvp(closure, graph, phi_sq)
-                dstats, dg = self._reduce("r", "h")
+                del graph
+                stats, dg = self._reduce("r", "h")
                 ok = ok & ok_v & torch.isfinite(dg).all()
-        del graph
-        # outer direction g_r + 2 rho h; without h its norm is |g_r| (the y of reduce3(f, r))
+        # outer direction g_r + 2 rho h, its norm from reduce3(g_r, h) (or reduce3(g_r, None))
         one = torch.ones_like(gstats[0])
         coefs = [torch.stack([one, 2.0 * self.param_groups[g]["rho_k"] * one])
                  for g in self._buffer_group]
-        if need_h:
-            sqn = self._group_sqnorms(coefs, dstats)
-        else:
-            sqn = self._group_sqnorms([torch.stack([0.0 * one, one])] * len(coefs), stats)
+        sqn = self._group_sqnorms(coefs, stats)
         self._apply("outer", "r", "h" if need_h else None, coefs, sqn, ok)
         for group in self.param_groups:
             group["rho_k"] = min(group["rho_k"] * group["rho_growth"], group["rho_max"])
@@ -351,10 +356,11 @@ class OFMU(Optimizer):
 
     def last_stats(self) -> dict[str, float]:
         """Diagnostics of the last step as Python floats (this call syncs with the device):
-        ``cosine`` / ``forget_grad_norm`` / ``retain_grad_norm`` at the outer evaluation,
-        ``inner_cosine`` of the last inner step, ``grad_phi_sq`` (``|v|^2`` when ``h`` was
-        computed), ``rho`` (group 0's, used by the last outer step), ``skipped_steps``
-        (cumulative)."""
+        ``retain_grad_norm`` at the outer evaluation; ``cosine``, ``forget_grad_norm`` and
+        ``grad_phi_sq`` (``|v|^2``) there too when the penalty was active (with ``rho_k = 0``
+        or ``outer_hvp="none"`` the outer step skips the forget backward pass);
+        ``inner_cosine`` of the last inner step; ``rho`` (group 0's, used by the last outer
+        step); ``skipped_steps`` (cumulative)."""
         out = {k: float(v) for k, v in self._diag.items()}  # the only sync
         out["skipped_steps"] = int(self._skipped) if self._skipped is not None else 0
         return out
@@ -405,16 +411,20 @@ class OFMU(Optimizer):
                                  "it computed under torch.no_grad() or from detached outputs?)")
         return out[0].reshape(()), out[1].reshape(())
 
-    def _gradients(self, lf: Tensor, lr: Tensor, graph_f: bool = False, graph_r: bool = False):
-        """Forget/retain gradients into the ``"f"``/``"r"`` buffers. ``graph_f``/``graph_r``
-        keep the graph of that gradient (for HVPs) and return the per-parameter gradients."""
+    def _gradients(self, lf: Tensor | None, lr: Tensor, graph_f: bool = False,
+                   graph_r: bool = False):
+        """Forget/retain gradients into the ``"f"``/``"r"`` buffers (``lf=None``: retain only).
+        ``graph_f``/``graph_r`` keep the graph of that gradient (for HVPs) and return the
+        per-parameter gradients."""
         params = self._params
         if not (graph_f or graph_r):
             for buf in self._buffers:
-                buf.grad_f.zero_()
+                if lf is not None:
+                    buf.grad_f.zero_()
                 buf.grad_r.zero_()
                 buf.bind_grads("f")
-            torch.autograd.backward(lf, inputs=params)
+            if lf is not None:
+                torch.autograd.backward(lf, inputs=params)
             for buf in self._buffers:
                 buf.bind_grads("r")
             try:
@@ -445,11 +455,11 @@ class OFMU(Optimizer):
         return (torch.float64 if any(b.dtype == torch.float64 for b in self._buffers)
                 else torch.float32)
 
-    def _reduce(self, x: str, y: str) -> tuple[list[Tensor], Tensor]:
+    def _reduce(self, x: str, y: str | None) -> tuple[list[Tensor], Tensor]:
         """Per-buffer ``reduce3`` of buffers ``x`` and ``y`` and their global sum."""
         dev, dt = self._buffers[0].device, self._stats_dtype()
-        stats = [be.reduce3(buf.buffer(x)[0], buf.buffer(y)[0]).to(device=dev, dtype=dt,
-                                                                   non_blocking=True)
+        stats = [be.reduce3(buf.buffer(x)[0], self._opt(buf, y)).to(device=dev, dtype=dt,
+                                                                    non_blocking=True)
                  for buf, be in zip(self._buffers, self._backends)]
         total = stats[0] if len(stats) == 1 else torch.stack(stats).sum(0)
         return stats, total
