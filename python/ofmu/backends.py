@@ -55,7 +55,10 @@ def _ext_backend(name: str, key: str) -> tuple[Backend | None, str]:
         return None, why
     if not all(_has_kernel(op, key) for op in ("reduce3", "combine", "update")):
         if key == "CUDA":
-            return None, "cuda kernels not built into ofmu._C (no nvcc or torch is a CPU build)"
+            if torch.version.cuda is None:
+                return None, "cuda extension not built: torch is a CPU build"
+            return None, ("cuda extension not built: nvcc was not found at build time or "
+                          "OFMU_SKIP_CUDA_BUILD was set (rebuild with OFMU_FORCE_CUDA=1)")
         return None, f"ofmu._C has no {key} kernels"
     if key == "CUDA" and not torch.cuda.is_available():
         return None, "cuda kernels built but no CUDA device is visible"
