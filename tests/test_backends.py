@@ -1,0 +1,56 @@
+"""The one dispatch point: preference order, overrides, and errors that say why."""
+
+import pytest
+import torch
+from ofmu import OFMU, backend_info, backends
+
+
+def test_cpu_prefers_the_cpp_extension_and_says_why():
+    info = backend_info()
+    assert info.available["torch"] == (True, "")
+    name, reason = info.chosen["cpu"]
+    assert name == ("cpp" if info.available["cpp"][0] else "torch")
+    assert "first available for cpu" in reason
+    if not torch.cuda.is_available():
+        assert info.chosen["cuda"] == ("-", "no CUDA device visible")
+        assert not info.available["cuda"][0] and info.available["cuda"][1]
+
+
+def test_environment_override(monkeypatch):
+    monkeypatch.setenv("OFMU_BACKEND", "torch")
+    b, reason = backends.select("auto", torch.device("cpu"))
+    assert b.name == "torch" and "OFMU_BACKEND" in reason
+    opt = OFMU([torch.nn.Parameter(torch.zeros(3))])
+    assert opt.backend_summary() == ["torch.float32 on cpu: torch (torch requested via "
+                                     "OFMU_BACKEND)"]
+    monkeypatch.setenv("OFMU_BACKEND", "vulkan")
+    with pytest.raises(ValueError, match="unknown backend 'vulkan' \\(from OFMU_BACKEND\\)"):
+        backends.select("auto", torch.device("cpu"))
+
+
+def test_explicit_choice_beats_environment(monkeypatch):
+    monkeypatch.setenv("OFMU_BACKEND", "cpp")
+    b, reason = backends.select("torch", torch.device("cpu"))
+    assert b.name == "torch" and "backend=" in reason
+
+
+def test_impossible_choices_are_errors_not_fallbacks():
+    with pytest.raises(ValueError, match="backend 'cuda' \\(from backend=\\) cannot run on cpu"):
+        backends.select("cuda", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        b, why = backends.probe("cuda")
+        assert b is None and why
+
+
+def test_backends_share_the_contract_on_a_small_case():
+    """Every available backend agrees with the float64 closed form on a 3-element case."""
+    x = torch.tensor([1.0, 2.0, 3.0])
+    y = torch.tensor([4.0, -5.0, 6.0])
+    for name, (ok, _) in backend_info().available.items():
+        if not ok or (name in ("cuda",)):
+            continue
+        b = backends.probe(name)[0]
+        assert b.reduce3(x, y).tolist() == [12.0, 14.0, 77.0], name
+        theta = torch.ones(3)
+        b.update(theta, x, y, torch.tensor([0.5, 1.0, 2.0, 1.0]))
+        assert theta.tolist() == [9.5, -7.5, 15.5], name
