@@ -18,6 +18,12 @@ def mlp(seed=0, dtype=torch.float32):
                                torch.nn.Linear(7, 3)).to(dtype)
 
 
+def ref_group(model, **hp):
+    """A param group for the reference with OFMU's defaults for what ``hp`` leaves out."""
+    base = dict(rho=0.1, rho_growth=1.0, rho_max=1.0, weight_decay=0.0, max_grad_norm=None)
+    return dict(params=list(model.parameters()), **{**base, **hp})
+
+
 def flat_params(m):
     return torch.cat([p.detach().flatten().double() for p in m.parameters()])
 
@@ -54,9 +60,7 @@ def test_lr_scheduler_scales_both_loops():
     m, mref = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
     opt = OFMU(m.parameters(), lr=0.2, inner_lr=0.05, inner_steps=1, beta=0.3, rho=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    ref = ReferenceOFMU([dict(params=list(mref.parameters()), lr=0.2, inner_lr=0.05, beta=0.3,
-                              rho=0.1, rho_growth=1.0, rho_max=1.0, weight_decay=0.0,
-                              max_grad_norm=None)], inner_steps=1)
+    ref = ReferenceOFMU([ref_group(mref, lr=0.2, inner_lr=0.05, beta=0.3)], inner_steps=1)
     s1, s2 = BatchStream(m), BatchStream(mref)
     for _ in range(3):
         opt.step(s1)
@@ -91,9 +95,7 @@ def test_mixed_dtypes_get_one_buffer_each_and_match_reference():
     m, mref = Net(0), Net(0)
     opt = OFMU(m.parameters(), lr=0.1, inner_lr=0.05, inner_steps=2, beta=0.4, rho=0.1)
     assert len(opt.backend_summary()) == 2
-    ref = ReferenceOFMU([dict(params=list(mref.parameters()), lr=0.1, inner_lr=0.05, beta=0.4,
-                              rho=0.1, rho_growth=1.0, rho_max=1.0, weight_decay=0.0,
-                              max_grad_norm=None)], inner_steps=2)
+    ref = ReferenceOFMU([ref_group(mref, lr=0.1, inner_lr=0.05, beta=0.4)], inner_steps=2)
     s, sref = BatchStream(m), BatchStream(mref)
     for _ in range(3):
         opt.step(s)
