@@ -38,7 +38,7 @@ def test_ofmu_moves_toward_retrain(setup):
     assert abs(after["UA"] - ref["UA"]) < abs(before["UA"] - ref["UA"])
     assert avg_gap(after, ref) < avg_gap(before, ref)
     assert after["TA"] >= before["TA"] - TA_MARGIN
-    assert info["steps"] == 120 // REGISTRY["OFMU"].cost(info["hparams"])
+    assert info["steps"] == int(120 / REGISTRY["OFMU"].cost(info["hparams"]))
 
 
 def test_run_is_deterministic_and_leaves_original_alone(setup):
@@ -56,7 +56,7 @@ def test_run_is_deterministic_and_leaves_original_alone(setup):
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_runs_and_stays_finite(setup, name):
     d, orig, _, _ = setup
-    model, info = run(name, orig, d, REGISTRY[name].grid[0], seed=0, budget=24)
+    model, info = run(name, orig, d, REGISTRY[name].grid("random")[0], seed=0, budget=24)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert info["time_s"] > 0 and info["steps"] >= 1
 
@@ -72,5 +72,5 @@ def test_cli_demo_on_digits(capsys, setup):
     _, _, _, cache = setup
     assert main(["demo", "--dataset", "digits", "--quiet", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
-    for row in ("Retrain", "Original", "GA", "GradDiff", "OFMU (project)", "Avg. Gap"):
+    for row in ("Retrain", "Original", "GA", "GradDiff", "OFMU (project, Adam)", "Avg. Gap"):
         assert row in out

@@ -34,7 +34,7 @@ def cmd_demo(args) -> int:
     dataset = _default_dataset() if args.dataset == "auto" else args.dataset
     print(f"ofmu demo: unlearning on {dataset} ({args.scenario} forgetting, seed {args.seed}).")
     print("Trains the original MLP and the gold-standard model retrained without the forget set "
-          "(cached after the first run),\nthen unlearns with GA, GradDiff and OFMU, each tuned on "
+          "(cached after the first run),\nthen unlearns with GA, GradDiff and OFMU (Adam), each tuned on "
           "a validation split, and reports test-split numbers.\n")
     cfg = StudyConfig(dataset=dataset, scenario=args.scenario, seeds=(args.seed,),
                       methods=DEMO_METHODS, cache=args.cache_dir, use_cache=not args.no_cache)

@@ -48,13 +48,17 @@ def markdown_table(result: dict, with_std: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
 def chosen_hparams(result: dict) -> str:
     """One line per method: the configuration validation chose for each seed."""
     lines = []
     for name in result["config"]["methods"]:
         hps = [r["rows"][name].get("hparams", {}) for r in result["runs"]]
         grid_keys = set().union(*(g.keys() for g in result["config"]["grids"][name]))
-        short = ["{" + ", ".join(f"{k}={h[k]:g}" for k in sorted(grid_keys)) + "}" for h in hps]
+        short = ["{" + ", ".join(f"{k}={_fmt(h[k])}" for k in sorted(grid_keys)) + "}" for h in hps]
         lines.append(f"- {name}: " + "; ".join(short))
     return "\n".join(lines)
 

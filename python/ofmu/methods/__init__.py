@@ -1,7 +1,8 @@
 """Unlearning methods under one protocol: ``run(method, model, data, hparams, seed)``.
 
-Registered methods: FT, GA, GradDiff, NPO, Proj (first-order projection), OFMU (project),
-OFMU-hvp, the ablations OFMU-beta0 / OFMU-rho0, and the OFMU-Adam prototype.
+Registered methods: FT, GA, GradDiff, NPO, Proj (first-order projection), GradDiff-Adam and
+NPO-Adam, OFMU (project, SGD), OFMU-Adam (the chosen configuration) and its ablations OFMU-hvp,
+OFMU-beta0 and OFMU-rho.
 """
 
 from . import baselines, ofmu_runs  # noqa: F401  (register the methods)

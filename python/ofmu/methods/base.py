@@ -39,10 +39,13 @@ class Method:
     name: str
     label: str
     fn: Callable  # (model, data, hparams, streams, steps) -> None
-    cost: Callable[[dict], int]  # gradient evaluations per step
-    grid: tuple[dict, ...]  # hyperparameter configs tried on the validation split
+    cost: Callable[[dict], float]  # gradient evaluations per step
+    grids: dict[str, tuple[dict, ...]]  # scenario -> configs tried on the validation split
     doc: str = ""
     defaults: dict = field(default_factory=dict)
+
+    def grid(self, scenario: str) -> tuple[dict, ...]:
+        return self.grids[scenario]
 
 
 REGISTRY: dict[str, Method] = {}
@@ -63,7 +66,7 @@ def get(name: str) -> Method:
 
 
 def steps_for(method: Method, hparams: dict, budget: int) -> int:
-    return max(1, budget // max(1, method.cost(hparams)))
+    return max(1, int(budget / method.cost(hparams) + 1e-9))
 
 
 def run(method: str | Method, model: nn.Module, data, hparams: dict | None = None,

@@ -16,9 +16,9 @@ from ..eval import avg_gap, evaluate
 from .base import get, run
 from .models import original_model, retrained_model
 
-DEFAULT_METHODS = ("FT", "GA", "GradDiff", "NPO", "Proj", "OFMU", "OFMU-hvp", "OFMU-beta0",
-                   "OFMU-rho0", "OFMU-Adam")
-DEMO_METHODS = ("GA", "GradDiff", "OFMU")
+DEFAULT_METHODS = ("FT", "GA", "GradDiff", "NPO", "Proj", "GradDiff-Adam", "NPO-Adam", "OFMU",
+                   "OFMU-Adam", "OFMU-hvp", "OFMU-beta0", "OFMU-rho")
+DEMO_METHODS = ("GA", "GradDiff", "OFMU-Adam")
 # Gradient evaluations (minibatch forward+backward) granted to every method. On the default
 # Fashion-MNIST subset, retraining takes 40 epochs x 79 batches ~ 3160 of them, so 240 keeps
 # unlearning near 8% of retraining's compute.
@@ -50,7 +50,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print) -> dict:
 
     methods = [get(m) for m in cfg.methods]
     budget = cfg.budget_for()
-    total = len(cfg.seeds) * sum(len(m.grid) for m in methods)
+    total = len(cfg.seeds) * sum(len(m.grid(cfg.scenario)) for m in methods)
     bar = tqdm(total=total, desc=f"{cfg.dataset}/{cfg.scenario}", unit="cfg",
                disable=not progress, dynamic_ncols=True)
     runs = []
@@ -70,7 +70,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print) -> dict:
         }
         for m in methods:
             best = None
-            for hp in m.grid:
+            for hp in m.grid(cfg.scenario):
                 bar.set_postfix_str(f"seed {seed}: {m.name} {hp}")
                 model, info = run(m, orig, data, hp, seed=seed, budget=budget,
                                   batch_size=cfg.batch_size)
@@ -94,7 +94,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print) -> dict:
     return {"config": {"dataset": cfg.dataset, "scenario": cfg.scenario,
                        "seeds": list(cfg.seeds), "methods": list(cfg.methods),
                        "budget_grad_evals": budget, "batch_size": cfg.batch_size,
-                       "grids": {m.name: [dict(g) for g in m.grid] for m in methods},
+                       "grids": {m.name: [dict(g) for g in m.grid(cfg.scenario)] for m in methods},
                        "labels": {m.name: m.label for m in methods},
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")},
             "runs": runs}
