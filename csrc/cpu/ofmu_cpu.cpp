@@ -9,6 +9,24 @@
 // results are bitwise identical across runs and across torch.set_num_threads().
 //
 // `#pragma omp` cannot sit inside an AT_DISPATCH lambda, hence the templated functions.
+//
+// NOTE: [16-bit fast path]
+// The loops below are compiled for baseline x86-64 (SSE2) so that the extension runs on any
+// x86-64 CPU. For fp16 that means c10's software half<->float conversion (no F16C), and for
+// bf16 4-lane SSE2 arithmetic. bf16/fp16 buffers therefore get a second implementation in
+// namespace `avx2` (AVX2 + F16C intrinsics in functions marked `target("avx2,f16c")`, not a
+// global -mavx2), chosen at run time by `fast16()` — the one place of the dispatch. It computes
+// exactly what the portable loops compute, bit for bit:
+//   * the same IEEE operations in the same order per element (no FMA: `fma` is deliberately not
+//     in the target list, so the compiler cannot contract a*b + c);
+//   * conversions identical to c10's: bf16 loads are a shift, bf16 stores the round-to-nearest-
+//     even of `to_buf` (NaN -> 0x7FC0); fp16 loads are F16C's exact widening (NaN payloads kept
+//     and quieted, like c10's software path), fp16 stores F16C's round-to-nearest-even with NaN
+//     mapped to sign|0x7E00 as c10 does (F16C would keep part of the payload);
+//   * reduce3 with the grouping that the compiler gave the portable `block_sums` (see
+//     avx2::block_sums below).
+// fp32/fp64 buffers never take it. OFMU_CPU_PORTABLE=1 in the environment, or
+// torch.ops.ofmu._cpu_fast_path(False), forces the portable loops (tests compare the two).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,12 +34,19 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../checks.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define OFMU_HAS_AVX2_PATH 1
+#include <immintrin.h>
+#endif
 
 namespace ofmu {
 namespace {
@@ -68,23 +93,6 @@ inline void block_sums(const T* x, const T* y, int64_t n, double* out) {
   out[2] = static_cast<double>(syy);
 }
 
-template <typename T, bool HAS_Y>
-void reduce3_kernel(const T* x, const T* y, int64_t n, acc_t<T>* stats) {
-  const int64_t nb = (n + kBlock - 1) / kBlock;
-  std::vector<double> part(static_cast<size_t>(3 * nb));
-  double* p = part.data();
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t lo = b * kBlock;
-    const int64_t len = std::min(kBlock, n - lo);
-    block_sums<T, HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, len, p + 3 * b);
-  }
-  double s[3] = {0.0, 0.0, 0.0};
-  for (int64_t b = 0; b < nb; ++b)  // fixed block order (see NOTE above)
-    for (int k = 0; k < 3; ++k) s[k] += p[3 * b + k];
-  for (int k = 0; k < 3; ++k) stats[k] = static_cast<acc_t<T>>(s[k]);
-}
-
 // out_a = c0*x + c1*y, out_b = c2*x + c3*y. Loads precede stores per element, so out_a/out_b may
 // alias x or y (the whole buffer, as the contract allows). With y absent the reference multiplies
 // c1 and c3 by zeros; z1/z3 keep that exactly (a non-finite c1 still poisons out_a).
@@ -118,6 +126,343 @@ void update_kernel(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t 
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// 16-bit fast path (NOTE: [16-bit fast path]) and its dispatch.
+// ------------------------------------------------------------------------------------------
+
+template <typename T>
+constexpr bool is16 = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// Whether bf16/fp16 buffers take the avx2 kernels: the CPU has AVX2 and F16C, and neither
+// OFMU_CPU_PORTABLE nor _cpu_fast_path(False) asked for the portable loops. Decided once at
+// load time; the atomic only serves the test switch.
+bool fast16_supported() {
+#ifdef OFMU_HAS_AVX2_PATH
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool>& fast16_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("OFMU_CPU_PORTABLE");
+    const bool portable = env != nullptr && *env != '\0' && std::strcmp(env, "0") != 0;
+    return fast16_supported() && !portable;
+  }()};
+  return flag;
+}
+
+template <typename T>
+inline bool fast16() {
+  if constexpr (is16<T>) {
+#ifdef OFMU_HAS_AVX2_PATH
+    return fast16_flag().load(std::memory_order_relaxed);
+#endif
+  }
+  return false;
+}
+
+// Runs f(lo, hi) over [0, n) in chunks, across threads like the portable loops (elementwise
+// ops: how the range is cut does not change any result).
+template <typename F>
+void for_chunks(int64_t n, const F& f) {
+  constexpr int64_t kChunk = 1 << 14;  // a multiple of 8 (one AVX2 vector of floats)
+  const int64_t nc = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t c = 0; c < nc; ++c) f(c * kChunk, std::min(n, (c + 1) * kChunk));
+}
+
+#ifdef OFMU_HAS_AVX2_PATH
+#define OFMU_AVX2 __attribute__((target("avx2,f16c")))
+
+namespace avx2 {
+
+// 8 buffer elements <-> 8 floats, bit for bit as the scalar conversions of the portable path.
+OFMU_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+OFMU_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+OFMU_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {  // = to_buf<BFloat16>
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rne = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i r = _mm256_blendv_epi8(rne, _mm256_set1_epi32(0x7FC0), nan);
+  // Every lane is <= 0xFFFF, so the unsigned-saturating pack is exact.
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+OFMU_AVX2 inline void store8(c10::Half* p, __m256 v) {  // = c10::Half(float), software path
+  __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m128i nan = _mm_packs_epi32(_mm256_castsi256_si128(nan32),
+                                      _mm256_extracti128_si256(nan32, 1));
+  const __m128i canon = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(INT16_MIN)),
+                                     _mm_set1_epi16(0x7E00));
+  h = _mm_blendv_epi8(h, canon, nan);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+
+// Applies `vec(i, k)` to the 8 elements at i (k = 8), and to the last n % 8 through zero-padded
+// copies (k < 8), so that every element goes through the same vector code.
+template <typename T, typename V>
+OFMU_AVX2 inline void for_vectors(int64_t lo, int64_t hi, const V& vec) {
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) vec(i, 8);
+  if (i < hi) vec(i, static_cast<int>(hi - i));
+}
+
+// Pointer to 8 readable elements at p + i: p itself, or a zero-padded copy of the k left.
+template <typename T>
+inline const T* in8(const T* p, int64_t i, int k, T* pad) {
+  if (k == 8) return p + i;
+  std::memset(static_cast<void*>(pad), 0, 8 * sizeof(T));
+  std::memcpy(static_cast<void*>(pad), p + i, k * sizeof(T));
+  return pad;
+}
+template <typename T>
+OFMU_AVX2 inline void out8(T* p, int64_t i, int k, __m256 v) {
+  if (k == 8) return store8(p + i, v);
+  T pad[8];
+  store8(pad, v);
+  std::memcpy(static_cast<void*>(p + i), pad, k * sizeof(T));
+}
+
+// combine_kernel, 8 elements at a time: same operations, same order.
+template <typename T, bool HAS_Y, bool HAS_B>
+OFMU_AVX2 void combine_range(const T* x, const T* y, const float* c, T* out_a, T* out_b,
+                             int64_t lo, int64_t hi) {
+  const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]);
+  const __m256 c2 = _mm256_set1_ps(c[2]), c3 = _mm256_set1_ps(c[3]);
+  const __m256 z1 = _mm256_set1_ps(c[1] * 0.0f), z3 = _mm256_set1_ps(c[3] * 0.0f);
+  for_vectors<T>(lo, hi, [&](int64_t i, int k) OFMU_AVX2 {
+    T px[8], py[8];
+    const __m256 a = load8(in8(x, i, k, px));
+    const __m256 b = HAS_Y ? load8(in8(y, i, k, py)) : _mm256_setzero_ps();
+    const __m256 ra = _mm256_add_ps(_mm256_mul_ps(c0, a), HAS_Y ? _mm256_mul_ps(c1, b) : z1);
+    if constexpr (HAS_B) {
+      const __m256 rb = _mm256_add_ps(_mm256_mul_ps(c2, a), HAS_Y ? _mm256_mul_ps(c3, b) : z3);
+      out8(out_a, i, k, ra);
+      out8(out_b, i, k, rb);
+    } else {
+      out8(out_a, i, k, ra);
+    }
+  });
+}
+
+// update_kernel, 8 elements at a time: (c0*theta + c1*x) + c2*y.
+template <typename T, bool HAS_Y>
+OFMU_AVX2 void update_range(T* theta, const T* x, const T* y, const float* c, int64_t lo,
+                            int64_t hi) {
+  const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]), c2 = _mm256_set1_ps(c[2]);
+  for_vectors<T>(lo, hi, [&](int64_t i, int k) OFMU_AVX2 {
+    T pt[8], px[8], py[8];
+    __m256 r = _mm256_add_ps(_mm256_mul_ps(c0, load8(in8<T>(theta, i, k, pt))),
+                             _mm256_mul_ps(c1, load8(in8(x, i, k, px))));
+    if constexpr (HAS_Y) r = _mm256_add_ps(r, _mm256_mul_ps(c2, load8(in8(y, i, k, py))));
+    out8(theta, i, k, r);
+  });
+}
+
+// reduce3, bf16: the compiler vectorised the portable block_sums<BFloat16> with 8 lanes per sum
+// (two SSE2 registers): lane l accumulates elements i = l (mod 8) of the first len & ~7, the
+// remaining len % 8 go into lane 0 one by one, and the lanes are summed 0 + l0 + l1 + ... + l7.
+// One AVX2 register holds those 8 lanes, so the same grouping is reproduced here exactly.
+template <bool HAS_Y>
+OFMU_AVX2 void block_sums(const c10::BFloat16* x, const c10::BFloat16* y, int64_t n,
+                          double* out) {
+  __m256 vxy = _mm256_setzero_ps(), vxx = _mm256_setzero_ps(), vyy = _mm256_setzero_ps();
+  const int64_t m = n & ~int64_t(7);
+  for (int64_t i = 0; i < m; i += 8) {
+    const __m256 a = load8(x + i);
+    vxx = _mm256_add_ps(vxx, _mm256_mul_ps(a, a));
+    if constexpr (HAS_Y) {
+      const __m256 b = load8(y + i);
+      vxy = _mm256_add_ps(vxy, _mm256_mul_ps(a, b));
+      vyy = _mm256_add_ps(vyy, _mm256_mul_ps(b, b));
+    }
+  }
+  alignas(32) float lxy[8], lxx[8], lyy[8];
+  _mm256_store_ps(lxy, vxy);
+  _mm256_store_ps(lxx, vxx);
+  _mm256_store_ps(lyy, vyy);
+  for (int64_t i = m; i < n; ++i) {
+    const float a = static_cast<float>(x[i]);
+    lxx[0] += a * a;
+    if constexpr (HAS_Y) {
+      const float b = static_cast<float>(y[i]);
+      lxy[0] += a * b;
+      lyy[0] += b * b;
+    }
+  }
+  float sxy = 0.0f, sxx = 0.0f, syy = 0.0f;
+  for (int l = 0; l < 8; ++l) {
+    sxy += lxy[l];
+    sxx += lxx[l];
+    syy += lyy[l];
+  }
+  out[0] = static_cast<double>(sxy);
+  out[1] = static_cast<double>(sxx);
+  out[2] = static_cast<double>(syy);
+}
+
+// reduce3, fp16: the portable block_sums<Half> is not vectorised (c10's branchy conversion), so
+// each block is one sequential sum s = ((0 + p0) + p1) + ...; no reordering inside a block can
+// reproduce it. Blocks are independent, though: lane l here runs the sequential sum of block l
+// of 8 consecutive full blocks, reading 8 elements of each block, transposed 8x8.
+template <bool HAS_Y>
+OFMU_AVX2 void block_sums8(const c10::Half* x, const c10::Half* y, double* out) {
+  __m256 vxy = _mm256_setzero_ps(), vxx = _mm256_setzero_ps(), vyy = _mm256_setzero_ps();
+  // 8x8 transpose of 16-bit elements: row r of the result holds element j + r of the 8 blocks.
+  auto rows = [](const c10::Half* p, int64_t j, __m128i* r) OFMU_AVX2 {
+    __m128i v[8];
+    for (int b = 0; b < 8; ++b)
+      v[b] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + b * kBlock + j));
+    const __m128i t0 = _mm_unpacklo_epi16(v[0], v[1]), t1 = _mm_unpackhi_epi16(v[0], v[1]);
+    const __m128i t2 = _mm_unpacklo_epi16(v[2], v[3]), t3 = _mm_unpackhi_epi16(v[2], v[3]);
+    const __m128i t4 = _mm_unpacklo_epi16(v[4], v[5]), t5 = _mm_unpackhi_epi16(v[4], v[5]);
+    const __m128i t6 = _mm_unpacklo_epi16(v[6], v[7]), t7 = _mm_unpackhi_epi16(v[6], v[7]);
+    const __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
+    const __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
+    const __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
+    const __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
+    r[0] = _mm_unpacklo_epi64(u0, u4);
+    r[1] = _mm_unpackhi_epi64(u0, u4);
+    r[2] = _mm_unpacklo_epi64(u1, u5);
+    r[3] = _mm_unpackhi_epi64(u1, u5);
+    r[4] = _mm_unpacklo_epi64(u2, u6);
+    r[5] = _mm_unpackhi_epi64(u2, u6);
+    r[6] = _mm_unpacklo_epi64(u3, u7);
+    r[7] = _mm_unpackhi_epi64(u3, u7);
+  };
+  for (int64_t j = 0; j < kBlock; j += 8) {
+    __m128i rx[8], ry[8];
+    rows(x, j, rx);
+    if constexpr (HAS_Y) rows(y, j, ry);
+    for (int r = 0; r < 8; ++r) {
+      const __m256 a = _mm256_cvtph_ps(rx[r]);
+      vxx = _mm256_add_ps(vxx, _mm256_mul_ps(a, a));
+      if constexpr (HAS_Y) {
+        const __m256 b = _mm256_cvtph_ps(ry[r]);
+        vxy = _mm256_add_ps(vxy, _mm256_mul_ps(a, b));
+        vyy = _mm256_add_ps(vyy, _mm256_mul_ps(b, b));
+      }
+    }
+  }
+  alignas(32) float lxy[8], lxx[8], lyy[8];
+  _mm256_store_ps(lxy, vxy);
+  _mm256_store_ps(lxx, vxx);
+  _mm256_store_ps(lyy, vyy);
+  for (int b = 0; b < 8; ++b) {  // the portable block ends with `sum + 0` (its reduction init)
+    out[3 * b + 0] = static_cast<double>(lxy[b] + 0.0f);
+    out[3 * b + 1] = static_cast<double>(lxx[b] + 0.0f);
+    out[3 * b + 2] = static_cast<double>(lyy[b] + 0.0f);
+  }
+}
+
+}  // namespace avx2
+#endif  // OFMU_HAS_AVX2_PATH
+
+// The per-block partials of reduce3 (3 doubles per block, see NOTE: [Deterministic CPU
+// reduction]), through the fast path where it applies.
+template <typename T, bool HAS_Y>
+void block_partials(const T* x, const T* y, int64_t n, double* p) {
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+#ifdef OFMU_HAS_AVX2_PATH
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (fast16<T>()) {
+      const int64_t groups = (n / kBlock) / 8;  // groups of 8 full blocks
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t lo = g * 8 * kBlock;
+        avx2::block_sums8<HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, p + 3 * 8 * g);
+      }
+      for (int64_t b = 8 * groups; b < nb; ++b) {  // at most 8 blocks: the portable code
+        const int64_t lo = b * kBlock;
+        block_sums<T, HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, std::min(kBlock, n - lo),
+                             p + 3 * b);
+      }
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (fast16<T>()) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t lo = b * kBlock;
+        avx2::block_sums<HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, std::min(kBlock, n - lo),
+                                p + 3 * b);
+      }
+      return;
+    }
+  }
+#endif
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t lo = b * kBlock;
+    block_sums<T, HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, std::min(kBlock, n - lo), p + 3 * b);
+  }
+}
+
+template <typename T, bool HAS_Y>
+void reduce3_kernel(const T* x, const T* y, int64_t n, acc_t<T>* stats) {
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  std::vector<double> part(static_cast<size_t>(3 * nb));
+  double* p = part.data();
+  block_partials<T, HAS_Y>(x, y, n, p);
+  double s[3] = {0.0, 0.0, 0.0};
+  for (int64_t b = 0; b < nb; ++b)  // fixed block order (see NOTE above)
+    for (int k = 0; k < 3; ++k) s[k] += p[3 * b + k];
+  for (int k = 0; k < 3; ++k) stats[k] = static_cast<acc_t<T>>(s[k]);
+}
+
+// The elementwise ops: avx2 kernels for 16-bit buffers on a capable CPU, else the portable ones.
+template <typename T, bool HAS_Y, bool HAS_B>
+void combine_any(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_b, int64_t n) {
+#ifdef OFMU_HAS_AVX2_PATH
+  if constexpr (is16<T>) {
+    if (fast16<T>()) {
+      return for_chunks(n, [&](int64_t lo, int64_t hi) {
+        avx2::combine_range<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
+      });
+    }
+  }
+#endif
+  combine_kernel<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, n);
+}
+
+template <typename T, bool HAS_Y>
+void update_any(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t n) {
+#ifdef OFMU_HAS_AVX2_PATH
+  if constexpr (is16<T>) {
+    if (fast16<T>()) {
+      return for_chunks(n, [&](int64_t lo, int64_t hi) {
+        avx2::update_range<T, HAS_Y>(theta, x, y, c, lo, hi);
+      });
+    }
+  }
+#endif
+  update_kernel<T, HAS_Y>(theta, x, y, c, n);
+}
+
+// Test/diagnostic switch: `_cpu_fast_path(None)` reports whether bf16/fp16 use the fast path,
+// `_cpu_fast_path(b)` sets it (True only where the CPU supports it) and returns the old value.
+bool cpu_fast_path(std::optional<bool> enable) {
+  const bool old = fast16_flag().load();
+  if (enable.has_value()) {
+    TORCH_CHECK(!*enable || fast16_supported(),
+                "ofmu._cpu_fast_path: this CPU (or build) has no AVX2+F16C fast path");
+    fast16_flag().store(*enable);
+  }
+  return old;
+}
+
 at::Tensor reduce3_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y) {
   check_reduce3(x, y);
   at::Tensor stats = at::empty({3}, x.options().dtype(acc_dtype(x.scalar_type())));
@@ -143,10 +488,10 @@ void combine_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y, const 
     const auto* yp = y.has_value() ? y->const_data_ptr<scalar_t>() : nullptr;
     auto* ap = out_a.data_ptr<scalar_t>();
     auto* bp = out_b.has_value() ? out_b->data_ptr<scalar_t>() : nullptr;
-    if (yp && bp) combine_kernel<scalar_t, true, true>(xp, yp, c, ap, bp, n);
-    else if (yp) combine_kernel<scalar_t, true, false>(xp, yp, c, ap, bp, n);
-    else if (bp) combine_kernel<scalar_t, false, true>(xp, yp, c, ap, bp, n);
-    else combine_kernel<scalar_t, false, false>(xp, yp, c, ap, bp, n);
+    if (yp && bp) combine_any<scalar_t, true, true>(xp, yp, c, ap, bp, n);
+    else if (yp) combine_any<scalar_t, true, false>(xp, yp, c, ap, bp, n);
+    else if (bp) combine_any<scalar_t, false, true>(xp, yp, c, ap, bp, n);
+    else combine_any<scalar_t, false, false>(xp, yp, c, ap, bp, n);
   });
 }
 
@@ -161,9 +506,9 @@ void update_cpu(const at::Tensor& theta, const at::Tensor& x, const std::optiona
     auto* tp = theta.data_ptr<scalar_t>();
     const auto* xp = x.const_data_ptr<scalar_t>();
     if (y.has_value())
-      update_kernel<scalar_t, true>(tp, xp, y->const_data_ptr<scalar_t>(), c, n);
+      update_any<scalar_t, true>(tp, xp, y->const_data_ptr<scalar_t>(), c, n);
     else
-      update_kernel<scalar_t, false>(tp, xp, nullptr, c, n);
+      update_any<scalar_t, false>(tp, xp, nullptr, c, n);
   });
 }
 
@@ -174,4 +519,9 @@ TORCH_LIBRARY_IMPL(ofmu, CPU, m) {
   m.impl("reduce3", &ofmu::reduce3_cpu);
   m.impl("combine", &ofmu::combine_cpu);
   m.impl("update", &ofmu::update_cpu);
+}
+
+// Internal: which implementation bf16/fp16 buffers use on CPU (NOTE: [16-bit fast path]).
+TORCH_LIBRARY_FRAGMENT(ofmu, m) {
+  m.def("_cpu_fast_path(bool? enable=None) -> bool", &ofmu::cpu_fast_path);
 }
