@@ -4,6 +4,11 @@
 # nothing is resolved or downloaded), runs the GPU tests and the kernel parity tests, then the
 # kernel microbenchmark if benchmarks/bench_kernels.py exists. Logs and results go to $OUT.
 #
+# $OUT holds at most 7 files, since the device tool brings back only 8: summary.txt (each step's
+# command, exit status and time, and the last lines of every failed step's log), the logs of the
+# two pytest steps and of the benchmark, the benchmark's CSV and PNG (bench/), and logs.tar.gz
+# with every step's full log and the pytest JUnit XML files.
+#
 #   bash benchmarks/gpu_check.sh            # writes ./gpu_out
 #   OUT=/tmp/o bash benchmarks/gpu_check.sh
 #
@@ -18,7 +23,8 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+# python3 first: on the GPU machines the plain `python3` is the one that holds torch.
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export MAX_JOBS="${MAX_JOBS:-16}"              # parallel nvcc/c++ jobs (16 cores)
 export OFMU_CUDA_ARCHS="${OFMU_CUDA_ARCHS:-90}" # sm_90 only: H100/H200, and a short build
 export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # ofmu, ofmu_kernels from source
@@ -30,9 +36,19 @@ BENCH_ARGS="${BENCH_ARGS:---max-exp 28 --repeats 10}"  # a quick sweep: 2^16 .. 
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
+LOGS=$(mktemp -d)  # every step's log; packed into $OUT/logs.tar.gz on exit (see the top)
+
+pack_logs() {
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+  for f in pytest_gpu.log pytest_parity.log bench_kernels.log; do
+    [ -f "$LOGS/$f" ] && cp "$LOGS/$f" "$OUT/$f"
+  done
+  rm -rf "$LOGS"
+}
+trap pack_logs EXIT
 
 # step NAME TIMEOUT_S CMD...: runs CMD with a timeout (never past the deadline), logs to
-# $OUT/NAME.log, records rc and time.
+# $LOGS/NAME.log, records rc and time (and a failed step's last lines) in the summary.
 step() {
   local name=$1 limit=$2
   shift 2
@@ -44,12 +60,12 @@ step() {
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
   echo "   rc=$rc  ${name}: $((SECONDS - t0)) s" | tee -a "$SUMMARY"
   if [ $rc -ne 0 ]; then
     FAILED=1
-    tail -n 25 "$OUT/$name.log"
+    tail -n 25 "$LOGS/$name.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
   fi
   return $rc
 }
@@ -76,15 +92,20 @@ print(backend_info())
 assert torch._C._dispatch_has_kernel_for_dispatch_key('ofmu::update', 'CUDA'), 'no CUDA kernels'
 "
 
-# 3. Tests: every GPU-marked test of the project, then the kernel parity tests (CPU ones too:
-#    the same build must pass them here).
-step pytest_gpu 150 "$PY" -m pytest -m gpu -q -rs --junitxml="$OUT/pytest_gpu.xml" tests
+# 3. Tests: every GPU-marked test of the project, then the rest of the kernel parity tests
+#    (CPU ones too: the same build must pass them here; the Triton ones run compiled on the GPU).
+#    The parity step deselects the GPU-marked tests, which the first step already ran, and
+#    test_backend_parity's triton cases: they drive the Triton backend with CPU tensors, which
+#    works only under TRITON_INTERPRET=1 (CPU CI) and raises "x is on cpu" where a GPU is seen.
+step pytest_gpu 150 "$PY" -m pytest -m gpu -q -rs --durations=10 --junitxml="$LOGS/pytest_gpu.xml" tests
 PARITY=()
 for f in tests/test_kernels_cpp.py tests/test_kernels_triton.py tests/test_backend_parity.py \
   tests/test_contract.py tests/test_cuda_compile.py; do
   [ -f "$f" ] && PARITY+=("$f")
 done
-OMP_NUM_THREADS=4 step pytest_parity 90 "$PY" -m pytest -q -rs --junitxml="$OUT/pytest_parity.xml" "${PARITY[@]}"
+OMP_NUM_THREADS=4 step pytest_parity 120 "$PY" -m pytest -m "not gpu" \
+  -k "not (backend_parity and triton)" -q -rs --durations=10 \
+  --junitxml="$LOGS/pytest_parity.xml" "${PARITY[@]}"
 
 # 4. Kernel microbenchmark (written elsewhere; skipped when absent).
 if [ -f benchmarks/bench_kernels.py ]; then

@@ -192,7 +192,8 @@ def test_update_cuda_graph_capture():
     F.update(want, x, y, coeffs)
     g.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(theta, want, rtol=1e-6, atol=1e-6)
+    # FMA-contracted kernel vs torch's separate roundings: ~1 ulp of terms up to ~10 in size.
+    torch.testing.assert_close(theta, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats, F.reduce3(x, y), rtol=1e-5, atol=1e-3)
     # Coefficients are read from device memory at replay: writing the skip flag in place makes
     # the replayed update leave theta untouched.
@@ -201,3 +202,80 @@ def test_update_cuda_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     assert_bitwise_equal(theta, before)
+
+
+# Sizes past one full capped grid: kElemBlocks (4096) x 256 threads x pack elements for combine /
+# update, so some threads take a second grid-stride step, plus a partial pack (the scalar tail).
+# reduce3's grid is capped at 1024 blocks, so it loops several times at these sizes too.
+_PACK = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8}
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["vector", "scalar"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grid_stride_sizes_cuda(dtype, offset):
+    pack = _PACK[dtype]
+    n = 4096 * 256 * (pack if offset == 0 else 1) + pack + 3
+    bx, by = make_pair(n + offset, dtype, "random", device=DEV)
+    x, y = bx[offset:], by[offset:]  # offset 1: off a 16-byte boundary, element-wise path
+    check_reduce3(x, y)
+    c = make_coeffs(dtype, device=DEV)
+    if offset == 0:
+        check_combine(x, y, c)
+        check_update(x.clone(), x, y, c)
+        return
+    # check_combine / check_update allocate aligned outputs; keep every pointer unaligned.
+    bo = torch.empty(n + offset, dtype=dtype, device=DEV)
+    out = bo[offset:]
+    ops.combine(x, y, c, out, None)
+    want = torch.empty(n, dtype=torch.float64, device=DEV)
+    F.combine(x.double(), y.double(), c.double(), want)
+    scale = c[0].double().abs() * x.double().abs() + c[1].double().abs() * y.double().abs()
+    assert ((out.double() - want).abs() <= 2 * torch.finfo(dtype).eps * scale).all()
+
+
+@pytest.mark.parametrize("which", ["x", "y", "out"])
+def test_one_unaligned_pointer_cuda(which):
+    # Only one pointer of the call is off a 16-byte boundary: the whole call must go element-wise.
+    n, dtype = 65537, torch.float32
+    x, y = make_pair(n + 1, dtype, "random", device=DEV)
+    x, y = (x[1:], y[:-1]) if which == "x" else (x[:-1], y[1:]) if which == "y" else (x[:-1], y[:-1])
+    c = make_coeffs(dtype, device=DEV)
+    check_reduce3(x, y)
+    out = torch.empty(n + 1, dtype=dtype, device=DEV)[1:] if which == "out" else torch.empty_like(x)
+    ops.combine(x, y, c, out, None)
+    want = torch.empty_like(x)
+    F.combine(x, y, c, want)
+    # FMA vs torch's separate roundings: a few ulps of the terms (|c1 y| <~ 6); a wrong index
+    # would be off by O(1).
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    theta = torch.empty(n + 1, dtype=dtype, device=DEV)[1:] if which == "out" else x.clone()
+    theta.copy_(x)
+    ref = theta.clone()
+    F.update(ref, x, y, c)
+    ops.update(theta, x, y, c)
+    torch.testing.assert_close(theta, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_64bit_indices_cuda():
+    """Elements past index 2**31, on the vector path and on the element-wise path."""
+    n = 2**31 + 5003  # n % 8 == 3: the last fp16 elements form the scalar tail
+    if torch.cuda.mem_get_info()[0] < 4 * 2 * n + 2**30:
+        pytest.skip("needs ~18 GB of free GPU memory")
+    hot = [2**31 - 1, 2**31, 2**31 + 8, n - 1]
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float16, device=DEV)
+    x = torch.zeros(n, dtype=torch.float16, device=DEV)
+    x[hot] = vals
+    assert ops.reduce3(x, None).tolist() == [0.0, 30.0, 0.0]
+    assert ops.reduce3(x, x).tolist() == [30.0, 30.0, 30.0]
+    assert ops.reduce3(x[1:], x[1:]).tolist() == [30.0, 30.0, 30.0]  # element-wise path
+    out = torch.zeros_like(x)
+    c = torch.tensor([1.5, 0.0, 0.0, 1.0], device=DEV)
+    for view in (slice(0, None), slice(1, None)):  # vector path, then element-wise path
+        out.zero_()
+        ops.combine(x[view], None, c, out[view], None)
+        assert torch.equal(out[hot], 1.5 * vals) and int(torch.count_nonzero(out)) == 4
+    theta = torch.zeros_like(x)
+    c = torch.tensor([1.0, 1.0, 0.0, 1.0], device=DEV)
+    ops.update(theta, x, None, c)
+    ops.update(theta[1:], x[1:], None, c)
+    assert torch.equal(theta[hot], 2 * vals) and int(torch.count_nonzero(theta)) == 4

@@ -53,9 +53,12 @@ def exact_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.fsum((a.double() * b.double()).cpu().tolist())
 
 
-def assert_reduce3_close(x: torch.Tensor, y: torch.Tensor | None, got: torch.Tensor) -> None:
+def assert_reduce3_close(x: torch.Tensor, y: torch.Tensor | None, got: torch.Tensor,
+                         exact: list[float] | None = None) -> None:
+    """``exact`` defaults to correctly rounded host sums (``math.fsum``: slow past ~1e7 elements)."""
     ref_y = torch.zeros_like(x) if y is None else y
-    exact = [exact_dot(x, ref_y), exact_dot(x, x), exact_dot(ref_y, ref_y)]
+    if exact is None:
+        exact = [exact_dot(x, ref_y), exact_dot(x, x), exact_dot(ref_y, ref_y)]
     plain = F.reduce3(x, y).double().cpu().tolist()  # torch in the same precision
     nx, ny = math.sqrt(exact[1]), math.sqrt(exact[2])
     scales = [nx * ny, exact[1], exact[2]]
@@ -496,7 +499,24 @@ def test_gpu_reduce3_deterministic_large(dtype):
     first = K.reduce3(x, y)
     for _ in range(3):
         assert torch.equal(K.reduce3(x, y), first)
-    assert_reduce3_close(x, y, first)
+    # The references stay on the device: a host-side math.fsum over 2**26 elements takes ~15 s
+    # per sum, minutes for this test, which would blow gpu_check.sh's time limits.
+    if dtype != torch.float64:
+        # fp32/bf16 products are exact in float64, and a float64 sum of 2**26 of them is ~1e-14
+        # of the scale off at worst: exact for an fp32 result.
+        xd, yd = x.double(), y.double()
+        exact = [float((xd * yd).sum()), float((xd * xd).sum()), float((yd * yd).sum())]
+        assert_reduce3_close(x, y, first, exact=exact)
+        return
+    # float64: multiples of 2**-10 up to 1 in magnitude; every product is a multiple of 2**-20
+    # and every partial sum stays below 2**26, so any summation order is exact and the kernel
+    # must return the integer sums bit for bit -- every element counted exactly once.
+    g = torch.Generator(device=DEV).manual_seed(34)
+    kx = torch.randint(-1024, 1025, (n,), generator=g, device=DEV)
+    ky = torch.randint(-1024, 1025, (n,), generator=g, device=DEV)
+    got = K.reduce3(kx.double() / 1024, ky.double() / 1024)
+    want = [int((a * b).sum()) / 2**20 for a, b in ((kx, ky), (kx, kx), (ky, ky))]
+    assert got.tolist() == want
 
 
 @GPU_ONLY
