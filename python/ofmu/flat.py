@@ -7,9 +7,10 @@ before the matching backward pass, so autograd accumulates straight into them (n
 buffers of the same layout (allocated on first use) hold seeds, Hessian-vector products and
 the outer direction.
 
-Each slice starts on a 16-byte boundary (NOTE: alignment — vectorised kernels load 16 B at a
-time). Padding elements are zero in every buffer and stay zero: they contribute nothing to dot
-products or norms, and every update maps 0 to 0.
+Each slice starts on a 16-byte boundary and the total length is a multiple of 64 elements
+(NOTE: alignment — vectorised kernels load 16 B at a time). Padding elements are zero in
+every buffer and stay zero: they contribute nothing to dot products or norms, and every update
+maps 0 to 0.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class FlatBuffer:
         for p in params:
             self.offsets.append(off)
             off += -(-p.numel() // align) * align
-        self.numel = off
-        self.param = torch.zeros(off, dtype=dtype, device=device)
+        # The total is padded to a multiple of 64 elements: kernels specialise on a length
+        # divisible by 16 (Triton emits 16-byte vector loads only then) and never need a tail.
+        self.numel = -(-off // 64) * 64
+        self.param = torch.zeros(self.numel, dtype=dtype, device=device)
         self.grad_f = torch.zeros_like(self.param)
         self.grad_r = torch.zeros_like(self.param)
         self._extra: dict[str, tuple[Tensor, list[Tensor]]] = {}
