@@ -413,6 +413,15 @@ class OFMU(Optimizer):
 
     def _gradients(self, lf: Tensor | None, lr: Tensor, graph_f: bool = False,
                    graph_r: bool = False):
+        grads = self._gradients_into_buffers(lf, lr, graph_f, graph_r)
+        # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
+        # once one backward pass went through, the per-parameter check hooks can go.
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        return grads
+
+    def _gradients_into_buffers(self, lf, lr, graph_f, graph_r):
         """Forget/retain gradients into the ``"f"``/``"r"`` buffers (``lf=None``: retain only).
         ``graph_f``/``graph_r`` keep the graph of that gradient (for HVPs) and return the
         per-parameter gradients."""
