@@ -19,7 +19,7 @@ SIMILARITY_MODES = ("project", "hvp", "none")
 OUTER_HVP_MODES = ("forget", "exact", "fd", "none")
 # Decide which backward passes run, so they hold for the whole optimizer (not per group).
 _GLOBAL_KEYS = ("similarity", "outer_hvp", "inner_steps", "outer_steps", "preconditioner", "eps",
-                "fd_delta", "backend")
+                "fd_delta", "backend", "process_group")
 PRECONDITIONERS = ("sgd", "adam")
 # Numeric hyperparameters any param group may override.
 _GROUP_KEYS = ("lr", "inner_lr", "beta", "rho", "rho_growth", "rho_max", "weight_decay",
@@ -94,6 +94,15 @@ class OFMU(Optimizer):
             (0.9, 0.999) and 1e-8); used only with ``preconditioner="adam"``.
         backend (str): ``"auto"`` | ``"torch"`` | ``"cpp"`` | ``"cuda"`` | ``"triton"``; see
             :func:`ofmu.backend_info` (default ``"auto"``, ``OFMU_BACKEND`` overrides it).
+        process_group: ranks whose gradients are averaged (``torch.distributed``). ``"auto"``
+            (default) takes the default group when ``torch.distributed`` is initialised with
+            more than one rank; ``None`` keeps every rank on its own. Each rank's closure returns
+            mean losses over its local minibatches (equal sizes); OFMU all-reduces the flat
+            forget/retain gradient buffers after each backward pass and every Hessian-vector
+            product, so all ranks take the same step as one process on the union of the
+            batches. Do not wrap the model in DDP: its reducer synchronises only the first of
+            the two backward passes of a step (OFMU's own averaging keeps such a model
+            correct, at twice the communication). ``outer_hvp="exact"`` is not supported here.
 
     The closure takes no arguments, draws fresh forget and retain minibatches and returns
     ``(forget_loss, retain_loss)``; the optimizer runs the backward passes itself. With
@@ -133,6 +142,7 @@ class OFMU(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         backend: str = "auto",
+        process_group="auto",
     ):
         if similarity not in SIMILARITY_MODES:
             raise ValueError(f"unknown similarity mode {similarity!r}; expected one of "
@@ -156,6 +166,11 @@ class OFMU(Optimizer):
         self.inner_steps, self.eps, self.fd_delta = inner_steps, eps, fd_delta
         self.outer_steps, self.preconditioner = outer_steps, preconditioner
         self.backend = backend
+        self.process_group = _resolve_process_group(process_group)
+        if self.process_group is not None and outer_hvp == "exact":
+            raise ValueError("outer_hvp='exact' differentiates through each rank's own gradients "
+                             "and cannot be averaged across ranks; use 'forget' or 'fd' with "
+                             "torch.distributed (or process_group=None to run ranks apart)")
         defaults = dict(lr=lr, inner_lr=inner_lr, beta=beta, rho=rho, rho_growth=rho_growth,
                         rho_max=rho_max, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                         betas=tuple(betas), adam_eps=adam_eps)
@@ -414,6 +429,9 @@ class OFMU(Optimizer):
     def _gradients(self, lf: Tensor | None, lr: Tensor, graph_f: bool = False,
                    graph_r: bool = False):
         grads = self._gradients_into_buffers(lf, lr, graph_f, graph_r)
+        if lf is not None:
+            self._all_reduce("f")
+        self._all_reduce("r")
         # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
         # once one backward pass went through, the per-parameter check hooks can go.
         for h in self._hooks:
@@ -492,9 +510,8 @@ class OFMU(Optimizer):
         for buf, be in zip(self._buffers, self._backends):
             be.combine(buf.grad_f, buf.grad_r, self._on(seeds, buf), buf.buffer("a")[0],
                        buf.buffer("b")[0])
-        hv = _vjp(graph["gf"] + graph["gr"], self._views("a") + self._views("b"), self._params)
-        for buf, (part,) in zip(self._buffers, self._split([hv])):
-            buf.copy_in(buf.buffer("h")[1], part)
+        self._store_h(_vjp(graph["gf"] + graph["gr"], self._views("a") + self._views("b"),
+                           self._params))
 
     def _direction_operand(self, graph, stats, gstats):
         """The ``y`` of ``u = alpha*g_f + gamma*y``: ``(buffer name, per-buffer reduce3(g_f, y),
@@ -528,14 +545,29 @@ class OFMU(Optimizer):
         """``h`` into the ``"h"`` buffers according to ``outer_hvp``."""
         params, v = self._params, self._views("v")
         if self.outer_hvp == "forget":
-            h = _vjp(graph["gf"], v, params)
+            self._store_h(_vjp(graph["gf"], v, params))
         elif self.outer_hvp == "exact":
-            h = _vjp(self._u_graph(graph), v, params)
-        else:  # "fd"
+            self._store_h(_vjp(self._u_graph(graph), v, params))
+        else:  # "fd": built from gradients that are already averaged across ranks
             self._fd_hvp(closure, phi_sq)
-            return
+
+    def _store_h(self, h: list[Tensor | None]) -> None:
+        """A parameter-ordered list from autograd into the ``"h"`` buffers (rank average)."""
         for buf, (part,) in zip(self._buffers, self._split([h])):
             buf.copy_in(buf.buffer("h")[1], part)
+        self._all_reduce("h")
+
+    def _all_reduce(self, name: str) -> None:
+        """Average buffer ``name`` over ``process_group``: one collective per flat buffer."""
+        if self.process_group is None:
+            return
+        import torch.distributed as dist
+
+        inv = 1.0 / dist.get_world_size(self.process_group)
+        for buf in self._buffers:
+            flat = buf.buffer(name)[0]
+            dist.all_reduce(flat, group=self.process_group)
+            flat.mul_(inv)
 
     def _u_graph(self, graph) -> list[Tensor | None]:
         """``u(theta)`` as a differentiable function of the parameters (for ``exact``)."""
@@ -657,6 +689,19 @@ def _vjp(outputs: list[Tensor | None], grad_outputs: list[Tensor],
     return list(torch.autograd.grad([o for o, _ in pairs], params,
                                     grad_outputs=[w.to(o.dtype) for o, w in pairs],
                                     retain_graph=True, allow_unused=True))
+
+
+def _resolve_process_group(pg):
+    if pg is None:
+        return None
+    import torch.distributed as dist
+
+    if isinstance(pg, str):
+        if pg != "auto":
+            raise ValueError(f"process_group must be 'auto', None or a ProcessGroup, got {pg!r}")
+        ready = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return dist.group.WORLD if ready else None
+    return pg
 
 
 def _check_number(name: str, value, where: str = "", positive: bool = False) -> None:
