@@ -529,7 +529,7 @@ def test_fast_path_matches_portable(n, dtype, portable_and_fast, restore_threads
             assert_same_results(s, f)
     s, f = portable_and_fast(lambda: ops.reduce3(xf, yf))
     assert_bitwise_equal(s, f)
-    for name, cl in FAST_COEFFS.items():
+    for _name, cl in FAST_COEFFS.items():
         c = torch.tensor(cl)
 
         def run():
