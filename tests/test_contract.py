@@ -394,3 +394,23 @@ def test_outer_step_skips_the_forget_backward_without_penalty(rho, outer_hvp, fo
     opt.step(closure)
     assert len(count) == forget_backwards
     assert ("cosine" in opt.last_stats()) == (forget_backwards == 3)
+
+
+@pytest.mark.parametrize("similarity,outer_hvp", [("project", "forget"), ("hvp", "exact"),
+                                                  ("none", "fd")])
+def test_unused_and_empty_parameters_are_harmless(similarity, outer_hvp):
+    """A parameter outside both graphs and a 0-element one: zero gradients, never NaN."""
+    lin = torch.nn.Linear(3, 2)
+    unused = torch.nn.Parameter(torch.ones(4))
+    empty = torch.nn.Parameter(torch.zeros(0, 3))
+    only_forget = torch.nn.Parameter(torch.ones(2))
+    opt = OFMU(list(lin.parameters()) + [unused, empty, only_forget], lr=0.1, inner_steps=1,
+               rho=0.1, similarity=similarity, outer_hvp=outer_hvp)
+    x = torch.randn(5, 3)
+    before = lin.weight.detach().clone()
+    opt.step(lambda: ((lin(x) * only_forget).pow(2).mean(), (lin(x) - 1).pow(2).mean()))
+    assert torch.equal(unused.detach(), torch.ones(4))
+    assert not torch.equal(lin.weight.detach(), before)
+    assert torch.isfinite(only_forget).all() and not torch.equal(only_forget.detach(),
+                                                                  torch.ones(2))
+    assert opt.last_stats()["skipped_steps"] == 0
