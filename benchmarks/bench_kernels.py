@@ -115,7 +115,7 @@ def ofmu_step(reduce3: Callable, update: Callable, theta, gf, gr, lr=LR, beta=BE
     stats = reduce3(gf, gr)
     ok = torch.isfinite(stats).all()
     coef = F.direction_coeffs("project", stats, beta, eps)
-    c = F.update_coeffs(lr, 0.0, coef, torch.ones_like(stats[0]), ok)
+    c = F.update_coeffs(lr, 0.0, coef, None, ok)
     update(theta, gf, gr, c)
 
 
@@ -193,7 +193,7 @@ def reference_theta_chunks(b: Buffers, chunk: int = 1 << 22):
     for s in range(0, n, chunk):
         stats += F.reduce3(b.gf[s:s + chunk].double(), b.gr[s:s + chunk].double())
     coef = F.direction_coeffs("project", stats, BETA, EPS)
-    c = F.update_coeffs(LR, 0.0, coef, torch.ones_like(stats[0]), torch.isfinite(stats).all())
+    c = F.update_coeffs(LR, 0.0, coef, None, torch.isfinite(stats).all())
     for s in range(0, n, chunk):
         sl = slice(s, s + chunk)
         yield sl, c[0] * b.theta0[sl].double() + c[1] * b.gf[sl].double() + c[2] * b.gr[sl].double()
@@ -458,13 +458,12 @@ def main(argv=None) -> list[dict]:
     """Entry point of ``python benchmarks/bench_kernels.py`` and ``ofmu bench``; returns rows."""
     args = parse_args(argv)
     rows = run(args)
-    device = C.resolve_device(args.device)
-    stem = f"kernels-{C.slug(C.device_name(device))}" + (f"-{args.tag}" if args.tag else "")
-    out = C.write_csv(os.path.join(args.out, stem + ".csv"), rows, COLUMNS)
+    stem = C.output_stem("kernels", args)
+    out = C.write_csv(stem + ".csv", rows, COLUMNS)
     print_table(rows)
     print(f"\nwrote {out}")
     if not args.no_plot:
-        png = os.path.join(args.out, stem + ".png")
+        png = stem + ".png"
         plot(rows, png)
         print(f"wrote {png}")
     return rows

@@ -150,37 +150,39 @@ def direction_sqnorm(coef: Tensor, stats: Tensor) -> Tensor:
     return a * a * stats[1] + 2.0 * a * g * stats[0] + g * g * stats[2]
 
 
-def clip_scale(sqnorm: Tensor, max_norm: float | None) -> Tensor:
-    """``min(1, max_norm / |u|)``; 1 when clipping is off. Multiplies, never branches."""
-    if max_norm is None:
-        return torch.ones_like(sqnorm)
+def clip_scale(sqnorm: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / |u|)``. Multiplies, never branches on a device value."""
     return torch.clamp(max_norm / (torch.sqrt(sqnorm) + 1e-6), max=1.0)
 
 
-def update_coeffs(lr: float, weight_decay: float, coef: Tensor, scale: Tensor, ok: Tensor) -> Tensor:
-    """Coefficients for ``update``: ``theta = (1 - lr*wd)*theta + lr*scale*(alpha*x + gamma*y)``.
+def update_coeffs(lr: float, weight_decay: float, coef: Tensor, scale: Tensor | None,
+                  ok: Tensor) -> Tensor:
+    """Coefficients for ``update``: ``theta = (1 - lr*wd)*theta + lr*scale*(alpha*x + gamma*y)``
+    (``scale=None``: no clipping).
 
     ``lr`` is signed: positive for the inner ascent, negative for the outer descent (then
     ``weight_decay`` enters as ``1 - |lr|*wd`` either way, always shrinking ``theta``).
     """
-    s = lr * scale
-    decay = torch.full_like(s, 1.0 - abs(lr) * weight_decay)
-    return torch.stack([decay, s * coef[0], s * coef[1], ok.to(s.dtype)])
+    step = coef * lr if scale is None else coef * (lr * scale)
+    decay = torch.full_like(step[:1], 1.0 - abs(lr) * weight_decay)
+    return torch.cat([decay, step, ok.to(step.dtype).reshape(1)])
 
 
 def adam_apply(theta: Tensor, direction: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                step: Tensor, *, lr: float, betas: tuple[float, float], eps: float,
-               weight_decay: float, ascend: bool, scale: Tensor, ok: Tensor) -> None:
+               weight_decay: float, ascend: bool, scale: Tensor | None, ok: Tensor) -> None:
     """Adam-preconditioned application of a direction (``preconditioner="adam"``).
 
-    Runs torch's fused Adam on the flat buffers: ``direction * scale`` is the gradient
-    (``ascend`` flips the sign for the inner loop), and a false ``ok`` skips the whole update,
-    moments and step count included (torch's ``found_inf`` contract: no host sync).
+    Runs torch's fused Adam on the flat buffers: ``direction * scale`` (``scale=None``: 1) is
+    the gradient (``ascend`` flips the sign for the inner loop), and a false ``ok`` skips the
+    whole update, moments and step count included (torch's ``found_inf`` contract: no host
+    sync).
     """
     found_inf = (~ok).to(torch.float32)
     step.add_(1.0)
     torch._fused_adam_([theta], [direction], [exp_avg], [exp_avg_sq], [], [step], lr=lr,
                        beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
-                       amsgrad=False, maximize=ascend, grad_scale=(1.0 / scale).to(torch.float32),
+                       amsgrad=False, maximize=ascend,
+                       grad_scale=None if scale is None else (1.0 / scale).to(torch.float32),
                        found_inf=found_inf)
     step.sub_(found_inf.to(step.dtype))

@@ -313,11 +313,11 @@ class OFMU(Optimizer):
             loss_f, loss_r = self._call(closure)
             graph = self._gradients(loss_f, loss_r, graph_f=second, graph_r=second)
             stats, gstats = self._reduce("f", "r")
-            self._diag["inner_cosine"] = F.similarity_scalars(gstats, self.eps)[0]
+            self._diag["inner_stats"] = gstats  # diagnostics are derived in last_stats()
             ybuf, ustats, ok = self._direction_operand(graph, stats, gstats)
         del graph
         coefs = self._direction_coeffs(gstats)
-        sqn = self._group_sqnorms(coefs, ustats)
+        sqn = self._group_sqnorms(coefs, ustats, clipped_only=True)
         self._apply("inner", "f", ybuf, coefs, sqn, ok)
         return loss_f.detach()
 
@@ -336,9 +336,9 @@ class OFMU(Optimizer):
                 # would only feed diagnostics, so its backward pass is skipped.
                 self._gradients(None, loss_r)
                 stats, gstats = self._reduce("r", None)  # [0, |g_r|^2, 0]
-                for key in ("cosine", "forget_grad_norm", "grad_phi_sq"):
+                for key in ("outer_stats", "grad_phi_sq"):
                     self._diag.pop(key, None)
-                self._diag["retain_grad_norm"] = torch.sqrt(gstats[1])
+                self._diag["retain_stats"] = gstats
                 ok = torch.isfinite(gstats).all()
             else:
                 graph = self._gradients(
@@ -347,9 +347,8 @@ class OFMU(Optimizer):
                     graph_r=sim2 or (self.outer_hvp == "exact" and self.similarity != "none"))
                 stats, gstats = self._reduce("f", "r")
                 ok = torch.isfinite(gstats).all()
-                self._diag.update(cosine=F.similarity_scalars(gstats, self.eps)[0],
-                                  forget_grad_norm=torch.sqrt(gstats[1]),
-                                  retain_grad_norm=torch.sqrt(gstats[2]))
+                self._diag.pop("retain_stats", None)
+                self._diag["outer_stats"] = gstats
                 phi_sq, ok_v = self._form_v(graph, stats, gstats)
                 self._diag["grad_phi_sq"] = phi_sq
                 self._hvp(closure, graph, phi_sq)
@@ -360,7 +359,7 @@ class OFMU(Optimizer):
         one = torch.ones_like(gstats[0])
         coefs = [torch.stack([one, 2.0 * self.param_groups[g]["rho_k"] * one])
                  for g in self._buffer_group]
-        sqn = self._group_sqnorms(coefs, stats)
+        sqn = self._group_sqnorms(coefs, stats, clipped_only=True)
         self._apply("outer", "r", "h" if need_h else None, coefs, sqn, ok)
         for group in self.param_groups:
             group["rho_k"] = min(group["rho_k"] * group["rho_growth"], group["rho_max"])
@@ -376,7 +375,19 @@ class OFMU(Optimizer):
         or ``outer_hvp="none"`` the outer step skips the forget backward pass);
         ``inner_cosine`` of the last inner step; ``rho`` (group 0's, used by the last outer
         step); ``skipped_steps`` (cumulative)."""
-        out = {k: float(v) for k, v in self._diag.items()}  # the only sync
+        d, out = self._diag, {}
+        if "inner_stats" in d:
+            out["inner_cosine"] = float(F.similarity_scalars(d["inner_stats"], self.eps)[0])
+        if "outer_stats" in d:
+            st = d["outer_stats"].tolist()  # the only syncs
+            out["cosine"] = float(F.similarity_scalars(d["outer_stats"], self.eps)[0])
+            out["forget_grad_norm"], out["retain_grad_norm"] = math.sqrt(st[1]), math.sqrt(st[2])
+        if "retain_stats" in d:
+            out["retain_grad_norm"] = math.sqrt(d["retain_stats"][1].item())
+        if "grad_phi_sq" in d:
+            out["grad_phi_sq"] = float(d["grad_phi_sq"])
+        if "rho" in d:
+            out["rho"] = d["rho"]
         out["skipped_steps"] = int(self._skipped) if self._skipped is not None else 0
         return out
 
@@ -495,11 +506,14 @@ class OFMU(Optimizer):
         return [F.direction_coeffs(self.similarity, gstats, self.param_groups[g]["beta"],
                                    self.eps) for g in self._buffer_group]
 
-    def _group_sqnorms(self, coefs: list[Tensor], stats: list[Tensor]) -> dict[int, Tensor]:
+    def _group_sqnorms(self, coefs: list[Tensor], stats: list[Tensor],
+                       clipped_only: bool = False) -> dict[int, Tensor]:
         """Squared norm of ``coef[0]*x + coef[1]*y`` summed over each group's buffers, with
-        ``stats = reduce3(x, y)`` per buffer."""
+        ``stats = reduce3(x, y)`` per buffer (``clipped_only``: just the groups that clip)."""
         out: dict[int, Tensor] = {}
         for gi, coef, st in zip(self._buffer_group, coefs, stats):
+            if clipped_only and self.param_groups[gi]["max_grad_norm"] is None:
+                continue
             sq = F.direction_sqnorm(coef.to(st), st)
             out[gi] = out[gi] + sq if gi in out else sq
         return out
@@ -646,7 +660,8 @@ class OFMU(Optimizer):
         for the inner loop, descent for the outer one, plain or Adam-preconditioned."""
         for i, (buf, be) in enumerate(zip(self._buffers, self._backends)):
             group = self.param_groups[self._buffer_group[i]]
-            scale = F.clip_scale(sqnorms[self._buffer_group[i]], group["max_grad_norm"])
+            scale = (F.clip_scale(sqnorms[self._buffer_group[i]], group["max_grad_norm"])
+                     if group["max_grad_norm"] is not None else None)
             lr = self._inner_lr(group) if loop == "inner" else group["lr"]
             if self.preconditioner == "sgd":
                 c = F.update_coeffs(lr if loop == "inner" else -lr, group["weight_decay"],
@@ -662,7 +677,8 @@ class OFMU(Optimizer):
             F.adam_apply(buf.param, direction, m, v, self._adam_step(i, loop), lr=lr,
                          betas=group["betas"], eps=group["adam_eps"],
                          weight_decay=group["weight_decay"], ascend=loop == "inner",
-                         scale=self._on(scale, buf).float(), ok=ok.to(buf.device))
+                         scale=None if scale is None else self._on(scale, buf).float(),
+                         ok=ok.to(buf.device))
         self._count_skip(ok)
 
     def _adam_step(self, i: int, loop: str) -> Tensor:
