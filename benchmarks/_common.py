@@ -209,6 +209,12 @@ class Stopwatch:
 # ------------------------------------------------------------------------------ CSV and tables
 
 
+def output_stem(kind: str, args) -> str:
+    """``<out>/<kind>-<device>[-tag]``: where a benchmark writes its CSV (and plot)."""
+    name = f"{kind}-{slug(device_name(resolve_device(args.device)))}"
+    return os.path.join(args.out, name + (f"-{args.tag}" if args.tag else ""))
+
+
 def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -361,9 +361,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     rows = run(args)
-    device = C.resolve_device(args.device)
-    stem = f"step-{C.slug(C.device_name(device))}" + (f"-{args.tag}" if args.tag else "")
-    out = C.write_csv(os.path.join(args.out, stem + ".csv"), rows, COLUMNS)
+    out = C.write_csv(C.output_stem("step", args) + ".csv", rows, COLUMNS)
     print_table(rows)
     print(f"\nwrote {out}")
     return rows
