@@ -112,7 +112,9 @@ def test_half_precision_params_track_fp32_with_fp32_accumulation(dtype):
     with torch.no_grad():  # same starting point: the fp32 model holds the rounded values
         for p, q in zip(m32.parameters(), m16.parameters()):
             p.copy_(q.float())
-    kw = dict(lr=0.05, inner_lr=0.02, inner_steps=2, beta=0.5, rho=0.1)
+    # steps large against theta, so that rounding theta to the half dtype (unavoidable) does
+    # not hide a wrong step: with beta dropped the error below is ~0.28, 5x over the bound
+    kw = dict(lr=0.5, inner_lr=0.3, inner_steps=2, beta=0.5, rho=0.1)
     o16, o32 = OFMU(m16.parameters(), **kw), OFMU(m32.parameters(), **kw)
     s16, s32 = BatchStream(m16, dtype=dtype), BatchStream(m32, dtype=torch.float32)
     start = flat_params(m32)
@@ -121,7 +123,7 @@ def test_half_precision_params_track_fp32_with_fp32_accumulation(dtype):
     delta32 = flat_params(m32) - start
     err = (flat_params(m16) - flat_params(m32)).norm() / delta32.norm()
     unit = torch.finfo(dtype).eps
-    assert err < 40 * unit * start.norm() / delta32.norm()
+    assert err < unit * start.norm() / delta32.norm()  # measured: ~0.35 of that
     assert abs(o16.last_stats()["cosine"] - o32.last_stats()["cosine"]) < 0.05
 
 
