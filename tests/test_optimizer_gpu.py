@@ -30,14 +30,13 @@ HP = dict(lr=0.1, inner_lr=0.05, beta=0.5, rho=0.2, rho_growth=1.2, rho_max=1.0,
           weight_decay=0.0, max_grad_norm=None)
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-@pytest.mark.parametrize("similarity", ["project", "hvp"])
-def test_cuda_step_matches_float64_reference(backend, dtype, tol, similarity):
+def run_cuda(backend, dtype, similarity):
+    """Parameters after 3 steps on the GPU, plus the float64 reference's start and end."""
     m, mref = mlp(dtype), mlp(torch.float64, device="cpu")
     with torch.no_grad():
         for p, q in zip(mref.parameters(), m.parameters()):
             p.copy_(q.double().cpu())
+    start = torch.cat([p.detach().flatten() for p in mref.parameters()])
     kw = dict(similarity=similarity, outer_hvp="forget", inner_steps=2)
     opt = OFMU(m.parameters(), backend=backend, **kw, **HP)
     ref = ReferenceOFMU([dict(params=list(mref.parameters()), **HP)], **kw)
@@ -47,7 +46,21 @@ def test_cuda_step_matches_float64_reference(backend, dtype, tol, similarity):
         ref.step(sref)
     got = torch.cat([p.detach().double().cpu().flatten() for p in m.parameters()])
     want = torch.cat([p.detach().flatten() for p in mref.parameters()])
-    assert (got - want).norm() / want.norm() < tol
+    return got, want, start
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("similarity", ["project", "hvp"])
+def test_cuda_step_matches_float64_reference(backend, similarity):
+    """fp32: within 1e-4 of the displacement (CPU calibration: 2e-6 correct, 0.16 with beta
+    dropped). bf16: the rounding of theta and of the bf16 forward dominates, so the rule is
+    flash-attention's: at most 2x the error of the torch backend run in bf16."""
+    got, want, start = run_cuda(backend, torch.float32, similarity)
+    assert (got - want).norm() <= 1e-4 * (want - start).norm()
+    got16, want16, start16 = run_cuda(backend, torch.bfloat16, similarity)
+    base16, _, _ = run_cuda("torch", torch.bfloat16, similarity)
+    err, base = (got16 - want16).norm(), (base16 - want16).norm()
+    assert err <= 2 * base + 1e-2 * (want16 - start16).norm()
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
