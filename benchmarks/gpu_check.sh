@@ -110,7 +110,7 @@ OMP_NUM_THREADS=4 step pytest_parity 120 "$PY" -m pytest -m "not gpu" \
 # 4. Kernel microbenchmark (written elsewhere; skipped when absent).
 if [ -f benchmarks/bench_kernels.py ]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-  step bench_kernels 240 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT/bench" $BENCH_ARGS
+  step bench_kernels 240 "$PY" -m ofmu.bench.kernels --device cuda --out "$OUT/bench" $BENCH_ARGS
 else
   echo "-- benchmarks/bench_kernels.py not found: no benchmark" | tee -a "$SUMMARY"
 fi

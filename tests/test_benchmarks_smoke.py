@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import csv
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
+    return importlib.import_module(f"ofmu.bench.{name}")
 
 
 def _read(path: Path) -> tuple[list[str], list[dict]]:
@@ -33,7 +28,7 @@ KERNEL_ARGS = ["--device", "cpu", "--sizes", "4096,65536", "--repeats", "1", "--
 
 
 def test_bench_kernels_smoke(tmp_path):
-    K = _load("bench_kernels")
+    K = _load("kernels")
     rows = K.main(KERNEL_ARGS + ["--providers", "eager,foreach,cpp,reference,triton,cuda",
                                  "--out", str(tmp_path)])
     csvs = list(tmp_path.glob("kernels-*.csv"))
@@ -60,7 +55,7 @@ def test_bench_kernels_smoke(tmp_path):
 
 
 def test_bench_kernels_rejects_a_wrong_kernel(tmp_path, monkeypatch):
-    K = _load("bench_kernels")
+    K = _load("kernels")
     real = K.make_provider
 
     def make(name, device):
@@ -77,14 +72,14 @@ def test_bench_kernels_rejects_a_wrong_kernel(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_bench_kernels_compile_provider(tmp_path):
-    K = _load("bench_kernels")
+    K = _load("kernels")
     rows = K.main(KERNEL_ARGS + ["--providers", "eager,compile", "--no-plot",
                                  "--out", str(tmp_path)])
     assert all(r["status"] == "ok" for r in rows if r["provider"] == "compile")
 
 
 def test_bench_step_smoke(tmp_path):
-    S = _load("bench_step")
+    S = _load("step")
     rows = S.main(["--device", "cpu", "--models", "mlp,transformer", "--batch", "4",
                    "--inner-steps", "1", "--repeats", "1", "--warmup", "0",
                    "--methods", "project,hvp+forget,hvp+exact,fd,project+none",

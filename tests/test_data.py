@@ -6,14 +6,14 @@ import struct
 import numpy as np
 import pytest
 import torch
-from ofmu.data import (
+from ofmu.studies.vision import (
     DatasetMissingError,
     load_digits,
     load_fashion_mnist,
     make_unlearning_data,
     read_idx,
 )
-from ofmu.data.images import fashion_mnist_dir
+from ofmu.studies.vision.images import fashion_mnist_dir
 
 
 def _write_idx(path, arr):

@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from ofmu.data import Split
-from ofmu.eval import accuracy, avg_gap, evaluate, mia_efficacy, mia_efficacy_from_scores
+from ofmu.studies.vision import Split, accuracy, avg_gap, evaluate, mia_efficacy, mia_efficacy_from_scores
 
 
 class Lookup(torch.nn.Module):

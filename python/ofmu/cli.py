@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import runpy
 import sys
 import time
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _threads(n: int | None) -> None:
@@ -20,16 +16,16 @@ def _threads(n: int | None) -> None:
 
 
 def _default_dataset() -> str:
-    from .data.images import _FILES, fashion_mnist_dir
+    from .studies.vision.images import _FILES, fashion_mnist_dir
 
     d = fashion_mnist_dir()
     return "fashion-mnist" if all((d / f).is_file() for f in _FILES.values()) else "digits"
 
 
 def cmd_demo(args) -> int:
-    from .eval import markdown_table
-    from .eval.report import chosen_hparams
-    from .methods.study import DEMO_METHODS, StudyConfig, run_study
+    from .studies.vision import markdown_table
+    from .studies.vision.report import chosen_hparams
+    from .studies.vision.study import DEMO_METHODS, StudyConfig, run_study
 
     dataset = _default_dataset() if args.dataset == "auto" else args.dataset
     print(f"ofmu demo: unlearning on {dataset} ({args.scenario} forgetting, seed {args.seed}).")
@@ -53,8 +49,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from .eval import markdown_table, write_outputs
-    from .methods.study import DEFAULT_METHODS, StudyConfig, run_study
+    from .studies.vision import markdown_table, write_outputs
+    from .studies.vision.study import DEFAULT_METHODS, StudyConfig, run_study
 
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     cfg = StudyConfig(dataset=args.dataset, scenario=args.scenario,
@@ -89,18 +85,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args, rest: list[str]) -> int:
-    candidates = [Path(args.script)] if args.script else [
-        Path.cwd() / "benchmarks" / "bench_kernels.py", REPO_ROOT / "benchmarks" / "bench_kernels.py"]
-    for path in candidates:
-        if path.is_file():
-            sys.argv = [str(path)] + rest
-            runpy.run_path(str(path), run_name="__main__")
-            return 0
-    tried = ", ".join(str(p) for p in candidates)
-    print(f"ofmu bench: kernel benchmark script not found (tried {tried}). It lives in the "
-          "source tree as benchmarks/bench_kernels.py: run from a checkout, or pass --script PATH.",
-          file=sys.stderr)
-    return 2
+    from .bench.kernels import main as bench_main
+
+    bench_main(rest)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,9 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="which kernel backends exist here and which one is chosen")
     i.set_defaults(func=cmd_info)
 
-    k = sub.add_parser("bench", help="kernel microbenchmarks (benchmarks/bench_kernels.py); "
+    k = sub.add_parser("bench", add_help=False, help="kernel microbenchmarks (ofmu.bench.kernels); "
                        "extra arguments are passed through")
-    k.add_argument("--script", default=None, help="path of bench_kernels.py")
     k.set_defaults(func=None)
     return p
 

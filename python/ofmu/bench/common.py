@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Default output folder: under the current directory (the repository keeps its measured results
+# in benchmarks/results/, written there with --out).
+RESULTS_DIR = Path("ofmu-bench-results")
 
 
 # ------------------------------------------------------------------------------ device facts

@@ -8,20 +8,13 @@ OFMU-beta0 and OFMU-rho.
 from . import baselines, ofmu_runs  # noqa: F401  (register the methods)
 from .base import REGISTRY, Method, Streams, get, run, steps_for
 from .batches import BatchStream
-from .models import RECIPES, Recipe, make_mlp, original_model, retrained_model, train_model
 
 __all__ = [
     "REGISTRY",
-    "RECIPES",
     "BatchStream",
     "Method",
-    "Recipe",
     "Streams",
     "get",
-    "make_mlp",
-    "original_model",
-    "retrained_model",
     "run",
     "steps_for",
-    "train_model",
 ]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..data import make_unlearning_data
-from ..eval import avg_gap, evaluate
-from .base import get, run
+from ..methods.base import get, run
+from .metrics import avg_gap, evaluate
 from .models import original_model, retrained_model
+from .splits import make_unlearning_data
 
 DEFAULT_METHODS = ("FT", "GA", "GradDiff", "NPO", "Proj", "GradDiff-Adam", "NPO-Adam", "OFMU",
                    "OFMU-Adam", "OFMU-hvp", "OFMU-beta0", "OFMU-rho")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .batches import BatchStream
+from ..methods.batches import BatchStream
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch.nn.functional import cross_entropy
 
-from ..optimizer import OFMU
+from ...optimizer import OFMU
 from .base import Method, register
 from .baselines import _grid
 

@@ -1,0 +1,468 @@
+"""Microbenchmark of OFMU's fused inner-step math against a measured bandwidth ceiling.
+
+What is timed (one inner step of ``similarity="project"`` over flat buffers, as the optimizer runs
+it; ARCHITECTURE.md "Kernel contract")::
+
+    stats = reduce3(g_f, g_r)                           # <g_f,g_r>, |g_f|^2, |g_r|^2   8 B/elem
+    coeffs = f(stats)                                   # ofmu.functional, on the device
+    theta = theta + lr * (g_f - beta * k(stats) * g_r)  # update (read 3, write 1)     16 B/elem
+
+Bytes model: 6 buffer-element accesses per element, i.e. 24 B/elem in fp32 and 12 B/elem in
+bf16 — reported GB/s is ``bytes_model * n / median_time``. A literal single pass would move
+16 B/elem, but the update needs the reduced coefficients first, so the second read of ``g_f`` and
+``g_r`` comes from DRAM unless the buffers fit in cache (``cache_resident`` in the CSV).
+
+Providers (``--providers``):
+
+* ``eager``   — what a user writes: three ``torch.dot`` + tensor arithmetic + ``add_``.
+* ``foreach`` — ``torch._foreach_*`` over per-tensor views of the same buffers (model-like list).
+* ``compile`` — ``torch.compile(dynamic=True)`` of the ofmu.functional reference step.
+* ``cpp`` / ``cuda`` / ``triton`` — ofmu's backends (``ofmu.backends.probe``) with the
+  coefficient math of ``ofmu.functional`` in between, exactly the optimizer's call sequence.
+* ``reference`` — ofmu's torch fallback backend (not in the default list).
+
+The ceiling is measured in the same process on the same buffers: a triad ``a = b + s*c``
+(3 accesses/elem), an in-place ``axpy`` ``a += s*c`` (3 accesses/elem, the update's pattern: no
+write-allocate traffic on CPUs) and a copy (2 accesses/elem); ``pct_ceiling`` is against the best
+of the three at the same size and dtype.
+
+Before any provider is timed, theta after one step is compared with a float64 reference; a
+provider outside tolerance is reported and not timed.
+
+Run ``python benchmarks/bench_kernels.py --help``; results go to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ofmu import backends
+from ofmu import functional as F
+from ofmu.bench import common as C
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_PROVIDERS = ("eager", "foreach", "compile", "cpp", "triton", "cuda")
+ALL_PROVIDERS = DEFAULT_PROVIDERS + ("reference",)
+ACCESSES = {"step": 6, "triad": 3, "axpy": 3, "copy": 2}  # buffer-element reads + writes per elem
+CEILINGS = ("triad", "axpy", "copy")
+LR, BETA, EPS = 0.3, 0.9, 1e-12  # large lr/beta so that a wrong coefficient fails the check
+
+COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "dtype", "n", "provider", "n_tensors",
+           "bytes_per_elem", "median_s", "q25_s", "q75_s", "iqr_s", "gbps", "gbps_q25", "gbps_q75",
+           "ceiling_gbps", "pct_ceiling", "working_set_bytes", "cache_bytes", "cache_resident",
+           "repeats", "calls_per_sample", "check_max_err", "check_max_tol", "check_rms_err",
+           "check_rms_tol", "status"]
+
+
+# ---------------------------------------------------------------------------------- buffers
+
+
+@dataclass
+class Buffers:
+    theta: torch.Tensor
+    gf: torch.Tensor
+    gr: torch.Tensor
+    theta0: torch.Tensor  # the starting point of every correctness check
+    sizes: list[int]  # model-like split used by the foreach provider
+    per_tensor: tuple | None = None  # (theta, g_f, g_r) views for the foreach provider
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(flat, self.sizes))
+
+
+def model_like_sizes(n: int) -> list[int]:
+    """Split ``n`` elements like a model's parameter list: L (weight, bias) pairs, L grows
+    with ``n`` (2..48 layers), biases of up to 1024 elements."""
+    layers = max(2, min(48, n // 2**18))
+    bias = max(1, min(1024, n // (16 * layers)))
+    weight = (n - layers * bias) // layers
+    sizes = [weight, bias] * layers
+    sizes[-2] += n - sum(sizes)
+    return sizes
+
+
+def make_buffers(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Buffers:
+    """theta ~ N(0,1); g_r ~ N(0,1); g_f = 0.6 g_r + 0.8 N(0,1) (cosine 0.6, so the projection
+    term is as large as the gradient term and a wrong coefficient is visible)."""
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: 2^30 on a GPU
+
+    def randn():
+        return torch.randn(n, generator=gen, device=device).to(dtype)
+
+    theta0, gr = randn(), randn()
+    gf = (0.6 * gr.float() + 0.8 * randn().float()).to(dtype)
+    return Buffers(theta0.clone(), gf, gr, theta0, model_like_sizes(n))
+
+
+# -------------------------------------------------------------------------------- providers
+
+
+def ofmu_step(reduce3: Callable, update: Callable, theta, gf, gr, lr=LR, beta=BETA, eps=EPS):
+    """The optimizer's inner-step call sequence (``OFMU.inner_step``, project mode, no
+    clipping): reduce, coefficients on the device, update."""
+    stats = reduce3(gf, gr)
+    ok = torch.isfinite(stats).all()
+    coef = F.direction_coeffs("project", stats, beta, eps)
+    c = F.update_coeffs(lr, 0.0, coef, None, ok)
+    update(theta, gf, gr, c)
+
+
+def eager_step(theta, gf, gr, lr=LR, beta=BETA, eps=EPS):
+    """Unfused, as a user would write it (no ``.item()``: coefficients stay tensors)."""
+    d, nf2, nr2 = torch.dot(gf, gr), torch.dot(gf, gf), torch.dot(gr, gr)
+    k = d / (nr2 + eps * (nf2 + nr2) + torch.finfo(torch.float32).tiny)
+    theta.add_(gf - (beta * k) * gr, alpha=lr)
+
+
+def foreach_step(tv, fv, rv, lr=LR, beta=BETA, eps=EPS):
+    """Multi-tensor style (torch.optim's ``_multi_tensor_*``): per-tensor dots (there is no
+    ``_foreach_dot``), ``_foreach_norm``, then two ``_foreach_add_``."""
+    d = torch.stack([torch.dot(a.view(-1), b.view(-1)).float() for a, b in zip(fv, rv)]).sum()
+    nf2 = torch.stack(torch._foreach_norm(fv)).float().square().sum()
+    nr2 = torch.stack(torch._foreach_norm(rv)).float().square().sum()
+    k = d / (nr2 + eps * (nf2 + nr2) + torch.finfo(torch.float32).tiny)
+    torch._foreach_add_(tv, fv, alpha=lr)
+    torch._foreach_add_(tv, torch._foreach_mul(rv, (-lr * beta) * k))
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_reference() -> Callable:
+    # One compiled function, dynamic shapes: sizes and dtypes do not exhaust the recompile
+    # limit (FIELD_NOTES.md). Reset by main() when the thread count changes.
+    if "fn" not in _COMPILED:
+        def ref_step(theta, gf, gr):
+            ofmu_step(F.reduce3, F.update, theta, gf, gr)
+
+        _COMPILED["fn"] = torch.compile(ref_step, dynamic=True)
+    return _COMPILED["fn"]
+
+
+def make_provider(name: str, device: torch.device) -> tuple[Callable | None, str]:
+    """``(fn(bufs) -> None, "")`` or ``(None, reason it is skipped)``."""
+    if name == "eager":
+        return (lambda b: eager_step(b.theta, b.gf, b.gr)), ""
+    if name == "foreach":
+        def run(b):
+            if b.per_tensor is None:
+                b.per_tensor = (b.views(b.theta), b.views(b.gf), b.views(b.gr))
+            foreach_step(*b.per_tensor)
+
+        return run, ""
+    if name == "compile":
+        if device.type == "cpu" and sys.platform == "win32":
+            return None, "torch.compile on CPU needs a C++ compiler toolchain"
+        return (lambda b: _compiled_reference()(b.theta, b.gf, b.gr)), ""
+    if name == "reference":
+        be = backends.probe("torch")[0]
+    elif name in ("cpp", "cuda", "triton"):
+        if name == "cpp" and device.type != "cpu":
+            return None, "cpp is the CPU extension"
+        if name == "cuda" and device.type != "cuda":
+            return None, "cuda kernels need a CUDA device"
+        if name == "triton" and device.type != "cuda":
+            return None, "triton runs on CPU only through the interpreter (not timed)"
+        be, why = backends.probe(name)
+        if be is None:
+            return None, why
+    else:
+        raise ValueError(f"unknown provider {name!r}; expected one of {ALL_PROVIDERS}")
+    return (lambda b: ofmu_step(be.reduce3, be.update, b.theta, b.gf, b.gr)), ""
+
+
+# -------------------------------------------------------------------------------- the check
+
+
+def reference_theta_chunks(b: Buffers, chunk: int = 1 << 22):
+    """Float64 reference of one step, chunk by chunk (bounded memory at 2^30 elements)."""
+    n = b.gf.numel()
+    stats = torch.zeros(3, dtype=torch.float64, device=b.gf.device)
+    for s in range(0, n, chunk):
+        stats += F.reduce3(b.gf[s:s + chunk].double(), b.gr[s:s + chunk].double())
+    coef = F.direction_coeffs("project", stats, BETA, EPS)
+    c = F.update_coeffs(LR, 0.0, coef, None, torch.isfinite(stats).all())
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk)
+        yield sl, c[0] * b.theta0[sl].double() + c[1] * b.gf[sl].double() + c[2] * b.gr[sl].double()
+
+
+@dataclass
+class CheckResult:
+    max_err: float  # max |theta - theta_ref|
+    rms_err: float  # root-mean-square error: catches small systematic (coefficient) errors
+    max_ref: float  # max |theta_ref|
+    rms_ref: float
+
+    def within(self, tol: CheckResult) -> bool:
+        return self.max_err <= tol.max_err and self.rms_err <= tol.rms_err
+
+
+def check_error(b: Buffers, fn: Callable) -> CheckResult:
+    """Run one step from theta0 and compare with the float64 reference."""
+    b.theta.copy_(b.theta0)
+    fn(b)
+    mx = sq = ref_mx = ref_sq = 0.0
+    for sl, ref in reference_theta_chunks(b):
+        d = b.theta[sl].double() - ref
+        mx, sq = max(mx, d.abs().max().item()), sq + d.square().sum().item()
+        ref_mx, ref_sq = max(ref_mx, ref.abs().max().item()), ref_sq + ref.square().sum().item()
+    n = b.theta.numel()
+    res = CheckResult(mx, math.sqrt(sq / n), ref_mx, math.sqrt(ref_sq / n))
+    if not (math.isfinite(res.max_err) and math.isfinite(res.rms_err)):
+        res.max_err = res.rms_err = math.inf
+    return res
+
+
+def tolerance(eager: CheckResult, dtype: torch.dtype) -> CheckResult:
+    """flash-attention's rule: at most twice the error of the plain eager PyTorch step, in
+    max and in RMS; never tighter than rounding itself (2 ulp of the largest |theta| for the
+    max, half an ulp of the RMS |theta| for the RMS — a correctly rounded result sits near
+    0.3 ulp RMS). The RMS bound is what catches a slightly wrong coefficient in bf16, where a
+    per-element bound cannot."""
+    eps = torch.finfo(dtype).eps
+    return CheckResult(max(2.0 * eager.max_err, 2.0 * eps * eager.max_ref),
+                       max(2.0 * eager.rms_err, 0.5 * eps * eager.rms_ref),
+                       eager.max_ref, eager.rms_ref)
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
+    p.add_argument("--min-exp", type=int, default=16, help="smallest size 2^min_exp elements")
+    p.add_argument("--max-exp", type=int, default=None,
+                   help="largest size 2^max_exp (default 26 on CPU, 30 on GPU)")
+    p.add_argument("--exp-step", type=int, default=2, help="step between size exponents")
+    p.add_argument("--sizes", default=None, help="explicit comma list of sizes (overrides exps)")
+    p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+                   help=f"comma list from {ALL_PROVIDERS}")
+    p.add_argument("--repeats", type=int, default=15, help="timed samples per point")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before sampling")
+    p.add_argument("--min-sample-ms", type=float, default=5.0,
+                   help="batch calls so that one sample lasts at least this long")
+    p.add_argument("--threads", default="1", help="CPU threads; comma list runs each in turn")
+    p.add_argument("--out", default=str(C.RESULTS_DIR), help="output folder for CSV and PNG")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return p.parse_args(argv)
+
+
+def sizes_from(args, device: torch.device) -> list[int]:
+    if args.sizes:
+        return [int(float(s)) for s in args.sizes.split(",")]
+    hi = args.max_exp if args.max_exp is not None else (30 if device.type == "cuda" else 26)
+    return [2**e for e in range(args.min_exp, hi + 1, args.exp_step)]
+
+
+def fits(n: int, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+    """Four buffers plus the eager provider's two temporaries and the check's fp64 chunks."""
+    need = 6 * n * torch.empty((), dtype=dtype).element_size() + 3 * 8 * (1 << 22)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return True, ""
+    if need > 0.8 * free:
+        return False, f"needs ~{C.human_bytes(need)}, {C.human_bytes(free)} free"
+    return True, ""
+
+
+def bench_point(b: Buffers, dtype, device, providers: dict, args, meta: dict, cache) -> list[dict]:
+    """All providers and both ceilings at one (dtype, size)."""
+    n, es = b.gf.numel(), b.gf.element_size()
+    base = dict(meta, dtype=str(dtype).replace("torch.", ""), n=n, cache_bytes=cache or "",
+                working_set_bytes=3 * n * es,
+                cache_resident=bool(cache and 3 * n * es <= cache))
+    rows: list[dict] = []
+    timed: dict[str, tuple[Callable, int, dict]] = {  # name -> (fn, accesses, extra columns)
+        # Ceilings on the same buffers: a = b + s*c (theta = g_f + s g_r) and a copy.
+        "triad": (lambda b: torch.add(b.gf, b.gr, alpha=0.5, out=b.theta), ACCESSES["triad"], {}),
+        "copy": (lambda b: b.theta.copy_(b.gf), ACCESSES["copy"], {}),
+        # In place, theta += s*g_r: the update's access pattern. A CPU store to a line that was
+        # not read first costs a read-for-ownership, which triad and copy pay and the update
+        # does not; this one does not either.
+        "axpy": (lambda b: b.theta.add_(b.gr, alpha=0.5), ACCESSES["axpy"], {}),
+    }
+    # Correctness first: only providers that pass are timed.
+    eager = check_error(b, make_provider("eager", device)[0])
+    tol = tolerance(eager, dtype)
+    for name, (fn, _) in providers.items():
+        if fn is None:
+            continue
+        try:
+            res = eager if name == "eager" else check_error(b, fn)
+        except Exception as e:  # a provider that cannot run here is reported, never fatal
+            rows.append(dict(base, provider=name, status=f"error: {type(e).__name__}: {e}"[:200]))
+            continue
+        check = dict(check_max_err=res.max_err, check_max_tol=tol.max_err,
+                     check_rms_err=res.rms_err, check_rms_tol=tol.rms_err)
+        if not res.within(tol):
+            rows.append(dict(base, provider=name, status="WRONG (not timed)", **check))
+            continue
+        timed[name] = (fn, ACCESSES["step"],
+                       dict(check, n_tensors=len(b.sizes) if name == "foreach" else 1))
+
+    results = C.time_interleaved({k: (lambda f=f: f(b)) for k, (f, _, _) in timed.items()},
+                                 device, args.repeats, args.warmup, args.min_sample_ms / 1e3)
+    for name, (samples, calls) in results.items():
+        _, accesses, extra = timed[name]
+        st = C.summarize(samples)
+        bpe = accesses * es
+        row = dict(base, provider=name, bytes_per_elem=bpe, repeats=args.repeats,
+                   calls_per_sample=calls, status="ok", **st, **extra)
+        row["gbps"] = bpe * n / st["median_s"] / 1e9
+        row["gbps_q25"] = bpe * n / st["q75_s"] / 1e9  # slower quartile -> lower bandwidth
+        row["gbps_q75"] = bpe * n / st["q25_s"] / 1e9
+        rows.append(row)
+    ceiling = max(results_gbps(rows, c) for c in CEILINGS)
+    for r in rows:
+        if r.get("status") == "ok":
+            r["ceiling_gbps"] = ceiling
+            r["pct_ceiling"] = 100.0 * r["gbps"] / ceiling
+    return rows
+
+
+def results_gbps(rows: list[dict], provider: str) -> float:
+    return next(r["gbps"] for r in rows if r["provider"] == provider and r["status"] == "ok")
+
+
+def run(args) -> list[dict]:
+    device = C.resolve_device(args.device)
+    dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    names = [p.strip() for p in args.providers.split(",") if p.strip()]
+    for nm in names:
+        if nm not in ALL_PROVIDERS:
+            raise SystemExit(f"unknown provider {nm!r}; expected some of {ALL_PROVIDERS}")
+    if "eager" not in names:  # the check's tolerance is defined by the eager step's error
+        print("note: eager is always checked (it sets the tolerance) but only timed if listed")
+    sizes = sizes_from(args, device)
+    cache = C.cache_bytes(device)
+    rows: list[dict] = []
+    for threads in [int(t) for t in str(args.threads).split(",")]:
+        C.set_threads(threads)
+        torch._dynamo.reset()  # a new thread count would recompile anyway (FIELD_NOTES.md)
+        _COMPILED.clear()
+        meta = C.metadata(device)
+        providers = {nm: make_provider(nm, device) for nm in names}
+        print(f"# {meta['device']} | torch {meta['torch']} triton {meta['triton']} "
+              f"ofmu {meta['ofmu']} | threads {threads} | cache {C.human_bytes(cache or 0)}")
+        for nm, (fn, why) in providers.items():
+            if fn is None:
+                print(f"  skip {nm}: {why}")
+                rows.append(dict(meta, provider=nm, status=f"skipped: {why}"))
+        for dtype in dtypes:
+            for n in sizes:
+                ok, why = fits(n, dtype, device)
+                if not ok:
+                    print(f"  skip n={n} {dtype}: {why}")
+                    continue
+                b = make_buffers(n, dtype, device)
+                point = bench_point(b, dtype, device, providers, args, meta, cache)
+                for r in point:
+                    if r.get("status", "ok") != "ok":
+                        print(f"  {r['provider']} n={n} {dtype}: {r['status']}")
+                rows += point
+                del b
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------------- output
+
+
+def print_table(rows: list[dict]) -> None:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for threads in sorted({r["threads"] for r in ok}):
+        for dtype in dict.fromkeys(r["dtype"] for r in ok):
+            sel = [r for r in ok if r["dtype"] == dtype and r["threads"] == threads]
+            provs = list(dict.fromkeys(r["provider"] for r in sel if r["provider"] not in
+                                       CEILINGS))
+            by = {(r["n"], r["provider"]): r for r in sel}
+            body = []
+            for n in sorted({r["n"] for r in sel}):
+                any_r = next(r for r in sel if r["n"] == n)
+                line = [f"2^{int(math.log2(n))}" + ("*" if any_r["cache_resident"] else "")]
+                for p in provs:
+                    r = by.get((n, p))
+                    line.append(f"{r['gbps']:.1f} ({r['pct_ceiling']:.0f}%)" if r else "-")
+                for p in CEILINGS:
+                    r = by.get((n, p))
+                    line.append(f"{r['gbps']:.1f}" if r else "-")
+                body.append(line)
+            print(f"\nGB/s (% of best of triad/axpy/copy), {dtype}, {threads} thread(s); "
+                  "* = working set fits in cache")
+            print(C.table(body, ["n"] + provs + list(CEILINGS)))
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    panels = list(dict.fromkeys((r["dtype"], r["threads"]) for r in ok))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (dtype, threads) in zip(axes[0], panels):
+        sel = [r for r in ok if r["dtype"] == dtype and r["threads"] == threads]
+        for p in dict.fromkeys(r["provider"] for r in sel):
+            pts = sorted((r["n"], r["gbps"], r["gbps_q25"], r["gbps_q75"]) for r in sel
+                         if r["provider"] == p)
+            xs = [x[0] for x in pts]
+            style = {"triad": dict(color="k", ls="--"), "axpy": dict(color="k", ls="-."),
+                     "copy": dict(color="0.5", ls=":")}
+            line = ax.plot(xs, [x[1] for x in pts], marker="o" if p not in style else None,
+                           label=p + (" (ceiling)" if p in style else ""), **style.get(p, {}))
+            ax.fill_between(xs, [x[2] for x in pts], [x[3] for x in pts], alpha=0.15,
+                            color=line[0].get_color())
+        cache = sel[0]["cache_bytes"]
+        if cache:
+            es = sel[0]["working_set_bytes"] / (3 * sel[0]["n"])
+            ax.axvline(cache / (3 * es), color="0.7", lw=0.8)
+            ax.text(cache / (3 * es), ax.get_ylim()[1] * 0.97, " 3 buffers = cache",
+                    fontsize=7, va="top", color="0.4")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("elements per buffer")
+        ax.set_ylabel("GB/s (bytes model / median time)")
+        ax.set_title(f"{sel[0]['device'][:40]}\n{dtype}, {threads} thread(s)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    """Entry point of ``python benchmarks/bench_kernels.py`` and ``ofmu bench``; returns rows."""
+    args = parse_args(argv)
+    rows = run(args)
+    stem = C.output_stem("kernels", args)
+    out = C.write_csv(stem + ".csv", rows, COLUMNS)
+    print_table(rows)
+    print(f"\nwrote {out}")
+    if not args.no_plot:
+        png = stem + ".png"
+        plot(rows, png)
+        print(f"wrote {png}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
