@@ -29,6 +29,31 @@ def test_original_memorises_and_cache_round_trips(setup):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_damaged_model_cache_is_rebuilt(setup, tmp_path, damage):
+    """A damaged cache entry warns with its path, is retrained (same seed: same weights) and replaced."""
+    import shutil
+
+    from ofmu.studies.cache import CacheWarning
+
+    d, orig, _, cache = setup
+    (entry,) = [p for p in cache.iterdir() if "original" in p.name]
+    local = tmp_path / "models"
+    local.mkdir()
+    copy = local / entry.name
+    shutil.copy(entry, copy)
+    data = copy.read_bytes()
+    copy.write_bytes({"truncate": data[: len(data) // 3], "empty": b"", "garbage": b"\x00junk" * 99}[damage])
+    with pytest.warns(CacheWarning, match=str(copy)):
+        again, _, cached = original_model(d, cache=local)
+    assert not cached
+    for a, b in zip(orig.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    reloaded, _, cached = original_model(d, cache=local)
+    assert cached and all(torch.equal(a, b) for a, b in zip(orig.state_dict().values(),
+                                                             reloaded.state_dict().values()))
+
+
 def test_ofmu_moves_toward_retrain(setup):
     d, orig, retr, _ = setup
     ref, before = evaluate(retr, d), evaluate(orig, d)

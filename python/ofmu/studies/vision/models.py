@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..cache import CacheWarning, load_or_build, save_atomic
 from ..methods.batches import BatchStream
 
 
@@ -83,22 +85,34 @@ def _cached(kind: str, data, recipe: Recipe, split, cache: str | os.PathLike | N
             use_cache: bool) -> tuple[nn.Module, float, bool]:
     """``(model, training seconds, loaded_from_cache)``; training time is recorded in the cache."""
     path = cache_dir(cache) / _key(kind, data, recipe)
+    built = []
+
+    def build() -> dict:
+        t0 = time.perf_counter()
+        seed = data.seed if kind == "original" else data.seed + 10_000
+        model = train_model(split, data.n_classes, recipe, seed)
+        built.append(model)
+        return {"state_dict": model.state_dict(), "train_time_s": time.perf_counter() - t0}
+
+    if not use_cache:
+        blob = build()
+        return built[0], float(blob["train_time_s"]), False
+    # An unreadable entry (truncated, empty, garbage, unsafe pickle) warns with its path and is rebuilt.
+    blob = load_or_build(path, build, what=f"{kind} model cache")
+    if built:
+        return built[0], float(blob["train_time_s"]), False
     model = make_mlp(data.n_features, data.n_classes, recipe.hidden)
-    if use_cache and path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
         model.load_state_dict(blob["state_dict"])
-        model.eval()
-        return model, float(blob["train_time_s"]), True
-    t0 = time.perf_counter()
-    seed = data.seed if kind == "original" else data.seed + 10_000
-    model = train_model(split, data.n_classes, recipe, seed)
-    elapsed = time.perf_counter() - t0
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": model.state_dict(), "train_time_s": elapsed}, tmp)
-        os.replace(tmp, path)
-    return model, elapsed, False
+        train_time = float(blob["train_time_s"])
+    except (KeyError, TypeError, RuntimeError) as exc:  # readable but not one of our entries
+        warnings.warn(f"{kind} model cache {path} does not hold this model ({type(exc).__name__}); "
+                      "rebuilding it", CacheWarning, stacklevel=2)
+        blob = build()
+        save_atomic(blob, path)
+        return built[0], float(blob["train_time_s"]), False
+    model.eval()
+    return model, train_time, True
 
 
 def original_model(data, recipe: Recipe | None = None, cache=None, use_cache: bool = True):

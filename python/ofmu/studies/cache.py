@@ -1,0 +1,159 @@
+"""Safe on-disk caches for the studies and benchmarks.
+
+A cache entry is one ``torch.save`` file. Reading is always ``torch.load(weights_only=True)``, so a
+planted or tampered entry cannot run code; an entry that does not read back (truncated by a killed
+run, empty, garbage, or a pickle that needs ``weights_only=False``) is treated as missing: a
+:class:`CacheWarning` names the file, the entry is rebuilt and replaced.
+
+Writes are atomic: the object is saved to a temporary file in the same folder, flushed and
+fsync'ed, moved onto the entry with ``os.replace`` and the folder is fsync'ed, so a reader sees
+either the old entry or the new one, never a partial file. A run killed mid-write leaves only its
+temporary file (``.<name>.tmp-<pid>-<random>``); the next ``load_or_build`` of that entry removes
+temporary files whose writer process no longer exists.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CacheWarning", "load_or_build", "save_atomic"]
+
+# Leaf types that torch.load(weights_only=True) reads back without extra allow-listing.
+_LEAVES = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device,
+           torch.Size)
+
+
+class CacheWarning(UserWarning):
+    """An unreadable cache entry was found (and rebuilt) or an orphan temporary file removed."""
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _check_loadable(obj: Any, where: str = "obj") -> None:
+    """Raise TypeError naming the first element that weights_only loading would refuse."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            raise TypeError(f"{where}: tensor subclass {type(obj).__name__} is not weights_only-loadable; "
+                            "store a plain tensor (t.as_subclass(torch.Tensor))")
+        return
+    if isinstance(obj, _LEAVES):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            _check_loadable(k, f"{where} key {k!r}")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple, set)) and type(obj) in (list, tuple, set):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not weights_only-loadable; "
+                    "cache only tensors, dicts, lists, tuples, numbers and strings")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows): nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically: write a temporary file in the same folder, flush
+    and fsync it, ``os.replace`` it onto ``path``, fsync the folder. ``obj`` must be
+    weights_only-loadable (tensors, dicts, lists, tuples, numbers, strings); anything else raises
+    ``TypeError`` before a byte is written."""
+    path = Path(path)
+    _check_loadable(obj)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_tmp_prefix(path)}{os.getpid()}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but not ours, or cannot tell: leave its file alone
+    return True
+
+
+def _remove_orphans(path: Path) -> None:
+    """Remove temporary files of ``path`` whose writer process is gone (a killed run)."""
+    prefix = _tmp_prefix(path)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_text = name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            continue
+        orphan = path.parent / name
+        try:
+            orphan.unlink()
+        except OSError:
+            continue
+        warnings.warn(f"removed orphan temporary file {orphan} (left by an interrupted run)",
+                      CacheWarning, stacklevel=3)
+
+
+def load_or_build(path: str | os.PathLike, build: Callable[[], Any], *, what: str = "cache entry") -> Any:
+    """Return ``torch.load(path, weights_only=True)`` (on the CPU) if ``path`` exists and reads back;
+    otherwise call ``build()``, save its result atomically (see :func:`save_atomic`) and return it.
+
+    An unreadable entry (truncated, empty, garbage, or not loadable with ``weights_only=True``) is
+    treated as missing: a :class:`CacheWarning` names the path and says it is rebuilt. Orphan
+    temporary files of that entry left by a killed run are removed. The built object must be
+    weights_only-loadable (tensors, dicts, lists, tuples, numbers, strings)."""
+    path = Path(path)
+    _remove_orphans(path)
+    if path.exists():
+        if not path.is_file():
+            raise IsADirectoryError(f"{what} {path} exists but is not a file; remove it or choose "
+                                    "another cache folder")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read means "rebuild"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "weights_only" in reason or "Weights only" in reason:
+                reason = "it is not loadable with weights_only=True (it is never loaded unsafely)"
+            warnings.warn(f"{what} {path} is unreadable ({type(exc).__name__}: {reason[:200]}); "
+                          "rebuilding it", CacheWarning, stacklevel=2)
+    obj = build()
+    save_atomic(obj, path)
+    return obj
