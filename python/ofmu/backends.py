@@ -6,7 +6,8 @@ optimizer or the ``OFMU_BACKEND`` environment variable overrides the choice (an 
 explicit choice is an error, never a silent fallback). :func:`backend_info` says what exists
 here and why the rest does not.
 
-Every backend exposes the kernel contract of :mod:`ofmu.functional`:
+Every backend implements the kernel contract (docs/design.md, "Kernel contract"; the torch
+reference is :mod:`ofmu.reference`):
 ``reduce3(x, y)``, ``combine(x, y, coeffs, out_a, out_b=None)``, ``update(theta, x, y, coeffs)``.
 """
 
@@ -19,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import functional as F
+from . import reference
 
 NAMES = ("torch", "cpp", "cuda", "triton")
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -34,7 +35,7 @@ class Backend:
 
 
 def _torch_backend() -> Backend:
-    return Backend("torch", F.reduce3, F.combine, F.update)
+    return Backend("torch", reference.reduce3, reference.combine, reference.update)
 
 
 def _load_ext() -> tuple[object | None, str]:

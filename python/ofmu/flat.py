@@ -15,10 +15,36 @@ maps 0 to 0.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 from torch import Tensor
 
 ALIGN_BYTES = 16
+
+
+class Slot(str, Enum):
+    """The buffers of one layout. ``PARAM``, ``GRAD_F`` and ``GRAD_R`` always exist; the rest are
+    scratch, allocated on first use."""
+
+    PARAM = "param"
+    GRAD_F = "f"  # forget gradient g_f (ascended)
+    GRAD_R = "r"  # retain gradient g_r (descended)
+    SEED_A = "seed_a"  # double-backward seeds of grad cos: a (through g_f) ...
+    SEED_B = "seed_b"  # ... and b (through g_r)
+    HVP = "h"  # a Hessian-vector product: grad cos (inner, hvp mode) or h (outer penalty)
+    PHI_GRAD = "v"  # v = grad Phi at the outer evaluation
+    PROBE = "probe"  # u at theta + delta v (outer_hvp="fd")
+    RETAIN_SAVED = "retain_saved"  # g_r(theta) kept while fd probes overwrite GRAD_R
+    DIRECTION = "direction"  # a materialised direction (torch's fused Adam reads one buffer)
+    INNER_EXP_AVG = "inner_exp_avg"  # Adam moments, one pair per loop
+    INNER_EXP_AVG_SQ = "inner_exp_avg_sq"
+    OUTER_EXP_AVG = "outer_exp_avg"
+    OUTER_EXP_AVG_SQ = "outer_exp_avg_sq"
+
+
+MOMENTS = {"inner": (Slot.INNER_EXP_AVG, Slot.INNER_EXP_AVG_SQ),
+           "outer": (Slot.OUTER_EXP_AVG, Slot.OUTER_EXP_AVG_SQ)}
 
 
 class FlatBuffer:
@@ -49,10 +75,12 @@ class FlatBuffer:
         self.param = torch.zeros(self.numel, dtype=dtype, device=device)
         self.grad_f = torch.zeros_like(self.param)
         self.grad_r = torch.zeros_like(self.param)
-        self._extra: dict[str, tuple[Tensor, list[Tensor]]] = {}
-        self.param_views = self.views(self.param)
-        self.grad_f_views = self.views(self.grad_f)
-        self.grad_r_views = self.views(self.grad_r)
+        self._slots: dict[Slot, tuple[Tensor, list[Tensor]]] = {
+            slot: (flat, self.views(flat)) for slot, flat in
+            ((Slot.PARAM, self.param), (Slot.GRAD_F, self.grad_f), (Slot.GRAD_R, self.grad_r))}
+        self.param_views = self._slots[Slot.PARAM][1]
+        self.grad_f_views = self._slots[Slot.GRAD_F][1]
+        self.grad_r_views = self._slots[Slot.GRAD_R][1]
         with torch.no_grad():
             for p, v in zip(params, self.param_views):
                 v.copy_(p)
@@ -63,27 +91,24 @@ class FlatBuffer:
         """Per-parameter views (with the parameters' shapes) into a buffer of this layout."""
         return [flat[o : o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
 
-    def buffer(self, name: str) -> tuple[Tensor, list[Tensor]]:
-        """A buffer of this layout and its per-parameter views: ``"param"``, ``"f"`` (forget
-        gradient), ``"r"`` (retain gradient), or a scratch buffer allocated on first use
-        (HVP results, seeds, the outer direction)."""
-        if name == "param":
-            return self.param, self.param_views
-        if name == "f":
-            return self.grad_f, self.grad_f_views
-        if name == "r":
-            return self.grad_r, self.grad_r_views
-        if name not in self._extra:
+    def buffer(self, slot: Slot | str) -> tuple[Tensor, list[Tensor]]:
+        """A buffer of this layout and its per-parameter views (scratch allocated on first use)."""
+        slot = Slot(slot)
+        if slot not in self._slots:
             flat = torch.zeros_like(self.param)
-            self._extra[name] = (flat, self.views(flat))
-        return self._extra[name]
+            self._slots[slot] = (flat, self.views(flat))
+        return self._slots[slot]
 
-    def has(self, name: str) -> bool:
-        return name in ("param", "f", "r") or name in self._extra
+    def flat(self, slot: Slot | str | None) -> Tensor | None:
+        """The flat buffer of ``slot`` (``None`` passes through: an absent kernel operand)."""
+        return None if slot is None else self.buffer(slot)[0]
 
-    def bind_grads(self, name: str) -> None:
-        """Point every ``p.grad`` at its slice of buffer ``name`` (autograd accumulates there)."""
-        for p, g in zip(self.params, self.buffer(name)[1]):
+    def has(self, slot: Slot | str) -> bool:
+        return Slot(slot) in self._slots
+
+    def bind_grads(self, slot: Slot | str) -> None:
+        """Point every ``p.grad`` at its slice of buffer ``slot`` (autograd accumulates there)."""
+        for p, g in zip(self.params, self.buffer(slot)[1]):
             p.grad = g
 
     def check_aliasing(self) -> None:

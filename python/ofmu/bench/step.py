@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,7 +213,7 @@ def build_method(method: str, w: Workload, args, prof: Profile):
     opt = OFMU(model.parameters(), lr=args.lr, inner_lr=args.lr, inner_steps=args.inner_steps,
                beta=0.5 if sim == "project" else 0.1, rho=0.01, similarity=sim, outer_hvp=hvp,
                backend=args.backend)
-    opt._backends = [timing_backend(be, prof) for be in opt._backends]
+    opt._parts = [dataclasses.replace(p, backend=timing_backend(p.backend, prof)) for p in opt._parts]
 
     def closure(same_batch: bool = False):
         bf, br = batches.next(same_batch)
@@ -229,7 +230,7 @@ def build_method(method: str, w: Workload, args, prof: Profile):
 
     return (prof.in_phase("step", step), opt,
             dict(similarity=sim, outer_hvp=hvp, inner_steps=args.inner_steps,
-                 backend=opt._backends[0].name))
+                 backend=opt._parts[0].backend.name))
 
 
 def measure(method: str, w: Workload, args, device: torch.device) -> dict:
@@ -262,7 +263,7 @@ def measure(method: str, w: Workload, args, device: torch.device) -> dict:
     row["other_s"] = mean["step"] - sum(cat(c) for c in CATEGORIES)
     row["kernels_pct"] = 100.0 * cat("kernels") / mean["step"]
     # Sanity: the step ran and left finite parameters (an exploding run would time NaN paths).
-    params = list(opt._params) if opt is not None else []
+    params = list(opt._autodiff.params) if opt is not None else []
     finite = all(torch.isfinite(p).all() for p in params)
     skipped = opt.last_stats()["skipped_steps"] if opt is not None else 0
     row["skipped_steps"] = skipped

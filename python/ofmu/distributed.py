@@ -1,0 +1,37 @@
+"""Replicated (DDP-style) data parallelism: every rank holds the whole model and OFMU averages
+its flat gradient buffers across the process group, so all ranks take the single-process step
+on the union of their minibatches (one all-reduce per flat buffer and per gradient).
+
+Why OFMU averages itself: DDP's reducer synchronises only the first backward pass of a step,
+and an OFMU step runs several (forget, retain, Hessian-vector products).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def resolve_process_group(pg):
+    """``"auto"``: the default group when ``torch.distributed`` runs with more than one rank."""
+    if pg is None:
+        return None
+    import torch.distributed as dist
+
+    if isinstance(pg, str):
+        if pg != "auto":
+            raise ValueError(f"process_group must be 'auto', None or a ProcessGroup, got {pg!r}")
+        ready = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return dist.group.WORLD if ready else None
+    return pg
+
+
+def average_(flats: list[Tensor], group) -> None:
+    """Average each tensor in place over ``group`` (no-op for ``group=None``)."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    inv = 1.0 / dist.get_world_size(group)
+    for flat in flats:
+        dist.all_reduce(flat, group=group)
+        flat.mul_(inv)

@@ -1,0 +1,373 @@
+"""One OFMU step as functions over flat buffers: the functional form behind :class:`ofmu.OFMU`.
+
+The class validates, gathers the hyperparameters of every param group into a
+:class:`StepConfig`, and calls :func:`inner_step` / :func:`outer_step`; everything below takes
+its buffers, kernels and scalars explicitly. How one step flows through the modules is drawn
+in ``docs/design.md`` ("One step, module by module").
+
+Per flat buffer (a :class:`Part`): gradients arrive in ``GRAD_F`` / ``GRAD_R``
+(:mod:`ofmu.gradients`), the backend's ``reduce3`` gives ``[<g_f, g_r>, |g_f|^2, |g_r|^2]``,
+these are summed over all buffers (the cosine and projection are global), the coefficients are
+computed on the device (:mod:`ofmu.coefficients`) and ``update`` / ``combine`` apply them. No
+step reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import coefficients as C
+from .backends import Backend
+from .coefficients import (  # noqa: F401  (the kernels' tests use them from here)
+    clip_scale,
+    direction_coeffs,
+    direction_sqnorm,
+    seed_coeffs,
+    similarity_scalars,
+    update_coeffs,
+)
+from .flat import MOMENTS, FlatBuffer, Slot
+from .gradients import Autodiff, Evaluation
+from .modes import OuterHvpMode, SimilarityMode
+from .reference import acc_dtype, combine, reduce3, update  # noqa: F401  (reference kernels)
+
+__all__ = [
+    "Part", "Hyper", "StepConfig", "StepState", "inner_step", "outer_step", "adam_apply",
+    "acc_dtype", "reduce3", "combine", "update", "similarity_scalars", "seed_coeffs",
+    "direction_coeffs", "direction_sqnorm", "clip_scale", "update_coeffs",
+]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One flat buffer (a param group's parameters of one device and dtype) and its kernels."""
+
+    buf: FlatBuffer
+    backend: Backend
+    group: int
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One param group's hyperparameters for this step (host floats; ``inner_lr`` resolved)."""
+
+    lr: float
+    inner_lr: float
+    beta: float
+    rho: float  # the current rho_k
+    weight_decay: float
+    max_grad_norm: float | None
+    betas: tuple[float, float]
+    adam_eps: float
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    sim: SimilarityMode
+    hvp: OuterHvpMode
+    eps: float
+    fd_delta: float
+    preconditioner: str
+    forget_loss_cap: float | None
+    hypers: list[Hyper]  # per param group
+
+
+@dataclass
+class StepState:
+    """What a step leaves behind on the device: Adam step counts (per part and loop),
+    diagnostics and the counters of skipped and capped updates."""
+
+    adam_steps: dict[tuple[int, str], Tensor] = field(default_factory=dict)
+    diag: dict[str, Tensor] = field(default_factory=dict)
+    counters: dict[str, Tensor] = field(default_factory=dict)
+
+    def count(self, name: str, flag: Tensor) -> None:
+        inc = flag.to(torch.int64)
+        self.counters[name] = self.counters[name] + inc if name in self.counters else inc
+
+
+# ------------------------------------------------------------------------------- reductions
+
+
+def reduce(parts: list[Part], x: Slot, y: Slot | None) -> tuple[list[Tensor], Tensor]:
+    """Per-buffer ``reduce3(x, y)`` and their sum (on the first buffer's device; float64 if any
+    buffer is float64, else float32)."""
+    dev = parts[0].buf.device
+    dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
+    stats = [p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)).to(device=dev, dtype=dt,
+                                                                  non_blocking=True)
+             for p in parts]
+    return stats, stats[0] if len(stats) == 1 else torch.stack(stats).sum(0)
+
+
+def _on(t: Tensor, buf: FlatBuffer) -> Tensor:
+    """Coefficients onto a buffer's device, in its accumulation dtype."""
+    return t.to(device=buf.device, dtype=acc_dtype(buf.dtype), non_blocking=True)
+
+
+def group_sqnorms(parts: list[Part], cfg: StepConfig, coefs: list[Tensor], stats: list[Tensor],
+                  clipped_only: bool = False) -> dict[int, Tensor]:
+    """``|coef[0]*x + coef[1]*y|^2`` summed over each group's buffers, from ``reduce3(x, y)``
+    (``clipped_only``: just the groups with ``max_grad_norm``)."""
+    out: dict[int, Tensor] = {}
+    for part, coef, st in zip(parts, coefs, stats):
+        if clipped_only and cfg.hypers[part.group].max_grad_norm is None:
+            continue
+        sq = C.direction_sqnorm(coef.to(st), st)
+        out[part.group] = out[part.group] + sq if part.group in out else sq
+    return out
+
+
+# ------------------------------------------------------------------------ ascent direction u
+
+
+def _grad_cos(parts: list[Part], cfg: StepConfig, ad: Autodiff, ev: Evaluation,
+              gstats: Tensor) -> None:
+    """``grad c = H_f a + H_r b`` into ``HVP`` (one double backward)."""
+    seeds = C.seed_coeffs(gstats, cfg.eps)
+    for p in parts:
+        p.backend.combine(p.buf.grad_f, p.buf.grad_r, _on(seeds, p.buf), p.buf.flat(Slot.SEED_A),
+                          p.buf.flat(Slot.SEED_B))
+    ad.vjp(ev.gf + ev.gr, ad.views(Slot.SEED_A) + ad.views(Slot.SEED_B), into=Slot.HVP,
+           why="similarity='hvp'")
+
+
+_OPERAND = {"retain": Slot.GRAD_R, "grad_cos": Slot.HVP, None: None}
+
+
+def direction_operand(parts, cfg, ad, ev, stats, gstats):
+    """``y`` of ``u = alpha*g_f + gamma*y``: ``(slot, per-buffer reduce3(g_f, y), finite flag)``.
+    For ``hvp``, ``y = grad c`` is a new vector: its norm and finiteness take one more pass."""
+    ok = torch.isfinite(gstats).all()
+    if cfg.sim.operand != "grad_cos":
+        return _OPERAND[cfg.sim.operand], stats, ok
+    _grad_cos(parts, cfg, ad, ev, gstats)
+    ustats, ug = reduce(parts, Slot.GRAD_F, Slot.HVP)
+    return Slot.HVP, ustats, ok & torch.isfinite(ug).all()
+
+
+def direction_coefs(parts: list[Part], cfg: StepConfig, gstats: Tensor) -> list[Tensor]:
+    return [C.direction_coeffs(cfg.sim, gstats, cfg.hypers[p.group].beta, cfg.eps)
+            for p in parts]
+
+
+def combine_direction(parts, cfg, ad, ev, stats, gstats, out: Slot):
+    """``u(theta)`` into ``out``; returns per-buffer ``(coef, stats)`` for its norm, and the
+    finite flag."""
+    y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
+    coefs = direction_coefs(parts, cfg, gstats)
+    for p, coef in zip(parts, coefs):
+        p.backend.combine(p.buf.grad_f, p.buf.flat(y), _on(C.pack_combine(coef[0], coef[1]), p.buf),
+                          p.buf.flat(out))
+    return coefs, ustats, ok
+
+
+# ----------------------------------------------------------------------------------- applying
+
+
+def apply(parts: list[Part], cfg: StepConfig, state: StepState, loop: str, x: Slot,
+          y: Slot | None, coefs: list[Tensor], sqnorms: dict[int, Tensor], go: Tensor) -> None:
+    """Apply ``coef[0]*x + coef[1]*y`` (clipped per group; skipped unless ``go``): ascent for the
+    inner loop, descent for the outer one, plain or through Adam."""
+    for i, part in enumerate(parts):
+        hp, buf = cfg.hypers[part.group], part.buf
+        scale = (C.clip_scale(sqnorms[part.group], hp.max_grad_norm)
+                 if hp.max_grad_norm is not None else None)
+        lr = hp.inner_lr if loop == "inner" else hp.lr
+        if cfg.preconditioner == "sgd":
+            c = C.update_coeffs(lr if loop == "inner" else -lr, hp.weight_decay, coefs[i], scale, go)
+            part.backend.update(buf.param, buf.flat(x), buf.flat(y), _on(c, buf))
+            continue
+        direction = buf.flat(x)
+        if y is not None:  # torch's fused Adam reads one gradient buffer
+            direction = buf.flat(Slot.DIRECTION)
+            part.backend.combine(buf.flat(x), buf.flat(y),
+                                 _on(C.pack_combine(coefs[i][0], coefs[i][1]), buf), direction)
+        m, v = (buf.flat(s) for s in MOMENTS[loop])
+        adam_apply(buf.param, direction, m, v, state.adam_steps[(i, loop)], lr=lr,
+                   betas=hp.betas, eps=hp.adam_eps, weight_decay=hp.weight_decay,
+                   ascend=loop == "inner",
+                   scale=None if scale is None else _on(scale, buf).float(),
+                   ok=go.to(buf.device))
+
+
+def adam_apply(theta: Tensor, direction: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+               step: Tensor, *, lr: float, betas: tuple[float, float], eps: float,
+               weight_decay: float, ascend: bool, scale: Tensor | None, ok: Tensor) -> None:
+    """Adam-preconditioned application of a direction (``preconditioner="adam"``).
+
+    Torch's fused Adam on the flat buffers: ``direction * scale`` (``scale=None``: 1) is the
+    gradient (``ascend`` flips its sign for the inner loop), and a false ``ok`` skips the whole
+    update, moments and step count included (torch's ``found_inf`` contract: no host sync)."""
+    found_inf = (~ok).to(torch.float32)
+    step.add_(1.0)
+    torch._fused_adam_([theta], [direction], [exp_avg], [exp_avg_sq], [], [step], lr=lr,
+                       beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
+                       amsgrad=False, maximize=ascend,
+                       grad_scale=None if scale is None else (1.0 / scale).to(torch.float32),
+                       found_inf=found_inf)
+    step.sub_(found_inf.to(step.dtype))
+
+
+# ---------------------------------------------------------------------------------- the loops
+
+
+def inner_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodiff,
+               closure: Callable) -> Tensor:
+    """One ascent step on ``Phi = L_f - beta*cos``: ``theta += inner_lr * u``. Returns the
+    forget loss (detached)."""
+    second = cfg.sim.second_order
+    ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'")
+    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
+    state.diag["inner_stats"] = gstats
+    with torch.enable_grad():
+        y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
+    coefs = direction_coefs(parts, cfg, gstats)
+    sqnorms = group_sqnorms(parts, cfg, coefs, ustats, clipped_only=True)
+    loss_f = ev.loss_f.detach()
+    go = ok
+    if cfg.forget_loss_cap is not None:  # the safeguard: no ascent past the cap
+        below = loss_f < cfg.forget_loss_cap
+        state.count("capped", ok & ~below)
+        go = ok & below
+    state.count("skipped", ~ok)
+    apply(parts, cfg, state, "inner", Slot.GRAD_F, y, coefs, sqnorms, go)
+    return loss_f
+
+
+def outer_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodiff,
+               closure: Callable) -> Tensor:
+    """One penalised descent step on ``L_r + rho_k |grad Phi|^2``:
+    ``theta -= lr * (g_r + 2 rho_k h)``. Returns the retain loss (detached). The caller
+    advances the rho schedule."""
+    penalised = cfg.hvp.penalised and any(cfg.hypers[p.group].rho > 0 for p in parts)
+    if penalised:
+        ev, stats, ok = _penalty(parts, cfg, state, ad, closure)
+    else:  # retain descent: the forget gradient would only feed diagnostics, so it is skipped
+        ev = ad.evaluate(closure, forget=False)
+        stats, gstats = reduce(parts, Slot.GRAD_R, None)  # [0, |g_r|^2, 0]
+        for key in ("outer_stats", "grad_phi_sq"):
+            state.diag.pop(key, None)
+        state.diag["retain_stats"] = gstats
+        ok = torch.isfinite(gstats).all()
+    # the outer direction g_r + 2 rho h; its norm from reduce3(g_r, h) (or reduce3(g_r, None))
+    one = torch.ones_like(stats[0][0])
+    coefs = [torch.stack([one, 2.0 * cfg.hypers[p.group].rho * one]) for p in parts]
+    sqnorms = group_sqnorms(parts, cfg, coefs, stats, clipped_only=True)
+    state.count("skipped", ~ok)
+    apply(parts, cfg, state, "outer", Slot.GRAD_R, Slot.HVP if penalised else None, coefs,
+          sqnorms, ok)
+    for p in parts:  # p.grad shows the last retain gradient, as after SGD
+        p.buf.bind_grads(Slot.GRAD_R)
+    return ev.loss_r.detach()
+
+
+def _penalty(parts, cfg, state, ad, closure):
+    """The outer evaluation with the penalty on: ``v = u(theta)`` into ``PHI_GRAD``, ``h`` into
+    ``HVP``; returns the evaluation, per-buffer ``reduce3(g_r, h)`` and the finite flag."""
+    graph_f, graph_r = cfg.hvp.graphs(cfg.sim)
+    ev = ad.evaluate(closure, graph_f=graph_f, graph_r=graph_r,
+                     why=f"similarity={cfg.sim.name!r} with outer_hvp={cfg.hvp.name!r} and rho > 0")
+    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
+    state.diag.pop("retain_stats", None)
+    state.diag["outer_stats"] = gstats
+    with torch.enable_grad():
+        coefs, ustats, ok = combine_direction(parts, cfg, ad, ev, stats, gstats, Slot.PHI_GRAD)
+        phi_sq = sum(group_sqnorms(parts, cfg, coefs, ustats).values())
+        state.diag["grad_phi_sq"] = phi_sq
+        _HVP[cfg.hvp.name](parts, cfg, ad, ev, closure, phi_sq)
+    ev.gf = ev.gr = None  # free the kept graphs before the update
+    stats, dg = reduce(parts, Slot.GRAD_R, Slot.HVP)
+    return ev, stats, ok & torch.isfinite(gstats).all() & torch.isfinite(dg).all()
+
+
+# ------------------------------------------------------------- h ~ Hessian(Phi) v, per mode
+
+
+def _hvp_forget(parts, cfg, ad, ev, closure, phi_sq) -> None:
+    """``h = H_f v``: one double backward of the forget gradient."""
+    ad.vjp(ev.gf, ad.views(Slot.PHI_GRAD), into=Slot.HVP, why="outer_hvp='forget' (rho > 0)")
+
+
+def _hvp_exact(parts, cfg, ad, ev, closure, phi_sq) -> None:
+    """``h = J_u^T v``: autograd through ``u(theta)`` itself (third order with ``hvp``)."""
+    ad.vjp(_u_graph(parts, cfg, ad, ev), ad.views(Slot.PHI_GRAD), into=Slot.HVP,
+           why="outer_hvp='exact' (rho > 0)")
+
+
+def _u_graph(parts, cfg, ad, ev) -> list[Tensor | None]:
+    """``u(theta)`` per parameter, as a differentiable function of the parameters."""
+    gf, gr = ev.gf, ev.gr
+    if cfg.sim.operand is None:
+        return gf
+    betas = [cfg.hypers[p.group].beta for p in parts for _ in p.buf.params]
+    dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
+    z = torch.zeros((), dtype=dt, device=parts[0].buf.device)
+    d = nf2 = nr2 = z
+    for a, b in zip(gf, gr):
+        a = None if a is None else a.to(dt)
+        b = None if b is None else b.to(dt)
+        if a is not None and b is not None:
+            d = d + (a * b).sum().to(z.device)
+        if a is not None:
+            nf2 = nf2 + (a * a).sum().to(z.device)
+        if b is not None:
+            nr2 = nr2 + (b * b).sum().to(z.device)
+    c, k = C.similarity_scalars(torch.stack([d, nf2, nr2]), cfg.eps)
+    if cfg.sim.operand == "retain":
+        y, coef = gr, [-beta * k for beta in betas]
+    elif not c.requires_grad:
+        return gf
+    else:
+        y = torch.autograd.grad(c, ad.params, create_graph=True, allow_unused=True)
+        coef = [-beta for beta in betas]
+    out = []
+    for a, b, cb in zip(gf, y, coef):
+        if b is not None:
+            b = (cb.to(b.device) * b.to(dt)).to(b.dtype) if torch.is_tensor(cb) else cb * b
+        out.append(a if b is None else (b if a is None else a + b))
+    return out
+
+
+def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> None:
+    """Central difference of ``u`` along ``v``: ``h = (u(+) - u(-)) |v| / (2 delta)``, from
+    gradients already averaged across ranks. theta moves with the update kernel and is
+    restored arithmetically (to rounding)."""
+    accepts = "same_batch" in inspect.signature(closure).parameters
+    vnorm = torch.sqrt(phi_sq)
+    ok = torch.isfinite(vnorm) & (vnorm > 0)
+    step = torch.where(ok, cfg.fd_delta / vnorm, torch.zeros_like(vnorm))
+    for p in parts:  # the outer update needs g_r(theta); the probes overwrite it
+        p.buf.flat(Slot.RETAIN_SAVED).copy_(p.buf.grad_r)
+
+    def move(sign: float) -> None:
+        one = torch.ones_like(step)
+        for p in parts:
+            c = C.pack_update(one, sign * step, 0.0 * one, ok)
+            p.backend.update(p.buf.param, p.buf.flat(Slot.PHI_GRAD), None, _on(c, p.buf))
+
+    def u_here(out: Slot) -> None:
+        second = cfg.sim.second_order
+        probe = ad.evaluate(closure, graph_f=second, graph_r=second, same_batch=accepts,
+                            why="similarity='hvp'")
+        stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
+        combine_direction(parts, cfg, ad, probe, stats, gstats, out)
+
+    move(+1.0)
+    u_here(Slot.PROBE)
+    move(-2.0)
+    u_here(Slot.HVP)
+    move(+1.0)
+    scale = torch.where(ok, vnorm / (2.0 * cfg.fd_delta), torch.zeros_like(vnorm))
+    for p in parts:
+        c = _on(C.pack_combine(-scale, scale), p.buf)
+        p.backend.combine(p.buf.flat(Slot.HVP), p.buf.flat(Slot.PROBE), c, p.buf.flat(Slot.HVP))
+        p.buf.grad_r.copy_(p.buf.flat(Slot.RETAIN_SAVED))
+
+
+_HVP = {"forget": _hvp_forget, "exact": _hvp_exact, "fd": _hvp_fd}

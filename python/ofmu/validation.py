@@ -1,0 +1,77 @@
+"""Argument validation, in one place: the constructor, ``add_param_group``, ``load_state_dict``
+and every ``step`` (hyperparameters edited in ``param_groups`` after construction) call these.
+Host-side Python values only: validating never synchronises with a device."""
+
+from __future__ import annotations
+
+import math
+
+from . import backends
+from .modes import OUTER_HVP, SIMILARITY
+
+PRECONDITIONERS = ("sgd", "adam")
+# Settings of the whole optimizer: they decide which backward passes run.
+GLOBAL_KEYS = ("similarity", "outer_hvp", "inner_steps", "outer_steps", "preconditioner", "eps",
+               "fd_delta", "backend", "process_group", "forget_loss_cap")
+# Numeric hyperparameters any param group may override.
+GROUP_KEYS = ("lr", "inner_lr", "beta", "rho", "rho_growth", "rho_max", "weight_decay",
+              "max_grad_norm", "betas", "adam_eps")
+
+
+def check_number(name: str, value, where: str = "", positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}{where}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        need = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {need}, got {value}{where}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {tuple(choices)}")
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def validate_options(similarity, outer_hvp, inner_steps, outer_steps, preconditioner, eps,
+                     fd_delta, backend, forget_loss_cap) -> None:
+    """The per-optimizer settings (see :data:`GLOBAL_KEYS`)."""
+    _check_choice("similarity mode", similarity, SIMILARITY)
+    _check_choice("outer_hvp mode", outer_hvp, OUTER_HVP)
+    _check_count("inner_steps", inner_steps, 0)
+    _check_count("outer_steps", outer_steps, 1)
+    _check_choice("preconditioner", preconditioner, PRECONDITIONERS)
+    check_number("eps", eps, positive=True)
+    check_number("fd_delta", fd_delta, positive=True)
+    _check_choice("backend", backend, ("auto",) + backends.NAMES)
+    if forget_loss_cap is not None:
+        check_number("forget_loss_cap", forget_loss_cap, positive=True)
+
+
+def validate_group(group: dict, gi: int, similarity: str) -> None:
+    """A param group's hyperparameters (they may be edited between steps)."""
+    where = f" (param group {gi})"
+    for key in ("lr", "beta", "rho", "weight_decay"):
+        check_number(key, group[key], where=where)
+    if group["inner_lr"] is not None:
+        check_number("inner_lr", group["inner_lr"], where=where)
+    check_number("rho_growth", group["rho_growth"], where=where)
+    if group["rho_growth"] < 1.0:
+        raise ValueError(f"rho_growth must be >= 1, got {group['rho_growth']}{where}")
+    check_number("rho_max", group["rho_max"], where=where)
+    if group["max_grad_norm"] is not None:
+        check_number("max_grad_norm", group["max_grad_norm"], where=where, positive=True)
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and
+            all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}{where}")
+    check_number("adam_eps", group["adam_eps"], where=where, positive=True)
+    if similarity == "project" and group["beta"] > 1.0:
+        raise ValueError(f"beta must be <= 1 with similarity='project' (beta = 1 already "
+                         f"removes the whole retain component), got {group['beta']}{where}")
+    if "rho_k" in group:
+        check_number("rho_k", group["rho_k"], where=where)
