@@ -1,0 +1,139 @@
+"""OFMUTrainer and OFMU on transformers models: exact checkpoint resume, PEFT LoRA, activation
+checkpointing, bf16 models, tied embeddings."""
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+from _hf_common import FIRST_ORDER, flat_params, memorised, nll, sequences, trainer  # noqa: E402
+from ofmu import OFMU  # noqa: E402
+from ofmu.hf import causal_lm_losses  # noqa: E402
+
+# Everything a resume has to restore: Adam moments of both loops, a growing rho (finite-difference
+# HVP, so it runs on SDPA attention), a warm-up + linear schedule with an explicit inner_lr,
+# weight decay (two param groups), clipping, and streams that wrap around their datasets.
+RESUME_OFMU = dict(inner_lr=2e-3, inner_steps=1, outer_steps=1, beta=0.8, rho=0.01,
+                   rho_growth=1.5, rho_max=1.0, similarity="project", outer_hvp="fd",
+                   preconditioner="adam")
+RESUME_ARGS = dict(max_steps=8, save_strategy="steps", save_steps=3, logging_steps=2,
+                   lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.01,
+                   max_grad_norm=0.5, per_device_train_batch_size=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checkpoint_resume_equals_an_uninterrupted_run_bit_for_bit(arch, tmp_path):
+    whole = memorised(arch)
+    tr = trainer(whole, tmp_path / "a", RESUME_OFMU, **RESUME_ARGS)
+    tr.train()
+    rho_whole = tr.optimizer.param_groups[0]["rho_k"]
+
+    resumed = memorised(arch)
+    tr2 = trainer(resumed, tmp_path / "a", RESUME_OFMU, **RESUME_ARGS)
+    tr2.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert tr2.state.global_step == 8
+    rho = 0.01
+    for _ in range(8):  # one outer step per Trainer step
+        rho = min(rho * 1.5, 1.0)
+    assert rho_whole == tr2.optimizer.param_groups[0]["rho_k"] == rho
+    # the interrupted run really moved the weights after step 3
+    forget, _ = sequences()
+    assert nll(resumed, forget) > nll(memorised(arch), forget) + 0.01
+    assert torch.equal(flat_params(whole), flat_params(resumed))
+
+
+def test_lora_moves_only_the_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = memorised("llama")
+    forget, retain = sequences()
+    f0, r0 = nll(base, forget), nll(base, retain)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "v_proj", "o_proj",
+                                                                      "up_proj", "down_proj"]))
+    frozen = {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()
+              if not p.requires_grad}
+    lora = [p for p in model.parameters() if p.requires_grad]
+    tr = trainer(model, tmp_path, dict(FIRST_ORDER, inner_lr=1e-2), learning_rate=1e-2,
+                 max_steps=40)
+    tr.train()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n][0]), n  # bit-identical
+            assert p.data_ptr() == frozen[n][1], n  # never re-viewed into OFMU's buffers
+    # OFMU's parameter storage holds the adapters only (plus alignment padding), not the base
+    storages = {p.untyped_storage().data_ptr() for p in lora}
+    assert len(storages) == 1
+    adapter_bytes = sum(p.numel() * p.element_size() for p in lora)
+    assert lora[0].untyped_storage().nbytes() < 2 * adapter_bytes + 4096
+    assert 2 * adapter_bytes + 4096 < sum(t.numel() * t.element_size() for t, _ in frozen.values())
+    with torch.no_grad():
+        assert nll(model, forget) > f0 + 2.0
+        assert nll(model, retain) < r0 + 0.2
+
+
+def _steps(model, opt_kwargs, n=2):
+    opt = OFMU(model.parameters(), lr=1e-3, **opt_kwargs)
+    forget, retain = sequences()
+    batches = []
+    g = torch.Generator().manual_seed(5)
+    last = {}
+
+    def closure(same_batch=False):
+        if not same_batch:
+            last["fb"] = forget[torch.randint(0, len(forget), (4,), generator=g)]
+            last["rb"] = retain[torch.randint(0, len(retain), (4,), generator=g)]
+            batches.append(1)
+        return causal_lm_losses(model, {"input_ids": last["fb"]}, {"input_ids": last["rb"]})
+
+    for _ in range(n):
+        opt.step(closure)
+    return flat_params(model)
+
+
+@pytest.mark.parametrize("mode", ["first-order", "fd"])
+def test_activation_checkpointing_gives_the_same_step(mode):
+    kw = FIRST_ORDER if mode == "first-order" else dict(FIRST_ORDER, rho=0.05, outer_hvp="fd")
+    start = flat_params(memorised("llama"))
+    plain = memorised("llama")
+    plain.train()
+    ckpt = memorised("llama")
+    ckpt.gradient_checkpointing_enable()
+    ckpt.train()
+    assert ckpt.is_gradient_checkpointing
+    a, b = _steps(plain, kw), _steps(ckpt, kw)
+    moved = (a - start).norm()
+    assert moved > 1e-3
+    assert (a - b).norm() <= 1e-5 * moved
+
+
+def test_bf16_model_stays_bf16_and_unlearns(tmp_path):
+    model = memorised("llama", dtype=torch.bfloat16)
+    forget, retain = sequences()
+    f0, r0 = nll(model, forget), nll(model, retain)
+    trainer(model, tmp_path, dict(FIRST_ORDER, inner_lr=3e-3), learning_rate=3e-3).train()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert nll(model, forget) > f0 + 2.0
+    assert nll(model, retain) < r0 + 0.5
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    model = memorised("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    before = model.lm_head.weight.detach().clone()
+    trainer(model, tmp_path, max_steps=5).train()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_trainer_rejects_what_it_cannot_run(tmp_path):
+    model = memorised("llama")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        trainer(model, tmp_path, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="learning_rate"):
+        trainer(model, tmp_path, dict(FIRST_ORDER, lr=0.1))
+    with pytest.raises(TypeError, match="train_dataset"):
+        from ofmu.hf import OFMUTrainer
+
+        OFMUTrainer(model, None, forget_dataset=[1], retain_dataset=[1], train_dataset=[1])
+    with pytest.raises(ValueError, match="forget_dataset is empty"):
+        OFMUTrainer(model, None, forget_dataset=[], retain_dataset=[1])
