@@ -89,16 +89,28 @@ def test_cli_info_and_bench_help(capsys):
     assert main(["info"]) == 0
     assert "chosen for backend='auto'" in capsys.readouterr().out
     # `ofmu bench` runs the benchmark shipped in the package and forwards its options
-    with pytest.raises(SystemExit) as e:
-        main(["bench", "--help"])
-    assert e.value.code == 0
+    assert main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--providers" in out and "--sizes" in out
 
 
-def test_cli_demo_on_digits(capsys, setup):
+def test_cli_demo_on_digits(capsys, setup, monkeypatch, tmp_path):
+    """Without Fashion-MNIST the demo says how to install it, falls back to digits, and ends with a
+    verdict naming the method with the lowest Avg. Gap (checked against the printed table)."""
     _, _, _, cache = setup
-    assert main(["demo", "--dataset", "digits", "--quiet", "--cache-dir", str(cache)]) == 0
+    monkeypatch.setenv("OFMU_FASHION_MNIST_DIR", str(tmp_path / "no-fashion-mnist-here"))
+    assert main(["demo", "--quiet", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
+    assert "apt-get install dataset-fashion-mnist" in out and "Falling back to scikit-learn's digits" in out
+    assert "unlearning on digits" in out
     for row in ("Retrain", "Original", "GA", "GradDiff", "OFMU (project, Adam)", "Avg. Gap"):
         assert row in out
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
+    gaps = {cells[0].strip(): float(cells[5]) for cells in table}
+    methods = {k: v for k, v in gaps.items() if k not in ("Retrain", "Original", "method")}
+    best = min(methods, key=methods.get)
+    runner_up = sorted(methods.values())[1]
+    (verdict,) = [line for line in out.splitlines() if line.startswith("Verdict:")]
+    assert f"{best} came closest to retraining (Avg. Gap {methods[best]:.2f}" in verdict
+    assert f"{runner_up - methods[best]:.2f} ahead of" in verdict  # rounding: table and line agree
+    assert "With one seed" in verdict and "ties" in verdict
