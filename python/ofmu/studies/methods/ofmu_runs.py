@@ -1,22 +1,19 @@
 """OFMU through :class:`ofmu.OFMU` (SGD and Adam preconditioners) and its ablations.
 
 One ``opt.step(closure)`` runs ``inner_steps`` ascent steps and ``outer_steps`` retain steps,
-each on fresh minibatches. The closure always computes both losses, so its cost is counted as
-the optimizer spends it: an inner step backpropagates both (2 gradient evaluations, +1 double
-backward for ``hvp``); an outer step backpropagates the retain loss (1) plus the forget loss
-while the stationarity penalty is active (1, + the Hessian-vector products of ``outer_hvp``),
-and otherwise only runs the forget forward (1/3).
+each on fresh minibatches. Its cost in gradient evaluations is read from the mode records
+(:func:`ofmu.modes.step_cost`), so the budget charges what the optimizer spends.
 """
 
 from __future__ import annotations
 
 from torch.nn.functional import cross_entropy
 
+from ...modes import FORWARD_COST as FORWARD  # noqa: F401  (a forward pass alone, for LM methods)
+from ...modes import OUTER_HVP, SIMILARITY, step_cost
 from ...optimizer import OFMU
 from .base import Method, register
 from .baselines import _grid
-
-FORWARD = 1 / 3  # a forward pass alone, in gradient evaluations
 
 _OPT_KEYS = ("lr", "inner_lr", "inner_steps", "outer_steps", "beta", "rho", "rho_growth",
              "rho_max", "similarity", "outer_hvp", "weight_decay", "max_grad_norm",
@@ -36,14 +33,11 @@ def ofmu_run(model, data, hp, streams, steps):
 
 
 def ofmu_cost(hp: dict) -> float:
-    hvp = hp.get("similarity", "project") == "hvp"
-    inner = 3 if hvp else 2
-    if hp.get("rho", 0.01) > 0 and hp.get("outer_hvp", "forget") != "none":
-        outer = 2 + {"forget": 1, "exact": 2, "fd": 4}[hp.get("outer_hvp", "forget")]
-        outer += 1 if hvp else 0
-    else:
-        outer = 1 + FORWARD
-    return hp["inner_steps"] * inner + hp.get("outer_steps", 1) * outer
+    """Gradient evaluations of one ``opt.step`` as the mode records count them."""
+    sim = SIMILARITY[hp.get("similarity", "project")]
+    hvp = OUTER_HVP[hp.get("outer_hvp", "forget")]
+    return step_cost(sim, hvp, hp["inner_steps"], hp.get("outer_steps", 1),
+                     penalty_on=hp.get("rho", 0.01) > 0)
 
 
 # OFMU-Adam is the configuration chosen from the validation pilots (docs/results.md): one inner
