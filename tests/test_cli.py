@@ -197,3 +197,18 @@ def test_verdict_clear_winner_and_one_seed():
     one = cli.verdict(_result({"GA": [4.0], "NPO": [3.5]}))
     assert "NPO came closest" in one and "0.50 ahead of GA" in one
     assert "With one seed" in one and "ties" in one and "docs/results.md" in one
+
+
+def test_extras_cover_every_optional_import():
+    """pyproject's `all` is every other extra, and each module the CLI maps to an extra is in it."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras) == {"bench", "hf", "lm", "triton", "dev", "all"}
+    assert set(extras["all"]) == set().union(*(set(v) for k, v in extras.items() if k != "all"))
+    assert set(extras["hf"]) <= set(extras["lm"])
+    for module, extra in cli.EXTRA_OF.items():
+        assert cli.PIP_NAME.get(module, module) in extras[extra], (module, extra)
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -e ".[all]" --no-build-isolation && ofmu demo' in readme
+    assert 'pip install -q -e ".[all]" --no-build-isolation' in ci
