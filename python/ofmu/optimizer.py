@@ -149,6 +149,7 @@ class OFMU(Optimizer):
             self._hooks.append(p.register_hook(_dense_grad_check(name)))
         for (device, _), items in by_key.items():
             buf = FlatBuffer([p for p, _ in items], [n for _, n in items])
+            buf.bind_grads(Slot.GRAD_R)  # p.grad always shows the retain buffer (zeros here)
             backend, reason = backends.select(self.backend, device)
             self._parts.append(F.Part(buf, backend, gi))
             self._autodiff.buffers.append(buf)

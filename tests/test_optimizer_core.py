@@ -1,0 +1,172 @@
+"""The optimizer core's second-pass contract: scale-invariant directions (each epsilon relative
+to its own denominator), hyperparameters validated at every step, per-parameter state that
+checkpoints by parameter (shape-checked, nothing but optimizer state written), mode records."""
+
+import copy
+import math
+
+import pytest
+import torch
+from ofmu import OFMU
+from ofmu.modes import OUTER_HVP, SIMILARITY, step_cost
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+
+def _inner_displacement(similarity, forget_scale, retain_scale, beta=0.8):
+    """theta after one SGD inner step minus theta before (= inner_lr * u), float64."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x = torch.randn(16, 5, dtype=torch.float64)
+    yf, yr = torch.randint(0, 3, (16,)), torch.randint(0, 3, (16,))
+    ce = torch.nn.functional.cross_entropy
+    opt = OFMU(m.parameters(), lr=0.1, inner_steps=1, beta=beta, rho=0.0, similarity=similarity)
+    before = torch.cat([p.detach().flatten() for p in m.parameters()])
+    opt.inner_step(lambda: (forget_scale * ce(m(x), yf), retain_scale * ce(m(x[:8]), yr[:8])))
+    return torch.cat([p.detach().flatten() for p in m.parameters()]) - before
+
+
+@pytest.mark.parametrize("similarity", ["project", "none"])
+@pytest.mark.parametrize("forget_scale,retain_scale", [(1e-6, 1.0), (1e8, 1.0), (1.0, 1e-6),
+                                                       (1.0, 1e8), (1e8, 1e-6)])
+def test_scaling_a_loss_leaves_the_direction_unchanged(similarity, forget_scale, retain_scale):
+    """u/|u| is invariant to positive loss scales. A shared epsilon eps*(|g_f|^2 + |g_r|^2)
+    made the projection vanish once |g_f| >> |g_r| (the normal state while ascending)."""
+    base = _inner_displacement(similarity, 1.0, 1.0)
+    got = _inner_displacement(similarity, forget_scale, retain_scale)
+    cos = torch.dot(base, got) / (base.norm() * got.norm())
+    assert 1.0 - cos.item() <= 1e-12
+    torch.testing.assert_close(got / got.norm(), base / base.norm(), rtol=0, atol=1e-9)
+
+
+def test_projection_keeps_working_when_the_forget_gradient_dominates():
+    """beta = 1 with |g_f| ~ 1e8 |g_r|: the step stays orthogonal to g_r up to the relative
+    epsilon (<u, g_r> = d * eps / (1 + eps) with eps = 1e-12) and float64 rounding. With the
+    old shared epsilon the projection vanished here and <u, g_r> was ~d."""
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(7, dtype=torch.float64))
+    af, ar = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    opt = OFMU([p], lr=1.0, inner_steps=1, beta=1.0, rho=0.0)
+    before = p.detach().clone()
+    opt.inner_step(lambda: (1e8 * (af * p).sum(), (ar * p).sum()))
+    step = p.detach() - before
+    assert abs(torch.dot(step, ar).item()) <= 1e-11 * step.norm().item() * ar.norm().item()
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", float("nan"), "lr must be finite"), ("lr", -1.0, "lr must be finite and >= 0"),
+    ("beta", 5.0, "beta must be <= 1"), ("inner_lr", float("inf"), "inner_lr"),
+    ("betas", (0.9, 1.5), "betas"), ("max_grad_norm", 0.0, "max_grad_norm")])
+def test_hyperparameters_edited_after_construction_are_validated_at_step(key, value, match):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = OFMU([p], lr=0.1, inner_steps=1, rho=0.0)
+    opt.param_groups[0][key] = value
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.step(lambda: ((p * p).sum(), (p - 1).pow(2).sum()))
+    assert torch.equal(p.detach(), torch.ones(3))  # nothing moved before the error
+
+
+def _adam_model(shapes, seed=0):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    opt = OFMU(params, lr=1e-2, inner_steps=1, rho=0.0, preconditioner="adam")
+
+    def closure():
+        lf = sum((q * q).sum() for q in params)
+        return lf, sum((q - 1).pow(2).sum() for q in params)
+    return params, opt, closure
+
+
+def test_state_is_per_parameter_views_into_the_flat_moments():
+    params, opt, closure = _adam_model([(3, 4), (5,)])
+    opt.step(closure)
+    for p in params:
+        st = opt.state[p]
+        assert st["inner_exp_avg"].shape == p.shape and st["outer_exp_avg_sq"].shape == p.shape
+        assert st["outer_step"].item() == 1.0 and st["inner_step"].item() == 1.0
+        assert st["outer_exp_avg"].abs().sum() > 0
+    buf = opt._parts[0].buf
+    assert opt.state[params[0]]["outer_exp_avg"].untyped_storage().data_ptr() == \
+        buf.buffer("outer_exp_avg")[0].untyped_storage().data_ptr()
+
+
+def test_checkpoint_from_a_model_with_the_same_flat_size_is_rejected():
+    """(3, 4) + (5,) and (4, 3) + (5,) pad to the same flat buffer; shapes tell them apart."""
+    _, a, ca = _adam_model([(3, 4), (5,)])
+    a.step(ca)
+    _, b, _ = _adam_model([(4, 3), (5,)])
+    assert a._parts[0].buf.numel == b._parts[0].buf.numel
+    with pytest.raises(ValueError, match=r"shape \(3, 4\).*shape \(4, 3\).*different model"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_checkpoint_entries_cannot_write_parameters_or_gradients():
+    params, opt, closure = _adam_model([(3, 4), (5,)])
+    opt.step(closure)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["param"] = torch.full((3, 4), 1e6)
+    weights = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"unknown entries \['param'\]"):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_old_flat_format_checkpoint_fails_clearly():
+    _, opt, closure = _adam_model([(3, 4)])
+    sd = opt.state_dict()
+    sd["ofmu"] = {"moments": [{"inner_exp_avg": torch.zeros(64)}], "adam_steps": {}}
+    with pytest.raises(ValueError, match="ofmu 0.1.0"):
+        opt.load_state_dict(sd)
+
+
+def test_round_trip_through_torch_distributed_checkpoint_state_dict_api():
+    """``get_optimizer_state_dict`` keys state by parameter name; loading it into a fresh
+    optimizer continues bit-identically."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    m2 = copy.deepcopy(m)
+    kw = dict(lr=1e-2, inner_steps=1, rho=0.0, preconditioner="adam")
+    x = torch.randn(6, 4)
+
+    def closure_for(model):
+        return lambda: (model(x).pow(2).mean(), (model(x) - 1).pow(2).mean())
+    opt = OFMU(m.parameters(), **kw)
+    opt.step(closure_for(m))
+    sd = get_optimizer_state_dict(m, opt)
+    assert set(sd["state"]["0.weight"]) >= {"inner_exp_avg", "outer_exp_avg_sq", "outer_step"}
+    m2.load_state_dict(m.state_dict())
+    opt2 = OFMU(m2.parameters(), **kw)
+    set_optimizer_state_dict(m2, opt2, sd)
+    opt.step(closure_for(m))
+    opt2.step(closure_for(m2))
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+
+
+def test_sgd_optimizer_state_dict_through_dcp_api_before_any_step():
+    m = torch.nn.Linear(4, 2)
+    opt = OFMU(m.parameters(), lr=0.1, rho=0.0)
+    sd = get_optimizer_state_dict(m, opt)  # would call step(None) if p.grad were unset
+    assert sd["state"] == {} and sd["param_groups"][0]["params"] == ["weight", "bias"]
+
+
+def test_mode_records_drive_cost_and_double_backward():
+    proj, hvp = SIMILARITY["project"], SIMILARITY["hvp"]
+    assert not OUTER_HVP["fd"].double_backward(proj) and OUTER_HVP["fd"].double_backward(hvp)
+    assert OUTER_HVP["forget"].double_backward(proj) and not OUTER_HVP["none"].double_backward(hvp)
+    assert OUTER_HVP["exact"].graphs(SIMILARITY["none"]) == (True, False)
+    # 1 inner step (2 backward) + 6 outer retain steps (1 backward + 1 forget forward each)
+    assert step_cost(proj, OUTER_HVP["forget"], 1, 6, penalty_on=False) == pytest.approx(2 + 6 * 4 / 3)
+    # fd with hvp: v costs 3, two probes of u cost 3 each
+    assert step_cost(hvp, OUTER_HVP["fd"], 0, 1, penalty_on=True) == 3 + 6
+
+
+def test_last_stats_has_the_same_keys_whatever_the_configuration():
+    p = torch.nn.Parameter(torch.ones(3))
+    keys = None
+    for kw in (dict(rho=0.0), dict(rho=0.1, outer_hvp="forget"), dict(inner_steps=0, rho=0.0)):
+        opt = OFMU([p], lr=0.01, **{"inner_steps": 1, **kw})
+        opt.step(lambda: ((p * p).sum(), (p - 1).pow(2).sum()))
+        st = opt.last_stats()
+        keys = keys or set(st)
+        assert set(st) == keys
+    assert math.isnan(st["inner_cosine"]) and math.isnan(st["cosine"])  # the last config
+    assert st["retain_grad_norm"] > 0
