@@ -94,13 +94,15 @@ assert torch._C._dispatch_has_kernel_for_dispatch_key('ofmu::update', 'CUDA'), '
 
 # 3. Tests: every GPU-marked test of the project, then the rest of the kernel parity tests
 #    (CPU ones too: the same build must pass them here; the Triton ones run compiled on the GPU).
+#    tests/test_kernels.py holds the kernel contract for every backend: its cuda and triton-cuda
+#    cases are GPU-marked (first step), its cpp-cpu cases run in the parity step.
 #    The parity step deselects the GPU-marked tests, which the first step already ran, and
 #    test_backend_parity's triton cases: they drive the Triton backend with CPU tensors, which
 #    works only under TRITON_INTERPRET=1 (CPU CI) and raises "x is on cpu" where a GPU is seen.
 step pytest_gpu 150 "$PY" -m pytest -m gpu -q -rs --durations=10 --junitxml="$LOGS/pytest_gpu.xml" tests
 PARITY=()
-for f in tests/test_kernels_cpp.py tests/test_kernels_triton.py tests/test_backend_parity.py \
-  tests/test_contract.py tests/test_cuda_compile.py; do
+for f in tests/test_kernels.py tests/test_kernels_cpp.py tests/test_kernels_triton.py \
+  tests/test_backend_parity.py tests/test_contract.py tests/test_cuda_compile.py; do
   [ -f "$f" ] && PARITY+=("$f")
 done
 OMP_NUM_THREADS=4 step pytest_parity 120 "$PY" -m pytest -m "not gpu" \

@@ -1,98 +1,50 @@
-"""The CUDA ops of ``ofmu._C`` on a GPU: accuracy, determinism, no host syncs, CUDA graphs.
+"""The CUDA ops of ``ofmu._C`` on a GPU: what only a GPU shows.
 
 Run on a lent GPU machine with ``pytest -m gpu`` (benchmarks/gpu_check.sh); conftest.py skips
-these tests where no CUDA device is visible. Accuracy uses the same reference and tolerance rule
-as tests/test_kernels_cpp.py (kernel error <= 2x the plain torch error + a scale-relative slack).
+these tests where no CUDA device is visible. The kernel contract itself (accuracy against
+float64 in every dtype, aliasing, non-finite inputs, determinism, argument errors, opcheck) is
+tested for the CUDA ops by tests/test_kernels.py (its ``cuda`` cases); here: views off a 16-byte
+boundary (the element-wise path), grid-stride sizes, agreement with the CPU kernel, no host
+syncs, CUDA graph capture, and indices past 2**31. References and tolerances: tests/_kernels.py.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-pytestmark = pytest.mark.gpu
-
-pytest.importorskip("ofmu._C", reason="ofmu._C is not built (pip install -e . --no-build-isolation)")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ofmu import functional as F  # noqa: E402
-from test_kernels_cpp import (  # noqa: E402
+from _kernels import (
     assert_bitwise_equal,
     check_combine,
     check_reduce3,
     check_update,
+    make_backend,
     make_coeffs,
     make_pair,
 )
+from ofmu import functional as F
+
+pytestmark = pytest.mark.gpu
 
 ops = torch.ops.ofmu
 DEV = "cuda"
-SIZES = [1, 3, 4095, 65537, 2**20 + 7]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-@pytest.fixture(autouse=True)
-def _needs_cuda_kernels():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("ofmu::reduce3", "CUDA"):
-        pytest.fail("ofmu._C was built without CUDA kernels on a CUDA machine "
-                    "(rebuild with OFMU_FORCE_CUDA=1 to see why)")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", SIZES)
-def test_reduce3_cuda(n, dtype):
-    x, y = make_pair(n, dtype, "random", device=DEV)
-    check_reduce3(x, y)
-    s = check_reduce3(x, None)
-    assert s[0].item() == 0 and s[2].item() == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", ["zero", "orthogonal", "antiparallel"])
-def test_reduce3_cuda_special(kind, dtype):
-    x, y = make_pair(65537, dtype, kind, device=DEV)
-    check_reduce3(x, y)
-
-
-def test_reduce3_cuda_empty():
-    x = torch.empty(0, device=DEV)
-    assert ops.reduce3(x, x).tolist() == [0.0, 0.0, 0.0]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", SIZES)
-def test_combine_cuda(n, dtype):
-    x, y = make_pair(n, dtype, "random", device=DEV)
-    c = make_coeffs(dtype, device=DEV)
-    check_combine(x, y, c)
-    check_combine(x, y, c, with_b=False)
-    check_combine(x, None, c)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", SIZES)
-def test_update_cuda(n, dtype):
-    theta, _ = make_pair(n, dtype, "random", device=DEV, seed=1)
-    x, y = make_pair(n, dtype, "random", device=DEV)
-    c = make_coeffs(dtype, device=DEV)
-    check_update(theta, x, y, c)
-    check_update(theta, x, None, c)
+@pytest.fixture
+def kb():
+    """The CUDA backend (skips without a GPU; fails if the CUDA kernels were not built)."""
+    return make_backend("cuda-cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_unaligned_views_use_the_scalar_path(dtype, offset):
+def test_unaligned_views_use_the_scalar_path(kb, dtype, offset):
     # Views starting off a 16-byte boundary cannot use vector loads; results must not change.
     n = 65537
     bx, by = make_pair(n + offset, dtype, "random", device=DEV)
     x, y = bx[offset:], by[offset:]
-    check_reduce3(x, y)
-    check_combine(x, y, make_coeffs(dtype, device=DEV))
+    check_reduce3(kb, x, y)
+    check_combine(kb, x, y, make_coeffs(dtype, device=DEV))
     # check_update works on a (re-aligned) clone of theta, so update an unaligned view directly.
     buf, _ = make_pair(n + offset, dtype, "random", device=DEV, seed=1)
     theta = buf[offset:]
@@ -106,44 +58,7 @@ def test_unaligned_views_use_the_scalar_path(dtype, offset):
     assert ((theta.double() - want).abs() <= 2 * torch.finfo(dtype).eps * scale).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_combine_cuda_aliasing(dtype):
-    x, y = make_pair(2**20 + 7, dtype, "random", device=DEV)
-    c = make_coeffs(dtype, device=DEV)
-    want_a, want_b = torch.empty_like(x), torch.empty_like(x)
-    ops.combine(x, y, c, want_a, want_b)
-    xs, ys = x.clone(), y.clone()
-    ops.combine(xs, ys, c, ys, xs)  # out_a aliases y, out_b aliases x
-    assert_bitwise_equal(ys, want_a)
-    assert_bitwise_equal(xs, want_b)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_nonfinite_cuda(dtype):
-    x, y = make_pair(65537, dtype, "random", device=DEV)
-    x[777] = float("nan")
-    assert not torch.isfinite(ops.reduce3(x, y)[:2]).any()
-    theta, _ = make_pair(65537, dtype, "random", device=DEV, seed=1)
-    theta[5] = float("nan")
-    before = theta.clone()
-    ops.update(theta, x, y, make_coeffs(dtype, device=DEV, c3=0.0))
-    assert_bitwise_equal(theta, before)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_deterministic(dtype):
-    x, y = make_pair(2**22 + 5, dtype, "random", device=DEV)
-    c = make_coeffs(dtype, device=DEV)
-    first = ops.reduce3(x, y)
-    for _ in range(5):
-        assert_bitwise_equal(ops.reduce3(x, y), first)
-    a1, a2 = torch.empty_like(x), torch.empty_like(x)
-    ops.combine(x, y, c, a1, None)
-    ops.combine(x, y, c, a2, None)
-    assert_bitwise_equal(a1, a2)
-
-
-def test_cuda_matches_cpu_kernel_closely():
+def test_cuda_matches_cpu_kernel_closely(kb):
     x, y = make_pair(2**20 + 7, torch.float32, "random")
     s_cpu = ops.reduce3(x, y)
     s_gpu = ops.reduce3(x.to(DEV), y.to(DEV)).cpu()
@@ -151,7 +66,7 @@ def test_cuda_matches_cpu_kernel_closely():
     assert ((s_gpu - s_cpu).abs() <= 1e-5 * scale).all()
 
 
-def test_no_host_sync():
+def test_no_host_sync(kb):
     x, y = make_pair(2**20 + 7, torch.float32, "random", device=DEV)
     theta = x.clone()
     a, b = torch.empty_like(x), torch.empty_like(x)
@@ -170,7 +85,7 @@ def test_no_host_sync():
     torch.cuda.synchronize()
 
 
-def test_update_cuda_graph_capture():
+def test_update_cuda_graph_capture(kb):
     n = 2**20 + 7
     theta, _ = make_pair(n, torch.float32, "random", device=DEV, seed=1)
     x, y = make_pair(n, torch.float32, "random", device=DEV)
@@ -212,16 +127,16 @@ _PACK = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["vector", "scalar"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grid_stride_sizes_cuda(dtype, offset):
+def test_grid_stride_sizes_cuda(kb, dtype, offset):
     pack = _PACK[dtype]
     n = 4096 * 256 * (pack if offset == 0 else 1) + pack + 3
     bx, by = make_pair(n + offset, dtype, "random", device=DEV)
     x, y = bx[offset:], by[offset:]  # offset 1: off a 16-byte boundary, element-wise path
-    check_reduce3(x, y)
+    check_reduce3(kb, x, y)
     c = make_coeffs(dtype, device=DEV)
     if offset == 0:
-        check_combine(x, y, c)
-        check_update(x.clone(), x, y, c)
+        check_combine(kb, x, y, c)
+        check_update(kb, x.clone(), x, y, c)
         return
     # check_combine / check_update allocate aligned outputs; keep every pointer unaligned.
     bo = torch.empty(n + offset, dtype=dtype, device=DEV)
@@ -234,13 +149,13 @@ def test_grid_stride_sizes_cuda(dtype, offset):
 
 
 @pytest.mark.parametrize("which", ["x", "y", "out"])
-def test_one_unaligned_pointer_cuda(which):
+def test_one_unaligned_pointer_cuda(kb, which):
     # Only one pointer of the call is off a 16-byte boundary: the whole call must go element-wise.
     n, dtype = 65537, torch.float32
     x, y = make_pair(n + 1, dtype, "random", device=DEV)
     x, y = (x[1:], y[:-1]) if which == "x" else (x[:-1], y[1:]) if which == "y" else (x[:-1], y[:-1])
     c = make_coeffs(dtype, device=DEV)
-    check_reduce3(x, y)
+    check_reduce3(kb, x, y)
     out = torch.empty(n + 1, dtype=dtype, device=DEV)[1:] if which == "out" else torch.empty_like(x)
     ops.combine(x, y, c, out, None)
     want = torch.empty_like(x)
@@ -256,7 +171,7 @@ def test_one_unaligned_pointer_cuda(which):
     torch.testing.assert_close(theta, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_64bit_indices_cuda():
+def test_64bit_indices_cuda(kb):
     """Elements past index 2**31, on the vector path and on the element-wise path."""
     n = 2**31 + 5003  # n % 8 == 3: the last fp16 elements form the scalar tail
     if torch.cuda.mem_get_info()[0] < 4 * 2 * n + 2**30:
