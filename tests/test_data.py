@@ -38,7 +38,7 @@ def test_read_idx_rejects_truncated(tmp_path):
 
 
 def test_missing_fashion_mnist_names_the_package(tmp_path):
-    with pytest.raises(DatasetMissingError, match="apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(DatasetMissingError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path)
 
 

@@ -59,7 +59,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None):
     if missing:
         raise DatasetMissingError(
             f"Fashion-MNIST not found in {d} (missing {', '.join(missing)}). It ships offline as "
-            "a Debian package: `apt-get install -y dataset-fashion-mnist` (or point "
+            "a Debian package: `sudo apt-get install dataset-fashion-mnist` (or point "
             "OFMU_FASHION_MNIST_DIR at a folder holding the four idx .gz files). "
             "Use --dataset digits for the always-available scikit-learn data."
         )

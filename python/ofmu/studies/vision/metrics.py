@@ -1,4 +1,4 @@
-"""Unlearning metrics under the SalUn / Unlearn-Sparse protocol (ALGORITHM.md "Evaluation protocol").
+"""Unlearning metrics under the SalUn / Unlearn-Sparse protocol (docs/results.md, "Protocol").
 
 UA = 100 - forget accuracy, RA = retain accuracy, TA = test accuracy, MIA-Efficacy = share of
 forget examples that a membership classifier calls non-members, Avg. Gap = mean |method -

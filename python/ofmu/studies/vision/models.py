@@ -1,9 +1,11 @@
 """The model every method starts from: an MLP trained to memorise its training subset.
 
-Membership only leaks when the original model overfits (FIELD_NOTES.md: ~100% train accuracy),
-so the recipe trains to convergence with Adam and a cosine schedule. The retrained model, the
-gold standard, is the same recipe on the retain set only. Both are cached per
-(dataset, scenario, seed, sizes, recipe) so a second run is fast.
+Membership only leaks when the original model overfits (~100% train accuracy: a membership attack
+finds nothing in a model that does as well on unseen data as on its training set), so the recipe
+trains to convergence with Adam and a cosine schedule. The retrained model, the gold standard, is
+the same recipe on the retain set only. Both are cached per (dataset, scenario, seed, sizes,
+recipe) so a second run is fast; the cache (:mod:`ofmu.studies.cache`) only loads with
+``weights_only=True``, rebuilds an unreadable entry with a warning naming it, and writes atomically.
 """
 
 from __future__ import annotations

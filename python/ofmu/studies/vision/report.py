@@ -39,9 +39,7 @@ def markdown_table(result: dict, with_std: bool = True) -> str:
                 cells.append("")
                 continue
             m, s = cols[c]
-            fmt = "{:.2f}" if c in ("gap", "time_s") else "{:.2f}"
-            cells.append(fmt.format(m) + (f" ± {s:.2f}" if with_std and len(result["runs"]) > 1
-                                          else ""))
+            cells.append(f"{m:.2f}" + (f" ± {s:.2f}" if with_std and len(result["runs"]) > 1 else ""))
         t = cols.get("time_s", (0.0, 0.0))[0]
         cells.append("-" if name == "Original" else f"{100 * t / retrain_t:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")

@@ -20,7 +20,7 @@ DATASETS = ("fashion-mnist", "digits")
 SCENARIOS = ("random", "class")
 
 # Default sizes: a moderate Fashion-MNIST subset that an MLP can memorise on a laptop CPU (so
-# membership leaks, FIELD_NOTES.md), and all of digits.
+# membership leaks: docs/results.md, "Protocol"), and all of digits.
 DEFAULT_SIZES = {
     "fashion-mnist": {"n_train": 10_000, "n_val": 2_000, "n_test": 5_000},
     "digits": {"n_train": 1_167, "n_val": 270, "n_test": 360},

@@ -2,7 +2,7 @@
 validation split, evaluate the chosen configuration once on the test split.
 
 Tuning criterion: Avg. Gap to the retrained model under the validation protocol
-(:func:`ofmu.eval.evaluate` with ``on="val"``). The test split is only read for the final,
+(:func:`ofmu.studies.vision.metrics.evaluate` with ``on="val"``). The test split is only read for the final,
 reported numbers.
 """
 
@@ -45,7 +45,8 @@ def _round(d: dict, nd: int = 3) -> dict:
 
 
 def run_study(cfg: StudyConfig, progress: bool = True, log=print) -> dict:
-    """Run the study; returns ``{"config", "runs": [per-seed rows]}`` (see :mod:`ofmu.eval.report`)."""
+    """Run the study; returns ``{"config", "runs": [per-seed rows]}``
+    (see :mod:`ofmu.studies.vision.report`)."""
     from tqdm.auto import tqdm
 
     methods = [get(m) for m in cfg.methods]
