@@ -47,6 +47,19 @@ MOMENTS = {"inner": (Slot.INNER_EXP_AVG, Slot.INNER_EXP_AVG_SQ),
            "outer": (Slot.OUTER_EXP_AVG, Slot.OUTER_EXP_AVG_SQ)}
 
 
+def check_distinct(params: list[Tensor], names: list[str]) -> None:
+    """Each parameter once: re-viewing one tensor twice would leave it in the second slot only
+    (and the step would fail later with a misleading "storage replaced" error)."""
+    seen: dict[int, str] = {}
+    for p, n in zip(params, names):
+        if id(p) in seen:
+            raise ValueError(
+                f"parameter {n} is the same tensor as {seen[id(p)]}: a parameter may appear once "
+                "(tied weights listed twice, e.g. by named_parameters(remove_duplicate=False)); "
+                "pass model.parameters(), which lists a tied weight once")
+        seen[id(p)] = n
+
+
 class FlatBuffer:
     """Parameters of one group, device and dtype, viewed into a single flat storage."""
 
@@ -62,6 +75,7 @@ class FlatBuffer:
                 )
             if p.dtype != dtype:
                 raise ValueError(f"parameter {n} has dtype {p.dtype}, expected {dtype}")
+        check_distinct(params, names)
         self.device, self.dtype = device, dtype
         self.params, self.names = list(params), list(names)
         align = max(1, ALIGN_BYTES // params[0].element_size())

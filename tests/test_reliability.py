@@ -1,0 +1,57 @@
+"""Misuse that used to do nothing (or the wrong thing) silently: each case raises naming the
+culprit, is counted, or is handled (docs/guarantees.md lists them)."""
+
+
+import pytest
+import torch
+from ofmu import OFMU
+
+mse = torch.nn.functional.mse_loss
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+
+
+def closure_for(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xf, xr = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    yf, yr = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
+    return lambda: (mse(model(xf), yf), mse(model(xr), yr))
+
+
+# ------------------------------------------------------------------------- 3. duplicates
+
+
+def test_same_parameter_twice_in_a_group_is_named():
+    lin = torch.nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match="duplicate"), \
+            pytest.raises(ValueError, match=r"params\[2\] \(shape \(2, 3\)\) is the same tensor as "
+                                            r"param_groups\[0\]\.params\[0\]"):
+        OFMU([lin.weight, lin.bias, lin.weight])
+
+
+def test_tied_weights_listed_twice_are_named():
+    emb = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight  # tied
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    params = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    assert len(params) == 2 and params[0] is params[1]
+    with pytest.warns(UserWarning, match="duplicate"), \
+            pytest.raises(ValueError, match=r"params\[1\].*same tensor as.*params\[0\].*tied"):
+        OFMU(params)
+    # listed once (the default of named_parameters), the tied weight trains as one tensor
+    opt = OFMU(model.parameters(), lr=0.5, inner_steps=0, rho=0.0)
+    idx = torch.tensor([0, 3])
+    before = emb.weight.detach().clone()
+
+    def loss():
+        return head(emb(idx)).pow(2).sum()
+
+    w = before.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((w[idx] @ w.T).pow(2).sum(), w)  # both uses, by hand
+    opt.step(lambda: (loss(), loss()))
+    assert torch.allclose(emb.weight.detach(), before - 0.5 * g, atol=1e-6)
+    assert head.weight is emb.weight
