@@ -2,6 +2,8 @@
 culprit, is counted, or is handled (docs/guarantees.md lists them)."""
 
 
+import threading
+
 import pytest
 import torch
 from ofmu import OFMU
@@ -55,3 +57,54 @@ def test_tied_weights_listed_twice_are_named():
     opt.step(lambda: (loss(), loss()))
     assert torch.allclose(emb.weight.detach(), before - 0.5 * g, atol=1e-6)
     assert head.weight is emb.weight
+
+
+# ------------------------------------------------------------------------ 5. concurrency
+
+
+@pytest.mark.parametrize("entry", ["step", "inner_step", "outer_step"])
+def test_a_second_thread_cannot_enter_a_running_step(entry):
+    model = mlp()
+    opt = OFMU(model.parameters(), lr=0.1, inner_steps=1)
+    ref_model = mlp()
+    ref = OFMU(ref_model.parameters(), lr=0.1, inner_steps=1)
+    inside, release = threading.Event(), threading.Event()
+    base = closure_for(model)
+
+    def blocking_closure():
+        inside.set()
+        assert release.wait(30)
+        return base()
+
+    errors = []
+    worker = threading.Thread(target=lambda: getattr(opt, entry)(blocking_closure))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        for name in ("step", "inner_step", "outer_step"):
+            try:
+                getattr(opt, name)(base)
+            except RuntimeError as e:
+                errors.append(str(e))
+    finally:
+        release.set()
+        worker.join()
+    assert len(errors) == 3 and all("another step of this optimizer is running" in e for e in errors)
+    # the refused calls changed nothing: the result is the single call's, bit for bit
+    getattr(ref, entry)(closure_for(ref_model))
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+    opt.step(base)  # the guard is released afterwards
+
+
+def test_closure_calling_step_is_refused():
+    model = mlp()
+    opt = OFMU(model.parameters(), lr=0.1, inner_steps=1)
+    base = closure_for(model)
+
+    def reentrant():
+        opt.step(base)
+        return base()
+
+    with pytest.raises(RuntimeError, match=r"OFMU.step\(\) called while another step"):
+        opt.step(reentrant)

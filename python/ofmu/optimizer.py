@@ -23,7 +23,7 @@ from .distributed import resolve_process_group
 from .flat import MOMENTS, FlatBuffer, Slot
 from .gradients import Autodiff
 from .modes import OUTER_HVP, SIMILARITY
-from .validation import GLOBAL_KEYS, validate_group, validate_options
+from .validation import GLOBAL_KEYS, StepGuard, validate_group, validate_options
 
 _STEP_KEYS = {loop: f"{loop}_step" for loop in MOMENTS}  # per-parameter Adam step counts
 _STATE_KEYS = {s.value for pair in MOMENTS.values() for s in pair} | set(_STEP_KEYS.values())
@@ -117,6 +117,7 @@ class OFMU(Optimizer):
         self._hooks: list = []  # sparse-gradient checks, dropped after the first backward
         weakref.finalize(self, _remove_hooks, self._hooks)
         self._state = F.StepState()
+        self._guard = StepGuard()  # one step at a time (threads, a closure calling step)
         self._autodiff = Autodiff([], self.process_group, self._hooks)
         defaults = dict(lr=lr, inner_lr=inner_lr, beta=beta, rho=rho, rho_growth=rho_growth,
                         rho_max=rho_max, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
@@ -217,21 +218,30 @@ class OFMU(Optimizer):
         outer retain loss (a detached device tensor: no host sync)."""
         if closure is None:
             raise ValueError("OFMU.step needs a closure returning (forget_loss, retain_loss)")
-        for _ in range(self.inner_steps):
-            self.inner_step(closure)
-        for _ in range(self.outer_steps):
-            loss = self.outer_step(closure)
+        with self._guard.hold("step"):
+            for _ in range(self.inner_steps):
+                self._inner_step(closure)
+            for _ in range(self.outer_steps):
+                loss = self._outer_step(closure)
         return loss
 
     @torch.no_grad()
     def inner_step(self, closure: Callable) -> Tensor:
         """One ascent step on Phi. Returns the forget loss (detached)."""
-        return F.inner_step(self._parts, self._config(), self._state, self._autodiff, closure)
+        with self._guard.hold("inner_step"):
+            return self._inner_step(closure)
 
     @torch.no_grad()
     def outer_step(self, closure: Callable) -> Tensor:
         """One penalised descent step on L_r + rho_k |grad Phi|^2, then the rho schedule.
         Returns the retain loss (detached)."""
+        with self._guard.hold("outer_step"):
+            return self._outer_step(closure)
+
+    def _inner_step(self, closure: Callable) -> Tensor:
+        return F.inner_step(self._parts, self._config(), self._state, self._autodiff, closure)
+
+    def _outer_step(self, closure: Callable) -> Tensor:
         cfg = self._config()
         self._state.diag["rho"] = torch.tensor(self.param_groups[0]["rho_k"])
         loss = F.outer_step(self._parts, cfg, self._state, self._autodiff, closure)

@@ -4,7 +4,9 @@ Host-side Python values only: validating never synchronises with a device."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 from . import backends
 from .modes import OUTER_HVP, SIMILARITY
@@ -75,3 +77,25 @@ def validate_group(group: dict, gi: int, similarity: str) -> None:
                          f"removes the whole retain component), got {group['beta']}{where}")
     if "rho_k" in group:
         check_number("rho_k", group["rho_k"], where=where)
+
+
+class StepGuard:
+    """One step at a time per optimizer: ``step``, ``inner_step`` and ``outer_step`` hold this
+    guard, and a call that finds it held (another thread, or the closure calling ``step``)
+    raises instead of interleaving two updates of the same flat buffers. Non-blocking: a
+    host-side lock, no device work."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, entry: str):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"OFMU.{entry}() called while another step of this optimizer is running (from "
+                "another thread, or from inside the closure); one optimizer takes one step at a "
+                "time: serialise the calls, or give each thread its own model and optimizer")
+        try:
+            yield
+        finally:
+            self._lock.release()
