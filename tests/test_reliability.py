@@ -108,3 +108,32 @@ def test_closure_calling_step_is_refused():
 
     with pytest.raises(RuntimeError, match=r"OFMU.step\(\) called while another step"):
         opt.step(reentrant)
+
+
+# --------------------------------------------------------------- 1c. requires_grad changed
+
+
+def test_parameter_frozen_after_construction_is_named():
+    model = mlp()
+    opt = OFMU(model.parameters(), lr=0.1, inner_steps=1)
+    model[2].bias.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\.params\[3\] \(shape \(2,\)\) was "
+                                           r"switched to requires_grad=False.*rebuild the optimizer"):
+        opt.step(closure_for(model))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # nothing moved
+
+
+def test_parameter_unfrozen_after_construction_is_named():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    opt = OFMU(model.parameters(), lr=0.1, inner_steps=1)
+    opt.step(closure_for(model))  # frozen at construction: left out, fine
+    model[0].weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\.params\[0\] \(shape \(6, 4\)\) was "
+                                           r"frozen.*now requires grad.*rebuild the optimizer"):
+        opt.step(closure_for(model))
+    model[0].weight.requires_grad_(False)  # frozen again: steps resume
+    w = model[0].weight.detach().clone()
+    opt.step(closure_for(model))
+    assert torch.equal(model[0].weight, w)

@@ -60,6 +60,18 @@ def check_distinct(params: list[Tensor], names: list[str]) -> None:
         seen[id(p)] = n
 
 
+def check_frozen(frozen: list[tuple[Tensor, str]]) -> None:
+    """Parameters left out at construction (``requires_grad=False``) must stay frozen: one
+    unfrozen later has no slot in any flat buffer and would never be updated."""
+    for p, n in frozen:
+        if p.requires_grad:
+            raise RuntimeError(
+                f"parameter {n} was frozen (requires_grad=False) when the optimizer was built, so "
+                "it has no place in the optimizer's flat buffer, and it now requires grad: it "
+                "would never be updated. Unfreeze before building the optimizer (rebuild the "
+                "optimizer after unfreezing), or freeze it again")
+
+
 class FlatBuffer:
     """Parameters of one group, device and dtype, viewed into a single flat storage."""
 
@@ -128,6 +140,12 @@ class FlatBuffer:
     def check_aliasing(self) -> None:
         """Cheap check that no parameter's storage was replaced behind the optimizer's back."""
         for p, ptr, n in zip(self.params, self._ptrs, self.names):
+            if not p.requires_grad:
+                raise RuntimeError(
+                    f"parameter {n} was switched to requires_grad=False after the optimizer was "
+                    "built; the optimizer would still update it. Set requires_grad=True again, or "
+                    "rebuild the optimizer after freezing (frozen parameters are left out at "
+                    "construction)")
             if p.data_ptr() != ptr:
                 raise RuntimeError(
                     f"parameter {n} no longer lives in the optimizer's flat buffer (its storage was "

@@ -20,7 +20,7 @@ from . import backends
 from . import functional as F
 from .coefficients import similarity_scalars
 from .distributed import resolve_process_group
-from .flat import MOMENTS, FlatBuffer, Slot
+from .flat import MOMENTS, FlatBuffer, Slot, check_frozen
 from .gradients import Autodiff
 from .modes import OUTER_HVP, SIMILARITY
 from .validation import GLOBAL_KEYS, StepGuard, validate_group, validate_options
@@ -118,6 +118,7 @@ class OFMU(Optimizer):
         weakref.finalize(self, _remove_hooks, self._hooks)
         self._state = F.StepState()
         self._guard = StepGuard()  # one step at a time (threads, a closure calling step)
+        self._frozen: list[tuple[Tensor, str]] = []  # params left out (requires_grad=False)
         self._autodiff = Autodiff([], self.process_group, self._hooks)
         defaults = dict(lr=lr, inner_lr=inner_lr, beta=beta, rho=rho, rho_growth=rho_growth,
                         rho_max=rho_max, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
@@ -140,7 +141,8 @@ class OFMU(Optimizer):
         group.setdefault("lr0", float(group["lr"]))
         by_key: dict[tuple, list[tuple[Tensor, str]]] = defaultdict(list)
         for pi, p in enumerate(group["params"]):
-            if not p.requires_grad:
+            if not p.requires_grad:  # left out; must stay frozen (checked every step)
+                self._frozen.append((p, f"param_groups[{gi}].params[{pi}] (shape {tuple(p.shape)})"))
                 continue
             if p.is_sparse:
                 raise TypeError(f"param_groups[{gi}].params[{pi}] is a sparse tensor; OFMU "
@@ -207,6 +209,7 @@ class OFMU(Optimizer):
             part.buf.bind_grads(Slot.GRAD_R)
 
     def _check_buffers(self) -> None:
+        check_frozen(self._frozen)
         for part in self._parts:
             part.buf.check_aliasing()
 
