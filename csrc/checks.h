@@ -3,7 +3,8 @@
 // Every op of the kernel contract (python/ofmu/functional.py) takes 1-D contiguous buffers of
 // one dtype and one device, plus a 4-element `coeffs` tensor in the accumulation dtype
 // (float64 for float64 buffers, float32 otherwise). The messages name the offending argument
-// so that a user of the optimizer can tell which buffer is wrong.
+// so that a user of the optimizer can tell which buffer is wrong. Outputs may be exactly an input
+// (the whole buffer) but must not partially overlap one (see check_overlap).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -52,6 +53,39 @@ inline void check_coeffs(const at::Tensor& ref, const char* ref_name, const at::
               " but `", ref_name, "` is on ", ref.device());
 }
 
+// Memory overlap (pointer arithmetic on [data_ptr, data_ptr + nbytes)). The kernels load every
+// element of the inputs before storing it, so an output may be exactly an input (same pointer,
+// and the lengths and dtypes already match); a view shifted against it would read elements
+// another lane has already overwritten. Meta tensors and empty buffers have no memory to compare.
+inline bool has_memory(const at::Tensor& t) {
+  return !t.is_meta() && t.has_storage() && t.numel() > 0;
+}
+
+// 0: disjoint, 1: identical (same start, same length), 2: any other overlap.
+inline int overlap_kind(const at::Tensor& a, const at::Tensor& b) {
+  if (!has_memory(a) || !has_memory(b)) return 0;
+  const char* a0 = static_cast<const char*>(a.const_data_ptr());
+  const char* b0 = static_cast<const char*>(b.const_data_ptr());
+  const char* a1 = a0 + a.numel() * a.element_size();
+  const char* b1 = b0 + b.numel() * b.element_size();
+  if (a1 <= b0 || b1 <= a0) return 0;
+  return (a0 == b0 && a1 == b1) ? 1 : 2;
+}
+
+// An output (`out`) against an input: identical is allowed when `may_alias`, any other overlap
+// (and identical when not `may_alias`) is an error naming both arguments.
+inline void check_overlap(const at::Tensor& out, const char* out_name, const at::Tensor& other,
+                          const char* other_name, const char* op, bool may_alias) {
+  const int kind = overlap_kind(out, other);
+  if (kind == 0 || (kind == 1 && may_alias)) return;
+  TORCH_CHECK(kind != 2, "ofmu.", op, ": `", out_name, "` and `", other_name,
+              "` partially overlap in memory (views of one buffer at different offsets); `",
+              out_name, "` may be exactly `", other_name, "` (the same buffer) or separate "
+              "memory, e.g. `", other_name, ".clone()`");
+  TORCH_CHECK(false, "ofmu.", op, ": `", out_name, "` and `", other_name,
+              "` are the same memory, which this op does not allow; pass separate buffers");
+}
+
 inline void check_reduce3(const at::Tensor& x, const std::optional<at::Tensor>& y) {
   check_buffer(x, "reduce3", "x");
   if (y.has_value()) check_same(x, "x", *y, "reduce3", "y");
@@ -65,6 +99,15 @@ inline void check_combine(const at::Tensor& x, const std::optional<at::Tensor>& 
   check_same(x, "x", out_a, "combine", "out_a");
   if (out_b.has_value()) check_same(x, "x", *out_b, "combine", "out_b");
   check_coeffs(x, "x", coeffs, "combine");
+  check_overlap(out_a, "out_a", x, "x", "combine", true);
+  if (y.has_value()) check_overlap(out_a, "out_a", *y, "y", "combine", true);
+  check_overlap(out_a, "out_a", coeffs, "coeffs", "combine", false);
+  if (out_b.has_value()) {
+    check_overlap(*out_b, "out_b", x, "x", "combine", true);
+    if (y.has_value()) check_overlap(*out_b, "out_b", *y, "y", "combine", true);
+    check_overlap(*out_b, "out_b", coeffs, "coeffs", "combine", false);
+    check_overlap(out_a, "out_a", *out_b, "out_b", "combine", false);
+  }
 }
 
 inline void check_update(const at::Tensor& theta, const at::Tensor& x,
@@ -73,6 +116,9 @@ inline void check_update(const at::Tensor& theta, const at::Tensor& x,
   check_same(theta, "theta", x, "update", "x");
   if (y.has_value()) check_same(theta, "theta", *y, "update", "y");
   check_coeffs(theta, "theta", coeffs, "update");
+  check_overlap(theta, "theta", x, "x", "update", true);
+  if (y.has_value()) check_overlap(theta, "theta", *y, "y", "update", true);
+  check_overlap(theta, "theta", coeffs, "coeffs", "update", false);
 }
 
 }  // namespace ofmu

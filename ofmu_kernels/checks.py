@@ -2,7 +2,8 @@
 
 The kernels see only ``data_ptr()``: a strided view or a buffer of another length would be read
 wrongly without any error, so every tensor is checked before launch and a ``ValueError``
-names the offending argument.
+names the offending argument. Outputs may be exactly an input but must not partially overlap
+one (``check_overlap``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,31 @@ def check_coeffs(op: str, coeffs: object, like: Tensor, like_name: str = "x") ->
         _fail(op, "coeffs", f"must be float32 or float64, got {coeffs.dtype}")
     if coeffs.device != like.device:
         _fail(op, "coeffs", f"is on {coeffs.device}, expected {like.device} (as {like_name})")
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def check_overlap(op: str, out_name: str, out: Tensor, other_name: str, other: Tensor,
+                  may_alias: bool) -> None:
+    """An output against another argument, by pointer arithmetic: exactly the same memory is
+    allowed when ``may_alias`` (the kernels load every element before storing it), a partial
+    overlap (views of one buffer at different offsets) never is."""
+    if out.numel() == 0 or other.numel() == 0 or out.device.type == "meta":
+        return
+    a0, a1 = _byte_range(out)
+    b0, b1 = _byte_range(other)
+    if a1 <= b0 or b1 <= a0:
+        return
+    if (a0, a1) != (b0, b1):
+        _fail(op, out_name, f"and {other_name} partially overlap in memory (views of one buffer at "
+                            f"different offsets); {out_name} may be exactly {other_name} (the same "
+                            f"buffer) or separate memory, e.g. {other_name}.clone()")
+    if not may_alias:
+        _fail(op, out_name, f"and {other_name} are the same memory, which {op} does not allow; "
+                            "pass separate buffers")
 
 
 def check_device(op: str, name: str, t: Tensor, interpreted: bool) -> None:

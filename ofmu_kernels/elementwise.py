@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch
-from .checks import check_buffer, check_coeffs, check_device
+from .checks import check_buffer, check_coeffs, check_device, check_overlap
 
 
 @triton.jit
@@ -90,12 +90,22 @@ _INTERPRETED = launch.is_interpreted(_combine_kernel)
 
 def combine(x: Tensor, y: Tensor | None, coeffs: Tensor, out_a: Tensor,
             out_b: Tensor | None = None) -> None:
-    """``out_a = c0*x + c1*y``; ``out_b = c2*x + c3*y`` if given. Outputs may alias inputs."""
+    """``out_a = c0*x + c1*y``; ``out_b = c2*x + c3*y`` if given. Each output may be exactly ``x``
+    or ``y`` (not a partially overlapping view of one, nor the other output)."""
     check_buffer("combine", "x", x)
     for name, t in (("y", y), ("out_a", out_a), ("out_b", out_b)):
         if t is not None or name == "out_a":
             check_buffer("combine", name, t, like=x)
     check_coeffs("combine", coeffs, x)
+    for out_name, out in (("out_a", out_a), ("out_b", out_b)):
+        if out is None:
+            continue
+        check_overlap("combine", out_name, out, "x", x, may_alias=True)
+        if y is not None:
+            check_overlap("combine", out_name, out, "y", y, may_alias=True)
+        check_overlap("combine", out_name, out, "coeffs", coeffs, may_alias=False)
+    if out_b is not None:
+        check_overlap("combine", "out_a", out_a, "out_b", out_b, may_alias=False)
     check_device("combine", "x", x, _INTERPRETED)
     n = x.numel()
     if n == 0:
@@ -115,6 +125,10 @@ def update(theta: Tensor, x: Tensor, y: Tensor | None, coeffs: Tensor) -> None:
     if y is not None:
         check_buffer("update", "y", y, like=theta, like_name="theta")
     check_coeffs("update", coeffs, theta, like_name="theta")
+    check_overlap("update", "theta", theta, "x", x, may_alias=True)
+    if y is not None:
+        check_overlap("update", "theta", theta, "y", y, may_alias=True)
+    check_overlap("update", "theta", theta, "coeffs", coeffs, may_alias=False)
     check_device("update", "theta", theta, _INTERPRETED)
     n = theta.numel()
     if n == 0:

@@ -398,6 +398,66 @@ def test_errors_name_the_argument(kb):
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory overlap: an output may be exactly an input, never a shifted view of one
+# ---------------------------------------------------------------------------------------------
+
+
+def _overlap_cases(n: int, dev: str):
+    """``(name, call(ops, buf, x, y, c), out_name, other_name, how)`` on a float32 scratch
+    ``buf`` of n + 2 elements; how is "partially" or "same"."""
+    return [
+        ("update theta=buf[1:], x=buf[:-1]",
+         lambda K, buf, x, y, c: K.update(buf[1:n + 1], buf[:n], None, c), "theta", "x", "partially"),
+        ("update theta=buf[:-2], y=buf[2:]",
+         lambda K, buf, x, y, c: K.update(buf[:n], x, buf[2:n + 2], c), "theta", "y", "partially"),
+        ("update coeffs inside theta",
+         lambda K, buf, x, y, c: K.update(buf[:n], x, y, buf[1:5]), "theta", "coeffs", "partially"),
+        ("combine out_a=buf[1:], x=buf[:-1]",
+         lambda K, buf, x, y, c: K.combine(buf[:n], y, c, buf[1:n + 1]), "out_a", "x", "partially"),
+        ("combine out_b=buf[2:], y=buf[:-2]",
+         lambda K, buf, x, y, c: K.combine(x, buf[:n], c, torch.empty_like(x), buf[2:n + 2]),
+         "out_b", "y", "partially"),
+        ("combine out_a, out_b shifted",
+         lambda K, buf, x, y, c: K.combine(x, y, c, buf[:n], buf[1:n + 1]), "out_a", "out_b", "partially"),
+        ("combine out_a is out_b",
+         lambda K, buf, x, y, c: K.combine(x, y, c, buf[:n], buf[:n]), "out_a", "out_b", "same"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_partial_overlap_is_refused(kb, case):
+    n = 64
+    name, call, out_name, other_name, how = _overlap_cases(n, kb.device)[case]
+    buf = torch.randn(n + 2, device=kb.device)
+    x, y = make_pair(n, torch.float32, device=kb.device)
+    c = make_coeffs(torch.float32, device=kb.device)
+    before = buf.clone()
+    pattern = (rf"`?{out_name}`? and `?{other_name}`? partially overlap in memory" if how == "partially"
+               else rf"`?{out_name}`? and `?{other_name}`? are the same memory")
+    with pytest.raises(kb.error, match=pattern):
+        call(kb.ops, buf, x, y, c)
+    assert_bitwise_equal(buf, before)  # refused before anything was written
+
+
+def test_overlapping_inputs_are_fine(kb):
+    # Only outputs are checked: inputs may overlap each other (they are only read).
+    n = 4095
+    buf, _ = make_pair(n + 1, torch.float32, device=kb.device)
+    x, y = buf[1:], buf[:-1]
+    check_reduce3(kb, x, y)
+    theta, _ = make_pair(n, torch.float32, device=kb.device, seed=1)
+    check_update(kb, theta, x, y, make_coeffs(torch.float32, device=kb.device))
+    check_combine(kb, x, y, make_coeffs(torch.float32, device=kb.device))
+    # Adjacent but disjoint views of one buffer are separate memory.
+    t = buf[:2048].clone()
+    big = torch.cat([t, t])
+    want = t.clone()
+    kb.ops.update(want, t, None, make_coeffs(torch.float32, device=kb.device))
+    kb.ops.update(big[:2048], big[2048:], None, make_coeffs(torch.float32, device=kb.device))
+    assert_bitwise_equal(big[:2048], want)
+
+
+# ---------------------------------------------------------------------------------------------
 # The torch ops of ofmu._C: registration, Meta / fake tensors, opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------
 
