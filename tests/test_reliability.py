@@ -137,3 +137,55 @@ def test_parameter_unfrozen_after_construction_is_named():
     w = model[0].weight.detach().clone()
     opt.step(closure_for(model))
     assert torch.equal(model[0].weight, w)
+
+
+# ------------------------------------------------------------- 4. non-finite inputs
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "sgd"])
+def test_inf_parameter_with_weight_decay_skips_and_is_counted(preconditioner):
+    """An Inf in a row no loss reads: gradients finite, but the weight-decay term is not."""
+    emb = torch.nn.Embedding(5, 3)
+    with torch.no_grad():
+        emb.weight[4] = float("inf")
+    opt = OFMU(emb.parameters(), lr=0.1, inner_steps=1, weight_decay=0.01,
+               preconditioner=preconditioner)
+    idx = torch.tensor([0, 1, 2])
+    before = emb.weight.detach().clone()
+    opt.step(lambda: (emb(idx).pow(2).sum(), (emb(idx) - 1).pow(2).sum()))
+    stats = opt.last_stats()
+    assert stats["skipped_steps"] == 2  # the inner and the outer update
+    assert torch.equal(emb.weight.detach(), before)  # Inf stays Inf, no NaN, nothing moved
+    for st in opt.state.values():
+        for key, t in st.items():
+            assert torch.count_nonzero(t) == 0, key  # moments and step counts untouched
+    # without weight decay the Inf row is only carried: the finite rows take the normal step
+    emb2 = torch.nn.Embedding(5, 3)
+    with torch.no_grad():
+        emb2.weight.copy_(before)
+    opt2 = OFMU(emb2.parameters(), lr=0.1, inner_steps=1, preconditioner=preconditioner)
+    opt2.step(lambda: (emb2(idx).pow(2).sum(), (emb2(idx) - 1).pow(2).sum()))
+    assert opt2.last_stats()["skipped_steps"] == 0
+    assert torch.isinf(emb2.weight[4]).all() and torch.isfinite(emb2.weight[:4]).all()
+    assert not torch.equal(emb2.weight[:3].detach(), before[:3])
+
+
+@pytest.mark.parametrize("which", ["forget", "retain"])
+def test_infinite_loss_with_finite_gradients_is_skipped_and_counted(which):
+    """loss + inf: the gradient is finite, the loss is not; the step that used it is skipped."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = OFMU([p], lr=0.1, inner_steps=1, rho=0.0)
+    inf = torch.tensor(float("inf"))
+
+    def closure():
+        lf, lr = (p * p).sum(), (p - 1).pow(2).sum()
+        return (lf + inf, lr) if which == "forget" else (lf, lr + inf)
+
+    opt.step(closure)
+    # forget: only the inner update used it (rho=0: the outer step backpropagates the retain
+    # loss alone); retain: both updates used it
+    assert opt.last_stats()["skipped_steps"] == (1 if which == "forget" else 2)
+    expected = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    if which == "forget":  # the outer step alone ran: theta - lr * 2 (theta - 1), by hand
+        expected = expected - 0.1 * 2.0 * (expected - 1.0)
+    assert torch.allclose(p.detach().double(), expected, rtol=0, atol=1e-7)

@@ -170,6 +170,21 @@ def combine_direction(parts, cfg, ad, ev, stats, gstats, out: Slot):
 # ----------------------------------------------------------------------------------- applying
 
 
+def finite_inputs(parts: list[Part], cfg: StepConfig, losses: tuple[Tensor, ...],
+                  ok: Tensor) -> Tensor:
+    """``ok`` and-ed with the other inputs of an update: the losses it backpropagated (a loss
+    plus an infinite constant has a finite gradient) and, in groups with weight decay, the
+    parameters (an Inf there becomes Inf/NaN in the decay term and the Adam moments). On the
+    device: one sum per decayed buffer, no host sync."""
+    flags = [torch.isfinite(loss.detach()).to(ok.device, non_blocking=True) for loss in losses]
+    flags += [torch.isfinite(p.buf.param.sum(dtype=acc_dtype(p.buf.dtype))).to(ok.device,
+                                                                              non_blocking=True)
+              for p in parts if cfg.hypers[p.group].weight_decay > 0]
+    for f in flags:
+        ok = ok & f
+    return ok
+
+
 def apply(parts: list[Part], cfg: StepConfig, state: StepState, loop: str, x: Slot,
           y: Slot | None, coefs: list[Tensor], sqnorms: dict[int, Tensor], go: Tensor) -> None:
     """Apply ``coef[0]*x + coef[1]*y`` (clipped per group; skipped unless ``go``): ascent for the
@@ -230,6 +245,7 @@ def inner_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodif
     coefs = direction_coefs(parts, cfg, gstats)
     sqnorms = group_sqnorms(parts, cfg, coefs, ustats, clipped_only=True)
     loss_f = ev.loss_f.detach()
+    ok = finite_inputs(parts, cfg, (ev.loss_f, ev.loss_r), ok)
     go = ok
     if cfg.forget_loss_cap is not None:  # the safeguard: no ascent past the cap
         below = loss_f < cfg.forget_loss_cap
@@ -259,6 +275,7 @@ def outer_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodif
     one = torch.ones_like(stats[0][0])
     coefs = [torch.stack([one, 2.0 * cfg.hypers[p.group].rho * one]) for p in parts]
     sqnorms = group_sqnorms(parts, cfg, coefs, stats, clipped_only=True)
+    ok = finite_inputs(parts, cfg, (ev.loss_f, ev.loss_r) if penalised else (ev.loss_r,), ok)
     state.count("skipped", ~ok)
     apply(parts, cfg, state, "outer", Slot.GRAD_R, Slot.HVP if penalised else None, coefs,
           sqnorms, ok)

@@ -62,7 +62,7 @@ class OFMU(Optimizer):
             (group, device, dtype): build the optimizer after ``model.to(...)``.
         lr: outer step size (schedulers act on it). inner_lr: inner step size (None: ``lr``;
             otherwise scaled by ``lr / lr_at_construction``, so a scheduler anneals both).
-        inner_steps, outer_steps: loop lengths per ``step``.
+        inner_steps, outer_steps: loop lengths per ``step`` (defaults 1 and 6).
         beta: similarity weight. rho, rho_growth, rho_max: stationarity penalty and its
             geometric schedule.
         similarity, outer_hvp: the modes above.
@@ -70,9 +70,10 @@ class OFMU(Optimizer):
             torch's fused Adam, separate moments per loop; betas, adam_eps).
         weight_decay: L2 shrinkage in both loops. max_grad_norm: per-group clipping of both
             directions, from the norms the reductions already computed.
-        forget_loss_cap: no ascent while the forget loss is at or above this value (a
-            safeguard against runaway ascent; ``log(num_classes)`` is chance level for a
-            classifier); None switches it off.
+        forget_loss_cap: no ascent while the forget loss is at or above this value (default
+            20 nats: the forgotten labels' probability is e^-20 by then). A safeguard against
+            runaway ascent, counted in ``last_stats()["capped_steps"]``; ``math.log(num_classes)``
+            stops a classifier at chance level; None switches it off.
         eps, fd_delta: relative epsilon; step of ``outer_hvp="fd"``.
         backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (``OFMU_BACKEND`` overrides auto).
         process_group: "auto" averages the flat gradients across ranks when torch.distributed
@@ -84,22 +85,36 @@ class OFMU(Optimizer):
     non-finite leaves the parameters untouched and is counted; ``last_stats()`` syncs and
     reports the diagnostics.
 
+    Defaults: a first-order recipe measured to forget without collapsing the retained data
+    (Adam per loop, 1 inner : 6 outer steps, beta = 1, rho = 0, forget-loss cap 20 nats); it
+    needs no double backward, so it runs on any model (fused attention included).
+    ``OFMU.paper_config()`` gives the paper's form (5 inner steps, SGD, rho > 0, H_f v).
+
     Example::
 
-        opt = OFMU(model.parameters(), lr=0.1, inner_lr=0.05, inner_steps=3, beta=0.9)
-        for _ in range(100):
-            opt.step(closure)
+        opt = OFMU(model.parameters(), lr=1e-3)
+        for _ in range(200):
+            opt.step(closure)   # closure() -> (forget_loss, retain_loss)
+        print(opt.last_stats())
     """
 
-    def __init__(self, params, lr: float = 1e-2, inner_lr: float | None = None,
-                 inner_steps: int = 5, beta: float = 0.5, rho: float = 0.01,
+    @staticmethod
+    def paper_config() -> dict:
+        """The paper's form of the algorithm, as constructor keywords (pass ``lr`` yourself):
+        five SGD inner steps per outer step, the stationarity penalty on (rho = 0.01, h = H_f v,
+        one double backward: needs eager attention on transformers), no forget-loss cap."""
+        return dict(inner_steps=5, outer_steps=1, beta=0.5, rho=0.01, similarity="project",
+                    outer_hvp="forget", preconditioner="sgd", forget_loss_cap=None)
+
+    def __init__(self, params, lr: float = 1e-3, inner_lr: float | None = None,
+                 inner_steps: int = 1, beta: float = 1.0, rho: float = 0.0,
                  rho_growth: float = 1.0, rho_max: float = 1.0, similarity: str = "project",
-                 outer_hvp: str = "forget", weight_decay: float = 0.0,
+                 outer_hvp: str = "fd", weight_decay: float = 0.0,
                  max_grad_norm: float | None = None, eps: float = 1e-12, fd_delta: float = 1e-3,
-                 outer_steps: int = 1, preconditioner: str = "sgd",
+                 outer_steps: int = 6, preconditioner: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                  backend: str = "auto", process_group="auto",
-                 forget_loss_cap: float | None = None):
+                 forget_loss_cap: float | None = 20.0):
         validate_options(similarity, outer_hvp, inner_steps, outer_steps, preconditioner, eps,
                          fd_delta, backend, forget_loss_cap)
         self.similarity, self.outer_hvp = similarity, outer_hvp

@@ -108,8 +108,7 @@ class OFMUTrainer(Trainer):
         self._last_batches = None
         self._first_call = False
         self._loss_sums: torch.Tensor | None = None  # forget, retain, count since the last log
-        if self.accelerator.num_processes > 1:
-            self._prepare_without_ddp()
+        self._prepare_without_ddp()
 
     # ------------------------------------------------------------------------------- setup
 
@@ -135,12 +134,17 @@ class OFMUTrainer(Trainer):
                              "need; use {'use_reentrant': False} (the transformers default)")
 
     def _prepare_without_ddp(self) -> None:
-        """Make ``accelerator.prepare`` place the model (and apply autocast/compile) without the
-        DDP wrapper: OFMU averages its gradient buffers across processes itself."""
+        """Make ``accelerator.prepare`` apply autocast/compile to the model without the DDP
+        wrapper (OFMU averages its gradient buffers across processes itself), and without a
+        ``model.to(device)`` that would copy parameters already there (on CPU, accelerate's
+        multi-process device is ``cpu:0`` and ``.to("cpu:0")`` copies tensors on ``cpu``, which
+        would move them out of OFMU's flat buffers)."""
         acc = self.accelerator
         prepare_model = acc.prepare_model
 
         def prepare_model_no_ddp(model, device_placement=None, evaluation_mode=False):
+            if _on_device(model, acc.device):
+                device_placement = False
             return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
 
         acc.prepare_model = prepare_model_no_ddp
@@ -313,6 +317,11 @@ class _StepIndex(torch.utils.data.Dataset):
 
 def _only_item(items: list):
     return items[0]
+
+
+def _on_device(model: torch.nn.Module, device: torch.device) -> bool:
+    return all(p.device.type == device.type and p.device.index in (None, device.index)
+               for p in model.parameters())
 
 
 @torch.no_grad()
