@@ -24,13 +24,14 @@ def _read(path: Path) -> tuple[list[str], list[dict]]:
 
 
 KERNEL_ARGS = ["--device", "cpu", "--sizes", "4096,65536", "--repeats", "1", "--warmup", "0",
-               "--min-sample-ms", "0.1", "--dtypes", "fp32,bf16"]
+               "--min-sample-ms", "0.1", "--dtypes", "float32,bf16"]  # torch's names work too
 
 
-def test_bench_kernels_smoke(tmp_path):
+def test_bench_kernels_smoke(tmp_path, capsys):
     K = _load("kernels")
     rows = K.main(KERNEL_ARGS + ["--providers", "eager,foreach,cpp,reference,triton,cuda",
                                  "--out", str(tmp_path)])
+    assert f"results go to {tmp_path}" in capsys.readouterr().out  # the folder is named
     csvs = list(tmp_path.glob("kernels-*.csv"))
     assert len(csvs) == 1
     header, data = _read(csvs[0])
@@ -44,8 +45,8 @@ def test_bench_kernels_smoke(tmp_path):
         assert r["status"] == "ok", r
         assert float(r["gbps"]) > 0 and float(r["ceiling_gbps"]) > 0
         if r["provider"] not in K.CEILINGS:
-            assert float(r["check_max_err"]) <= float(r["check_max_tol"])
-            assert float(r["check_rms_err"]) <= float(r["check_rms_tol"])
+            assert 0 < float(r["check_elem_ratio"]) <= 1 and float(r["check_coef_ratio"]) <= 1
+            assert abs(float(r["check_dc2_rel"])) < 0.02
     provs = {r["provider"] for r in timed}
     assert {"triad", "axpy", "copy", "eager", "foreach", "reference"} <= provs
     skipped = {r["provider"]: r["status"] for r in data if r["status"].startswith("skipped")}

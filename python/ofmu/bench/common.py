@@ -30,6 +30,33 @@ import torch
 RESULTS_DIR = Path("ofmu-bench-results")
 
 
+# ------------------------------------------------------------------------------ options
+
+# Buffer dtypes by every name a user may type: the short names of the tables, torch's names.
+DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    """``"fp32,bfloat16"`` -> dtypes; ``torch.`` prefixes are accepted, an unknown name is a clear
+    error (SystemExit) listing the accepted ones."""
+    out = []
+    for name in (t.strip().lower().removeprefix("torch.") for t in text.split(",")):
+        if not name:
+            continue
+        if name not in DTYPE_NAMES:
+            raise SystemExit(f"unknown dtype {name!r} in --dtypes; use any of "
+                             f"{', '.join(DTYPE_NAMES)} (comma separated)")
+        if DTYPE_NAMES[name] not in out:
+            out.append(DTYPE_NAMES[name])
+    if not out:
+        raise SystemExit("--dtypes is empty; use e.g. --dtypes fp32,bf16")
+    return out
+
+
 # ------------------------------------------------------------------------------ device facts
 
 

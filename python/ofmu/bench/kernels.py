@@ -26,10 +26,13 @@ The ceiling is measured in the same process on the same buffers: a triad ``a = b
 write-allocate traffic on CPUs) and a copy (2 accesses/elem); ``pct_ceiling`` is against the best
 of the three at the same size and dtype.
 
-Before any provider is timed, theta after one step is compared with a float64 reference; a
-provider outside tolerance is reported and not timed.
+Before any provider is timed, theta after one step is compared with a float64 reference under a
+tolerance derived from the error bound of the computation, the same for every provider
+(NOTE: [Correctness gate] below); a provider outside it is reported WRONG and not timed.
 
-Run ``python benchmarks/bench_kernels.py --help``; results go to ``benchmarks/results/``.
+Run ``python -m ofmu.bench.kernels --help`` (or ``ofmu bench --help``); results go to ``--out``
+(default ``./ofmu-bench-results``, printed at start and end); the committed ones are in
+``benchmarks/results/`` of the repository.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ from ofmu import backends
 from ofmu import functional as F
 from ofmu.bench import common as C
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_PROVIDERS = ("eager", "foreach", "compile", "cpp", "triton", "cuda")
 ALL_PROVIDERS = DEFAULT_PROVIDERS + ("reference",)
 ACCESSES = {"step": 6, "triad": 3, "axpy": 3, "copy": 2}  # buffer-element reads + writes per elem
@@ -57,8 +59,8 @@ LR, BETA, EPS = 0.3, 0.9, 1e-12  # large lr/beta so that a wrong coefficient fai
 COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "dtype", "n", "provider", "n_tensors",
            "bytes_per_elem", "median_s", "q25_s", "q75_s", "iqr_s", "gbps", "gbps_q25", "gbps_q75",
            "ceiling_gbps", "pct_ceiling", "working_set_bytes", "cache_bytes", "cache_resident",
-           "repeats", "calls_per_sample", "check_max_err", "check_max_tol", "check_rms_err",
-           "check_rms_tol", "status"]
+           "repeats", "calls_per_sample", "check_elem_ratio", "check_coef_ratio", "check_dc1_rel",
+           "check_dc2_rel", "status"]
 
 
 # ---------------------------------------------------------------------------------- buffers
@@ -116,8 +118,8 @@ def ofmu_step(reduce3: Callable, update: Callable, theta, gf, gr, lr=LR, beta=BE
 
 def eager_step(theta, gf, gr, lr=LR, beta=BETA, eps=EPS):
     """Unfused, as a user would write it (no ``.item()``: coefficients stay tensors)."""
-    d, nf2, nr2 = torch.dot(gf, gr), torch.dot(gf, gf), torch.dot(gr, gr)
-    k = d / (nr2 + eps * (nf2 + nr2) + torch.finfo(torch.float32).tiny)
+    d, nr2 = torch.dot(gf, gr), torch.dot(gr, gr)
+    k = d / (nr2 * (1.0 + eps) + torch.finfo(torch.float32).tiny)  # as ofmu.functional
     theta.add_(gf - (beta * k) * gr, alpha=lr)
 
 
@@ -125,9 +127,8 @@ def foreach_step(tv, fv, rv, lr=LR, beta=BETA, eps=EPS):
     """Multi-tensor style (torch.optim's ``_multi_tensor_*``): per-tensor dots (there is no
     ``_foreach_dot``), ``_foreach_norm``, then two ``_foreach_add_``."""
     d = torch.stack([torch.dot(a.view(-1), b.view(-1)).float() for a, b in zip(fv, rv)]).sum()
-    nf2 = torch.stack(torch._foreach_norm(fv)).float().square().sum()
     nr2 = torch.stack(torch._foreach_norm(rv)).float().square().sum()
-    k = d / (nr2 + eps * (nf2 + nr2) + torch.finfo(torch.float32).tiny)
+    k = d / (nr2 * (1.0 + eps) + torch.finfo(torch.float32).tiny)
     torch._foreach_add_(tv, fv, alpha=lr)
     torch._foreach_add_(tv, torch._foreach_mul(rv, (-lr * beta) * k))
 
@@ -179,58 +180,131 @@ def make_provider(name: str, device: torch.device) -> tuple[Callable | None, str
 
 
 # -------------------------------------------------------------------------------- the check
+#
+# NOTE: [Correctness gate]
+# One step from theta0 is compared with a float64 reference, against a tolerance derived from
+# the error bound of the computation, the same for every provider:
+#
+# 1. Reductions. A sum of n terms t_i in precision u (fp32 accumulation: u = 2^-24) in any
+#    order (any blocking, lanes, trees: the depth of the summation is at most n) has error
+#    <= LAMBDA * sqrt(n) * u * sum|t_i| with probability >= 1 - 2 exp(-LAMBDA^2 / 2) (the
+#    probabilistic bound of Higham & Mary, SIAM J. Sci. Comput. 2019; the worst-case n*u*sum|t|
+#    would allow 1.6% at 2^26 elements for sequential lanes, too loose to see a wrong
+#    coefficient). n_eff = n covers every provider's block structure: ofmu's 1024-element
+#    blocks, torch's vectorised lanes and cascades alike. torch's dot returns the buffer dtype,
+#    so each statistic may also be rounded once to it (u_buf).
+# 2. Coefficients. The statistics' bounds are propagated through the coefficient formulas
+#    (ofmu.functional, in float64, every sign combination of the perturbations), plus COEF_ROUNDINGS
+#    roundings of the scalar arithmetic in the buffer dtype (torch's eager step computes its
+#    scalars in bf16 for bf16 buffers).
+# 3. Elements. theta = c0*theta0 + c1*g_f + c2*g_r with at most ELEM_ROUNDINGS roundings to the
+#    buffer dtype (eager: beta*k*g_r, g_f - that, theta + lr*that): per element
+#    |err_i| <= ELEM_ROUNDINGS * u_buf * sum_j |c_j x_ji| + sum_j dc_j |x_ji|.
+# 4. Effective coefficients. The error is fitted (least squares, float64) as
+#    dc0*theta0 + dc1*g_f + dc2*g_r + noise; each fitted |dc_j| must be within its bound from
+#    step 2 plus LAMBDA standard errors of the fit (rounding noise of at most the step-3 size).
+#    This is what catches a slightly wrong coefficient in bf16, where one rounding of an
+#    element is larger than the effect of the coefficient on it.
+#
+# A provider passes when both ratios (step 3 per element, step 4 per coefficient) are <= 1.
+
+LAMBDA = 6.0  # probabilistic bounds: failure probability ~ 2 exp(-18) per quantity
+COEF_ROUNDINGS = 4
+ELEM_ROUNDINGS = 4
 
 
-def reference_theta_chunks(b: Buffers, chunk: int = 1 << 22):
-    """Float64 reference of one step, chunk by chunk (bounded memory at 2^30 elements)."""
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def coefficients(stats: torch.Tensor, lr: float = LR, beta: float = BETA, eps: float = EPS):
+    """``update`` coefficients ``[c0, c1, c2, ok]`` of the benchmarked step from its statistics."""
+    coef = F.direction_coeffs("project", stats, beta, eps)
+    return F.update_coeffs(lr, 0.0, coef, None, torch.isfinite(stats).all())
+
+
+@dataclass
+class Reference:
+    """The float64 step and the bounds of section 2 of NOTE: [Correctness gate]."""
+
+    stats: torch.Tensor  # float64 [<g_f,g_r>, |g_f|^2, |g_r|^2]
+    coeffs: torch.Tensor  # float64 [c0, c1, c2, ok]
+    coef_bound: torch.Tensor  # float64 [dc0, dc1, dc2]: allowed absolute coefficient errors
+
+
+def reference(b: Buffers, chunk: int = 1 << 22) -> Reference:
     n = b.gf.numel()
     stats = torch.zeros(3, dtype=torch.float64, device=b.gf.device)
+    abs_dot = torch.zeros((), dtype=torch.float64, device=b.gf.device)
     for s in range(0, n, chunk):
-        stats += F.reduce3(b.gf[s:s + chunk].double(), b.gr[s:s + chunk].double())
-    coef = F.direction_coeffs("project", stats, BETA, EPS)
-    c = F.update_coeffs(LR, 0.0, coef, None, torch.isfinite(stats).all())
-    for s in range(0, n, chunk):
-        sl = slice(s, s + chunk)
-        yield sl, c[0] * b.theta0[sl].double() + c[1] * b.gf[sl].double() + c[2] * b.gr[sl].double()
+        f, r = b.gf[s:s + chunk].double(), b.gr[s:s + chunk].double()
+        stats += F.reduce3(f, r)
+        abs_dot += (f * r).abs().sum()
+    stats, abs_dot = stats.cpu(), abs_dot.cpu()
+    coeffs = coefficients(stats)
+    u_acc, u_buf = _unit_roundoff(F.acc_dtype(b.gf.dtype)), _unit_roundoff(b.gf.dtype)
+    gamma = LAMBDA * math.sqrt(n) * u_acc
+    bound = torch.stack([gamma * abs_dot + u_buf * stats[0].abs(),
+                         (gamma + u_buf) * stats[1], (gamma + u_buf) * stats[2]])
+    worst = torch.zeros(3, dtype=torch.float64)
+    for signs in torch.cartesian_prod(*[torch.tensor([-1.0, 1.0], dtype=torch.float64)] * 3):
+        worst = torch.maximum(worst, (coefficients(stats + signs * bound)[:3] - coeffs[:3]).abs())
+    coef_bound = worst + COEF_ROUNDINGS * u_buf * coeffs[:3].abs()
+    return Reference(stats, coeffs, coef_bound)
 
 
 @dataclass
 class CheckResult:
-    max_err: float  # max |theta - theta_ref|
-    rms_err: float  # root-mean-square error: catches small systematic (coefficient) errors
-    max_ref: float  # max |theta_ref|
-    rms_ref: float
+    elem_ratio: float  # max_i |err_i| / bound_i (step 3); <= 1 passes
+    coef_ratio: float  # max_j |fitted dc_j| / allowed_j (step 4); <= 1 passes
+    coef_rel_err: tuple[float, float, float]  # fitted dc_j / |c_j|: what a wrong step got wrong
 
-    def within(self, tol: CheckResult) -> bool:
-        return self.max_err <= tol.max_err and self.rms_err <= tol.rms_err
+    @property
+    def ok(self) -> bool:
+        return self.elem_ratio <= 1.0 and self.coef_ratio <= 1.0
 
 
-def check_error(b: Buffers, fn: Callable) -> CheckResult:
-    """Run one step from theta0 and compare with the float64 reference."""
+def check_step(b: Buffers, ref: Reference, chunk: int = 1 << 22) -> CheckResult:
+    """Compares ``b.theta`` (one step from ``b.theta0``) with the float64 reference step."""
+    n = b.theta.numel()
+    dev = b.theta.device
+    c = ref.coeffs.to(dev)
+    dc = ref.coef_bound.to(dev)
+    u_buf = _unit_roundoff(b.theta.dtype)
+    tiny = torch.finfo(b.theta.dtype).tiny  # subnormal results: absolute rounding floor
+    ata = torch.zeros(3, 3, dtype=torch.float64, device=dev)
+    ate = torch.zeros(3, dtype=torch.float64, device=dev)
+    ratio = torch.zeros((), dtype=torch.float64, device=dev)
+    noise_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk)
+        cols = torch.stack([b.theta0[sl].double(), b.gf[sl].double(), b.gr[sl].double()])
+        want = c[0] * cols[0] + c[1] * cols[1] + c[2] * cols[2]
+        err = b.theta[sl].double() - want
+        rounding = ELEM_ROUNDINGS * u_buf * (c[:3, None].abs() * cols.abs()).sum(0) + tiny
+        bound = rounding + (dc[:, None] * cols.abs()).sum(0)
+        ratio = torch.maximum(ratio, (err.abs() / bound).max())
+        noise_sq += rounding.square().sum()
+        ata += cols @ cols.T
+        ate += cols @ err
+    ata, ate = ata.cpu(), ate.cpu()
+    if not (torch.isfinite(ate).all() and math.isfinite(float(ratio))):
+        return CheckResult(math.inf, math.inf, (math.inf,) * 3)
+    inv = torch.linalg.inv(ata)
+    fitted = inv @ ate
+    # Standard error of each fitted coefficient for noise of RMS at most the rounding bound.
+    stderr = torch.sqrt(inv.diagonal().clamp(min=0) * float(noise_sq) / n)
+    allowed = ref.coef_bound + LAMBDA * stderr
+    scale = ref.coeffs[:3].abs().clamp(min=1e-300)
+    return CheckResult(float(ratio), float((fitted.abs() / allowed).max()),
+                       tuple(float(v) for v in fitted / scale))
+
+
+def check_error(b: Buffers, fn: Callable, ref: Reference | None = None) -> CheckResult:
+    """Run one step of ``fn`` from theta0 and pass it through the gate."""
     b.theta.copy_(b.theta0)
     fn(b)
-    mx = sq = ref_mx = ref_sq = 0.0
-    for sl, ref in reference_theta_chunks(b):
-        d = b.theta[sl].double() - ref
-        mx, sq = max(mx, d.abs().max().item()), sq + d.square().sum().item()
-        ref_mx, ref_sq = max(ref_mx, ref.abs().max().item()), ref_sq + ref.square().sum().item()
-    n = b.theta.numel()
-    res = CheckResult(mx, math.sqrt(sq / n), ref_mx, math.sqrt(ref_sq / n))
-    if not (math.isfinite(res.max_err) and math.isfinite(res.rms_err)):
-        res.max_err = res.rms_err = math.inf
-    return res
-
-
-def tolerance(eager: CheckResult, dtype: torch.dtype) -> CheckResult:
-    """flash-attention's rule: at most twice the error of the plain eager PyTorch step, in
-    max and in RMS; never tighter than rounding itself (2 ulp of the largest |theta| for the
-    max, half an ulp of the RMS |theta| for the RMS — a correctly rounded result sits near
-    0.3 ulp RMS). The RMS bound is what catches a slightly wrong coefficient in bf16, where a
-    per-element bound cannot."""
-    eps = torch.finfo(dtype).eps
-    return CheckResult(max(2.0 * eager.max_err, 2.0 * eps * eager.max_ref),
-                       max(2.0 * eager.rms_err, 0.5 * eps * eager.rms_ref),
-                       eager.max_ref, eager.rms_ref)
+    return check_step(b, ref if ref is not None else reference(b))
 
 
 # ------------------------------------------------------------------------------------ running
@@ -240,7 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
+    p.add_argument("--dtypes", default="fp32,bf16",
+                   help="comma list of fp32, bf16, fp16 (or float32, bfloat16, float16)")
     p.add_argument("--min-exp", type=int, default=16, help="smallest size 2^min_exp elements")
     p.add_argument("--max-exp", type=int, default=None,
                    help="largest size 2^max_exp (default 26 on CPU, 30 on GPU)")
@@ -297,20 +372,19 @@ def bench_point(b: Buffers, dtype, device, providers: dict, args, meta: dict, ca
         # does not; this one does not either.
         "axpy": (lambda b: b.theta.add_(b.gr, alpha=0.5), ACCESSES["axpy"], {}),
     }
-    # Correctness first: only providers that pass are timed.
-    eager = check_error(b, make_provider("eager", device)[0])
-    tol = tolerance(eager, dtype)
+    # Correctness first (NOTE: [Correctness gate]): only providers that pass are timed.
+    ref = reference(b)
     for name, (fn, _) in providers.items():
         if fn is None:
             continue
         try:
-            res = eager if name == "eager" else check_error(b, fn)
+            res = check_error(b, fn, ref)
         except Exception as e:  # a provider that cannot run here is reported, never fatal
             rows.append(dict(base, provider=name, status=f"error: {type(e).__name__}: {e}"[:200]))
             continue
-        check = dict(check_max_err=res.max_err, check_max_tol=tol.max_err,
-                     check_rms_err=res.rms_err, check_rms_tol=tol.rms_err)
-        if not res.within(tol):
+        check = dict(check_elem_ratio=res.elem_ratio, check_coef_ratio=res.coef_ratio,
+                     check_dc1_rel=res.coef_rel_err[1], check_dc2_rel=res.coef_rel_err[2])
+        if not res.ok:
             rows.append(dict(base, provider=name, status="WRONG (not timed)", **check))
             continue
         timed[name] = (fn, ACCESSES["step"],
@@ -342,13 +416,11 @@ def results_gbps(rows: list[dict], provider: str) -> float:
 
 def run(args) -> list[dict]:
     device = C.resolve_device(args.device)
-    dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    dtypes = C.parse_dtypes(args.dtypes)
     names = [p.strip() for p in args.providers.split(",") if p.strip()]
     for nm in names:
         if nm not in ALL_PROVIDERS:
             raise SystemExit(f"unknown provider {nm!r}; expected some of {ALL_PROVIDERS}")
-    if "eager" not in names:  # the check's tolerance is defined by the eager step's error
-        print("note: eager is always checked (it sets the tolerance) but only timed if listed")
     sizes = sizes_from(args, device)
     cache = C.cache_bytes(device)
     rows: list[dict] = []
@@ -452,11 +524,13 @@ def plot(rows: list[dict], path) -> None:
 def main(argv=None) -> list[dict]:
     """Entry point of ``python benchmarks/bench_kernels.py`` and ``ofmu bench``; returns rows."""
     args = parse_args(argv)
+    C.parse_dtypes(args.dtypes)  # a bad name fails before anything runs
+    print(f"# results go to {os.path.abspath(args.out)}")
     rows = run(args)
     stem = C.output_stem("kernels", args)
     out = C.write_csv(stem + ".csv", rows, COLUMNS)
     print_table(rows)
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out} (folder {os.path.abspath(args.out)})")
     if not args.no_plot:
         png = stem + ".png"
         plot(rows, png)
