@@ -35,3 +35,17 @@ def average_(flats: list[Tensor], group) -> None:
     for flat in flats:
         dist.all_reduce(flat, group=group)
         flat.mul_(inv)
+
+
+def mean_losses(loss_f: Tensor, loss_r: Tensor, group) -> tuple[Tensor, Tensor]:
+    """The two (detached) losses averaged over ``group``: one all-reduce of two scalars
+    (identity for ``group=None``)."""
+    if group is None:
+        return loss_f, loss_r
+    import torch
+    import torch.distributed as dist
+
+    packed = torch.stack([loss_f, loss_r.to(loss_f.dtype)])
+    dist.all_reduce(packed, group=group)
+    packed.mul_(1.0 / dist.get_world_size(group))
+    return packed[0], packed[1].to(loss_r.dtype)

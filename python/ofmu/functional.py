@@ -35,6 +35,7 @@ from .flat import MOMENTS, FlatBuffer, Slot
 from .gradients import Autodiff, Evaluation
 from .modes import OuterHvpMode, SimilarityMode
 from .reference import acc_dtype, combine, reduce3, update  # noqa: F401  (reference kernels)
+from .sharded import all_reduce_stats, copy_out
 
 __all__ = [
     "Part", "Hyper", "StepConfig", "StepState", "inner_step", "outer_step", "adam_apply",
@@ -102,6 +103,7 @@ def reduce(parts: list[Part], x: Slot, y: Slot | None) -> tuple[list[Tensor], Te
     stats = [p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)).to(device=dev, dtype=dt,
                                                                   non_blocking=True)
              for p in parts]
+    stats = all_reduce_stats(parts, stats)  # FSDP2: per-shard sums made global
     return stats, stats[0] if len(stats) == 1 else torch.stack(stats).sum(0)
 
 
@@ -209,6 +211,7 @@ def apply(parts: list[Part], cfg: StepConfig, state: StepState, loop: str, x: Sl
                    ascend=loop == "inner",
                    scale=None if scale is None else _on(scale, buf).float(),
                    ok=go.to(buf.device))
+    copy_out(parts)  # FSDP2: the updated flat copies back into the local shards
 
 
 def adam_apply(theta: Tensor, direction: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -367,6 +370,7 @@ def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> None:
         for p in parts:
             c = C.pack_update(one, sign * step, 0.0 * one, ok)
             p.backend.update(p.buf.param, p.buf.flat(Slot.PHI_GRAD), None, _on(c, p.buf))
+        copy_out(parts)
 
     def u_here(out: Slot) -> None:
         second = cfg.sim.second_order

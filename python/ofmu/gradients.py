@@ -10,14 +10,16 @@ averages every result across ranks here (:mod:`ofmu.distributed`).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .distributed import average_
+from .distributed import average_, mean_losses
 from .flat import FlatBuffer, Slot
+from .sharded import is_sharded
 
 
 @dataclass
@@ -81,6 +83,10 @@ class Autodiff:
 
     def __init__(self, buffers: list[FlatBuffer], process_group, hooks: list):
         self.buffers, self.process_group, self.hooks = buffers, process_group, hooks
+        self._watched: set[int] = set()
+        self._reach_hooks: list = []  # removed with the optimizer (weakref.finalize)
+        self._reached = [0]  # a list the hooks share: they must not hold the optimizer alive
+        weakref.finalize(self, _remove_all, self._reach_hooks)
 
     @property
     def params(self) -> list[Tensor]:
@@ -94,7 +100,13 @@ class Autodiff:
                  why: str = "this mode") -> Evaluation:
         """Call the closure; gradients into ``GRAD_F`` (unless ``forget=False``) and ``GRAD_R``.
         ``graph_f``/``graph_r`` keep that gradient's graph (for a double backward that ``why``
-        names in the error raised when the model cannot do one)."""
+        names in the error raised when the model cannot do one). Under torch.distributed the
+        returned losses are averaged over the ranks (the loss on the union of the minibatches,
+        so that ``forget_loss_cap`` decides alike on every rank)."""
+        sharded = self.sharded
+        if sharded and (graph_f or graph_r):  # rho raised after construction, say
+            raise _sharded_mode_error(why, self.buffers[0].names[0])
+        self._watch()
         with torch.enable_grad():
             loss_f, loss_r = call_closure(closure, same_batch)
             ev = Evaluation(loss_f, loss_r)
@@ -106,6 +118,8 @@ class Autodiff:
         if forget:
             self.average(Slot.GRAD_F)
         self.average(Slot.GRAD_R)
+        ev.loss_f, ev.loss_r = mean_losses(ev.loss_f.detach(), ev.loss_r.detach(),
+                                           self.loss_group)
         # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
         # once one backward pass went through, the per-parameter check hooks can go.
         for h in self.hooks:
@@ -113,24 +127,64 @@ class Autodiff:
         self.hooks.clear()
         return ev
 
+    @property
+    def sharded(self) -> bool:
+        return any(is_sharded(b) for b in self.buffers)
+
+    @property
+    def loss_group(self):
+        """The group the losses are averaged over (None: no torch.distributed)."""
+        if self.sharded:
+            return self.buffers[0].group
+        return self.process_group
+
+    def _watch(self) -> None:
+        """Count the plain parameters a backward pass reaches (post-accumulate-grad hooks, added
+        once per parameter): none reached means the model no longer uses them."""
+        for buf in self.buffers:
+            if is_sharded(buf):
+                continue
+            for p in buf.params:
+                if id(p) not in self._watched:
+                    self._watched.add(id(p))
+                    self._reach_hooks.append(
+                        p.register_post_accumulate_grad_hook(_counter(self._reached)))
+
+    def _check_reached(self, reached: int) -> None:
+        if reached == 0 and self.params:
+            raise RuntimeError(_replaced_message(self.buffers[0].names[0], self.sharded))
+
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
-        """``.backward()`` straight into the flat buffers (their slices are bound as ``p.grad``)."""
-        for buf in self.buffers:
-            if lf is not None:
-                buf.grad_f.zero_()
-            buf.grad_r.zero_()
-            buf.bind_grads(Slot.GRAD_F)
+        """``.backward()`` straight into the flat buffers (their slices are bound as ``p.grad``);
+        for FSDP2-sharded buffers, ``.backward()`` then the local gradient shards copied in."""
+        reached = 0
         if lf is not None:
-            torch.autograd.backward(lf, inputs=self.params)
-        for buf in self.buffers:
-            buf.bind_grads(Slot.GRAD_R)
+            reached += self._backward_into(lf, Slot.GRAD_F)
         try:
-            torch.autograd.backward(lr, inputs=self.params)
+            reached += self._backward_into(lr, Slot.GRAD_R)
         except RuntimeError as e:
             if "second time" in str(e):
                 raise RuntimeError("the forget and retain losses share part of one autograd "
                                    "graph; compute them in separate forward passes") from e
             raise
+        self._check_reached(reached)
+
+    def _backward_into(self, loss: Tensor, slot: Slot) -> int:
+        """One backward pass into buffer ``slot``; returns how many parameters it reached."""
+        sharded = self.sharded
+        for buf in self.buffers:
+            if sharded:
+                buf.release_grads()
+            else:
+                buf.flat(slot).zero_()
+                buf.bind_grads(slot)
+        self._reached[0] = 0
+        # FSDP2 all-gathers the sharded parameters into other tensors: they are not the graph's
+        # leaves, so no ``inputs=`` (its post-backward hooks reduce-scatter into p.grad).
+        torch.autograd.backward(loss, inputs=None if sharded else self.params)
+        if sharded:
+            return sum(buf.collect_grads(slot) for buf in self.buffers)
+        return self._reached[0]
 
     def _grad_with_graphs(self, ev: Evaluation, graph_f: bool, graph_r: bool) -> None:
         params = self.params
@@ -138,6 +192,7 @@ class Autodiff:
                                          allow_unused=True))
         ev.gr = list(torch.autograd.grad(ev.loss_r, params, create_graph=graph_r,
                                          allow_unused=True))
+        self._check_reached(sum(g is not None for g in ev.gf + ev.gr))
         self.store(Slot.GRAD_F, ev.gf, average=False)
         self.store(Slot.GRAD_R, ev.gr, average=False)
 
@@ -168,4 +223,35 @@ class Autodiff:
             self.average(slot)
 
     def average(self, slot: Slot) -> None:
-        average_([buf.flat(slot) for buf in self.buffers], self.process_group)
+        """Replicated parameters: average the buffer over the ranks (FSDP2-sharded gradients
+        arrive averaged)."""
+        if not self.sharded:
+            average_([buf.flat(slot) for buf in self.buffers], self.process_group)
+
+
+def _replaced_message(name: str, sharded: bool) -> str:
+    return (f"no gradient reached any of the optimizer's parameters (first: {name}): the model no "
+            "longer uses the tensors OFMU was built with. They were replaced after the optimizer "
+            "was built: by fully_shard() (FSDP2) or another wrapper applied after OFMU(...), by "
+            "load_state_dict(assign=True), or by model surgery"
+            + (" or re-sharding" if sharded else "") +
+            ". Build the optimizer last: OFMU(model.parameters(), ...) after wrapping and loading "
+            "(or check that the closure's losses depend on these parameters).")
+
+
+def _sharded_mode_error(why: str, name: str) -> ValueError:
+    from .sharded import _mode_error
+
+    return _mode_error(why, name)
+
+
+def _remove_all(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
+def _counter(box: list):
+    def hook(_p: Tensor) -> None:
+        box[0] += 1
+    return hook

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, sharded
 from . import functional as F
 from .coefficients import similarity_scalars
 from .distributed import resolve_process_group
@@ -166,7 +166,7 @@ class OFMU(Optimizer):
             by_key[(p.device, p.dtype)].append((p, name))
             self._hooks.append(p.register_hook(_dense_grad_check(name)))
         for (device, _), items in by_key.items():
-            buf = FlatBuffer([p for p, _ in items], [n for _, n in items])
+            buf = sharded.flat_buffer(self, gi, [p for p, _ in items], [n for _, n in items])
             buf.bind_grads(Slot.GRAD_R)  # p.grad always shows the retain buffer (zeros here)
             backend, reason = backends.select(self.backend, device)
             self._parts.append(F.Part(buf, backend, gi))
@@ -186,7 +186,7 @@ class OFMU(Optimizer):
                 for pi, p in enumerate(part.buf.params):
                     st = self.state[p]
                     for slot in slots:
-                        st[slot.value] = part.buf.buffer(slot)[1][pi]
+                        st[slot.value] = sharded.state_view(part.buf, slot, pi)
                     st[_STEP_KEYS[loop]] = step
 
     def state_dict(self) -> dict:

@@ -1,0 +1,228 @@
+"""OFMU on FSDP2-sharded models (``torch.distributed.fsdp.fully_shard``): the sharded part.
+
+FSDP2 turns every parameter into a ``DTensor`` sharded on one dimension over a 1-D device
+mesh, owns its storage, and leaves after ``loss.backward()`` a sharded ``DTensor`` gradient
+that is already reduce-scattered and averaged over the ranks. OFMU's kernels run on flat
+buffers, and FSDP2's storage cannot be re-viewed into one. So a :class:`ShardedFlatBuffer`
+keeps OFMU's own flat buffers over *copies* of this rank's local shards, and every kernel runs
+unchanged on them:
+
+* copy-in: after each backward pass the local gradient shards (``p.grad.to_local()``) are
+  copied into ``GRAD_F`` / ``GRAD_R`` with one ``torch._foreach_copy_`` and ``p.grad`` is reset
+  to ``None`` (FSDP2 would otherwise accumulate the next backward pass into it);
+* copy-out: after each update of the flat parameter buffer the values are copied back into the
+  local shards (one ``torch._foreach_copy_``), before the next forward pass reads them;
+* the global quantities (``<g_f, g_r>``, ``|g_f|^2``, ``|g_r|^2``, the norms of the directions)
+  are sums of the per-shard ``reduce3`` statistics: one all-reduce (SUM) of ``3 x buffers``
+  scalars per reduction over the mesh's process group; no whole-buffer averaging (FSDP2 already
+  averaged the gradients).
+
+Each rank thus holds ``1/world`` of every buffer (gradients, moments, scratch) plus one copy
+of its parameter shard. Modes that differentiate *with respect to* the parameters
+(``torch.autograd.grad``: ``similarity="hvp"``, ``outer_hvp="forget"|"exact"`` with rho > 0)
+cannot run there: FSDP2 all-gathers into other tensors, so the sharded parameters are not in
+the autograd graph. They are refused with a message naming the fix (``outer_hvp="fd"``). The
+numbers behind this design are in ``docs/scaling.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .flat import FlatBuffer, Slot
+
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch.distributed unavailable on this build
+        return None
+    return DTensor
+
+
+def is_dtensor(p: Tensor) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(p, cls)
+
+
+def is_sharded(buf) -> bool:
+    return isinstance(buf, ShardedFlatBuffer)
+
+
+_FIX_MODE = ("Use outer_hvp='fd' (finite differences: closures at perturbed points, first "
+             "order) with similarity='project' or 'none', or switch the penalty off (rho=0 or "
+             "outer_hvp='none')")
+
+
+def _mode_error(what: str, name: str) -> ValueError:
+    return ValueError(
+        f"{what} differentiates with respect to the parameters (torch.autograd.grad), which is "
+        f"not possible for FSDP2-sharded parameters such as {name}: fully_shard all-gathers "
+        f"them into other tensors, so the sharded DTensors are not in the autograd graph. "
+        f"{_FIX_MODE}.")
+
+
+def check_modes(sim, hvp, rho: float, name: str) -> None:
+    """Refuse the modes that need ``torch.autograd.grad`` with respect to sharded parameters."""
+    if sim.second_order:
+        raise _mode_error(f"similarity={sim.name!r}", name)
+    if hvp.double_backward(sim) and rho > 0:
+        raise _mode_error(f"outer_hvp={hvp.name!r} with rho > 0", name)
+
+
+def check_placements(p: Tensor, name: str) -> None:
+    """FSDP2's layout only: one ``Shard(dim)`` placement on a 1-D mesh."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard):
+        raise ValueError(
+            f"parameter {name} is a DTensor with placements {placements} on a {mesh.ndim}-D "
+            "device mesh; OFMU supports FSDP2's layout only (fully_shard on a 1-D mesh: one "
+            "Shard(dim) placement). Tensor parallelism, HSDP (2-D meshes) and replicated or "
+            "partial DTensors are not supported: shard the model with fully_shard(model) on a "
+            "1-D mesh, or pass plain (replicated) parameters and let OFMU average across ranks.")
+
+
+def flat_buffer(opt, gi: int, params: list[Tensor], names: list[str]):
+    """The flat buffer of one (group, device, dtype): a :class:`FlatBuffer` for plain
+    parameters, a :class:`ShardedFlatBuffer` for FSDP2-sharded ones (after checking their
+    layout, the optimizer's modes and that the two kinds are not mixed)."""
+    dt = [is_dtensor(p) for p in params]
+    earlier = [part.buf for part in opt._parts]
+    if not any(dt):
+        if any(is_sharded(b) for b in earlier):
+            raise ValueError(_mixed(names[0], earlier[0].names[0]))
+        return FlatBuffer(params, names)
+    if not all(dt) or any(not is_sharded(b) for b in earlier):
+        plain = (names[dt.index(False)] if not all(dt)
+                 else next(b.names[0] for b in earlier if not is_sharded(b)))
+        sharded = names[dt.index(True)]
+        raise ValueError(_mixed(plain, sharded))
+    for p, n in zip(params, names):
+        check_placements(p, n)
+    check_modes(opt.sim_mode, opt.hvp_mode, float(opt.param_groups[gi]["rho"]), names[0])
+    buf = ShardedFlatBuffer(params, names)
+    for b in earlier:
+        if b.mesh != buf.mesh:
+            raise ValueError(f"parameter {names[0]} is sharded over {buf.mesh} but {b.names[0]} "
+                             f"over {b.mesh}; OFMU needs every parameter on one device mesh")
+    return buf
+
+
+def _mixed(plain: str, sharded: str) -> str:
+    return (f"parameter {plain} is a plain tensor but {sharded} is an FSDP2-sharded DTensor; OFMU "
+            "cannot mix replicated and sharded parameters. Apply fully_shard to the root module "
+            "too (fully_shard(model) after the submodules), so that every parameter is sharded, "
+            "or freeze/leave out the plain ones.")
+
+
+class ShardedFlatBuffer(FlatBuffer):
+    """OFMU's flat buffers over copies of this rank's shards of FSDP2 parameters.
+
+    ``params`` are the DTensor parameters (``state[p]`` is keyed on them); every buffer, its
+    views and the kernels see the local shards' shapes. ``bind_grads`` shows a buffer as the
+    DTensor gradients (``p.grad`` over a view of it, as the flat path does)."""
+
+    def __init__(self, params: list[Tensor], names: list[str]):
+        shards = [p.detach().to_local() for p in params]
+        self._shapes = [s.shape for s in shards]
+        self.mesh, self.placements = params[0].device_mesh, tuple(params[0].placements)
+        self.group = self.mesh.get_group()
+        super().__init__([s.clone() for s in shards], names)  # our copies, re-viewed
+        self.params = list(params)
+        self._copy_versions()
+        self.bind_grads(Slot.GRAD_R)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        return [flat[o : o + s.numel()].view(s) for s, o in zip(self._shapes, self.offsets)]
+
+    def shards(self) -> list[Tensor]:
+        """The local shards FSDP2 owns (views into its storage)."""
+        return [p.detach().to_local() for p in self.params]
+
+    def _copy_versions(self) -> None:
+        self._versions = [s._version for s in self.shards()]
+
+    def dtensor(self, view: Tensor, pi: int) -> Tensor:
+        """A local view of one of our buffers as a DTensor laid out like parameter ``pi``."""
+        from torch.distributed.tensor import DTensor
+
+        p = self.params[pi]
+        return DTensor.from_local(view, self.mesh, self.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
+    # ------------------------------------------------------------------ copy-in, copy-out
+
+    def copy_out(self) -> None:
+        """The flat parameter buffer into FSDP2's local shards (after an update)."""
+        shards = self.shards()
+        if shards:
+            torch._foreach_copy_(shards, self.param_views)
+        self._copy_versions()
+
+    def refresh(self) -> None:
+        """FSDP2's shards into the flat parameter buffer when they changed outside OFMU
+        (``set_model_state_dict``, a manual edit); checks they are still FSDP2's shards."""
+        for p, n, shape in zip(self.params, self.names, self._shapes):
+            if not is_dtensor(p) or p.to_local().shape != shape:
+                raise RuntimeError(f"parameter {n} is no longer the FSDP2 shard OFMU was built with "
+                                   f"(local shape {shape}); build the optimizer after "
+                                   "fully_shard and after any re-sharding")
+        shards = self.shards()
+        if [s._version for s in shards] != self._versions:
+            torch._foreach_copy_(self.param_views, shards)
+            self._copy_versions()
+
+    def release_grads(self) -> None:
+        """``p.grad = None`` (before a backward pass: FSDP2 would accumulate into it)."""
+        for p in self.params:
+            p.grad = None
+
+    def collect_grads(self, slot: Slot) -> int:
+        """The local gradient shards FSDP2 left in ``p.grad`` into buffer ``slot`` (missing
+        gradients give zeros); ``p.grad`` reset to None. Returns how many parameters had one."""
+        grads = [None if p.grad is None else p.grad.to_local() for p in self.params]
+        self.copy_in(self.buffer(slot)[1], grads)
+        self.release_grads()
+        return sum(g is not None for g in grads)
+
+    # ----------------------------------------------------------------- FlatBuffer interface
+
+    def bind_grads(self, slot: Slot | str) -> None:
+        for pi, (p, v) in enumerate(zip(self.params, self.buffer(slot)[1])):
+            p.grad = self.dtensor(v, pi)
+
+    def check_aliasing(self) -> None:
+        self.refresh()
+
+
+# ------------------------------------------------------------------- hooks for functional.py
+
+
+def all_reduce_stats(parts, stats: list[Tensor]) -> list[Tensor]:
+    """Per-buffer ``reduce3`` statistics summed over the shards: one all-reduce of
+    ``3 x len(parts)`` scalars (identity unless the parts are sharded)."""
+    if not parts or not is_sharded(parts[0].buf):
+        return stats
+    import torch.distributed as dist
+
+    packed = torch.stack(stats)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=parts[0].buf.group)
+    return list(packed.unbind(0))
+
+
+def copy_out(parts) -> None:
+    """After an update of the flat parameter buffers: into FSDP2's shards (no-op otherwise)."""
+    for part in parts:
+        if is_sharded(part.buf):
+            part.buf.copy_out()
+
+
+def state_view(buf, slot: Slot, pi: int) -> Tensor:
+    """``state[p][...]`` for parameter ``pi`` of ``buf``: its view of buffer ``slot``, as a
+    DTensor laid out like the parameter when sharded (what ``torch.distributed.checkpoint``
+    saves shard by shard)."""
+    view = buf.buffer(slot)[1][pi]
+    return buf.dtensor(view, pi) if is_sharded(buf) else view

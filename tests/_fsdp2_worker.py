@@ -1,0 +1,207 @@
+"""Worker for tests/test_fsdp2.py: OFMU on FSDP2-sharded models (``fully_shard``), gloo ranks on
+CPU, each rank on its slice of every batch.
+
+Run as ``python _fsdp2_worker.py OUT_DIR PORT WORLD [PARTS]``; every rank saves
+``rank{r}.pt``: the full parameters after every config (``DTensor.full_tensor()``), the messages
+of the misuse cases and the checkpoint round trip. ``run_single`` is the single-process
+reference on the whole batches (plain parameters, OFMU's replicated path with no ranks).
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ofmu import OFMU
+
+BATCH = 8  # per batch, split across the ranks (2 and 4 divide it)
+COMMON = dict(lr=0.05, inner_lr=0.02, inner_steps=2, beta=0.6, rho=0.2, weight_decay=1e-3)
+STEPS = 3
+
+# name: (model, optimizer settings, param groups?)
+CONFIGS = {
+    "mlp-project-none-sgd": ("mlp", dict(similarity="project", outer_hvp="none")),
+    "mlp-none-rho0-adam": ("mlp", dict(similarity="none", outer_hvp="forget", rho=0.0,
+                                       preconditioner="adam")),
+    "mlp-project-fd-sgd": ("mlp", dict(similarity="project", outer_hvp="fd")),
+    "mlp-project-fd-adam-clip-groups": ("mlp", dict(similarity="project", outer_hvp="fd",
+                                                    preconditioner="adam", max_grad_norm=0.05,
+                                                    groups=True)),
+    "tf-project-none-adam": ("tf", dict(similarity="project", outer_hvp="none",
+                                        preconditioner="adam")),
+    "tf-project-fd-sgd": ("tf", dict(similarity="project", outer_hvp="fd")),
+}
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Tanh(),
+                               torch.nn.Linear(9, 3)).double()
+
+
+class TinyTransformer(torch.nn.Module):
+    """Embedding, one pre-norm encoder layer (attention + MLP), a head: 11 tokens, width 8.
+
+    The layer has no biases: the key bias's true gradient is zero (softmax is shift-invariant),
+    so it only carries rounding noise, which Adam would turn into order-dependent steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(11, 8)
+        self.layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                                      batch_first=True, norm_first=True,
+                                                      bias=False)
+        self.head = torch.nn.Linear(8, 11)
+
+    def forward(self, x):
+        return self.head(self.layer(self.emb(x)))
+
+
+def build(kind):
+    m = mlp() if kind == "mlp" else TinyTransformer().double()
+    return m
+
+
+def shard(m, kind, mp_policy=None):
+    from torch.distributed.fsdp import fully_shard
+
+    kw = {} if mp_policy is None else dict(mp_policy=mp_policy)
+    for sub in ([m[0], m[2]] if kind == "mlp" else [m.layer]):
+        fully_shard(sub, **kw)
+    fully_shard(m, **kw)
+    return m
+
+
+class Slices:
+    """Batch i (forget, retain), this rank's slice; ``same_batch=True`` reuses the last one."""
+
+    def __init__(self, m, kind, rank, world, dtype=torch.float64):
+        self.m, self.kind, self.i, self.rank, self.world, self.dtype = m, kind, 0, rank, world, dtype
+
+    def __call__(self, same_batch=False):
+        if not same_batch:
+            self.i += 1
+        g = torch.Generator().manual_seed(self.i)
+        n = BATCH // self.world
+        sl = slice(self.rank * n, (self.rank + 1) * n)
+        ce = torch.nn.functional.cross_entropy
+        if self.kind == "mlp":
+            x = torch.randn(2, BATCH, 4, generator=g, dtype=torch.float64).to(self.dtype)
+            y = torch.randint(0, 3, (2, BATCH), generator=g)
+            return ce(self.m(x[0, sl]), y[0, sl]), ce(self.m(x[1, sl]), y[1, sl])
+        x = torch.randint(0, 11, (2, BATCH, 5), generator=g)
+        y = torch.randint(0, 11, (2, BATCH, 5), generator=g)
+        out = [ce(self.m(x[k, sl]).flatten(0, 1), y[k, sl].flatten()) for k in (0, 1)]
+        return out[0], out[1]
+
+
+def optimizer(m, cfg):
+    cfg = dict(COMMON, **cfg)
+    if cfg.pop("groups", False):  # weights and biases apart, each with its own decay
+        named = list(m.named_parameters())
+        params = [dict(params=[p for n, p in named if n.endswith("weight")], weight_decay=1e-2),
+                  dict(params=[p for n, p in named if not n.endswith("weight")])]
+        return OFMU(params, **cfg)
+    return OFMU(m.parameters(), **cfg)
+
+
+def full(m):
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
+                      for p in m.parameters()])
+
+
+def run(name, rank, world, sharded):
+    kind, cfg = CONFIGS[name]
+    m = build(kind)
+    if sharded:
+        shard(m, kind)
+    opt = optimizer(m, cfg)
+    closure = Slices(m, kind, rank, world)
+    losses = [float(opt.step(closure)) for _ in range(STEPS)]
+    return full(m), losses
+
+
+def run_single(names=None):
+    return {n: run(n, 0, 1, sharded=False) for n in (names or CONFIGS)}
+
+
+def _message(fn):
+    try:
+        fn()
+    except (RuntimeError, ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def misuse(rank, world):
+    """The messages of the misuse cases (empty string: no error raised)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    out = {}
+
+    def built_before_fully_shard():
+        m = mlp()
+        opt = OFMU(m.parameters(), **COMMON, outer_hvp="none")
+        shard(m, "mlp")
+        opt.step(Slices(m, "mlp", rank, world))
+    out["built_before"] = _message(built_before_fully_shard)
+
+    def replicated_dtensor():
+        mesh = init_device_mesh("cpu", (world,))
+        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh,
+                                                 [Replicate()]))
+        OFMU([p], outer_hvp="none")
+    out["replicate"] = _message(replicated_dtensor)
+
+    for key, cfg in {"hvp": dict(similarity="hvp", outer_hvp="fd"),
+                     "forget": dict(outer_hvp="forget"),
+                     "exact": dict(outer_hvp="exact", process_group=None)}.items():
+        out[key] = _message(lambda cfg=cfg: OFMU(shard(mlp(), "mlp").parameters(),
+                                                 **dict(COMMON, **cfg)))
+
+    def rho_raised_later():
+        m = shard(mlp(), "mlp")
+        opt = OFMU(m.parameters(), **dict(COMMON, rho=0.0, outer_hvp="forget"))  # fine at rho=0
+        opt.step(Slices(m, "mlp", rank, world))
+        opt.param_groups[0]["rho"] = opt.param_groups[0]["rho_k"] = 0.1
+        opt.step(Slices(m, "mlp", rank, world))
+    out["rho_later"] = _message(rho_raised_later)
+
+    def mixed():
+        m = mlp()
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(m[0])  # m[2] and the root left plain
+        OFMU(m.parameters(), **COMMON, outer_hvp="none")
+    out["mixed"] = _message(mixed)
+
+    def replaced_after():  # the sharded parameters swapped for new ones after OFMU was built
+        m = shard(mlp(), "mlp")
+        opt = OFMU(m.parameters(), **COMMON, outer_hvp="none")
+        opt.step(Slices(m, "mlp", rank, world))
+        m2 = shard(mlp(), "mlp")  # a new wrapped model, say after reloading
+        opt.step(Slices(m2, "mlp", rank, world))
+    out["replaced"] = _message(replaced_after)
+    return out
+
+
+def worker(rank, world, out_dir, port, parts):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        if "configs" in parts:
+            results["configs"] = {n: run(n, rank, world, sharded=True) for n in CONFIGS}
+        if "misuse" in parts:
+            results["misuse"] = misuse(rank, world)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    world = int(sys.argv[3])
+    parts = sys.argv[4].split(",") if len(sys.argv) > 4 else ["configs", "misuse"]
+    mp.spawn(worker, args=(world, sys.argv[1], int(sys.argv[2]), parts), nprocs=world)
