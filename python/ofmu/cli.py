@@ -136,6 +136,11 @@ def verdict(result: dict, reference: str = "Retrain") -> str:
 
 
 def cmd_benchmark(args) -> int:
+    if args.dataset == "authors":  # the language-model benchmark (docs/lm-benchmark.md)
+        require("benchmark", "transformers", "scipy", "rouge_score", "tqdm", "matplotlib")
+        from .studies.lm.runner import main as lm_main
+
+        return lm_main(args)
     require("benchmark", "sklearn", "tqdm", "matplotlib")
     from .studies.vision import markdown_table, write_outputs
     from .studies.vision.study import DEFAULT_METHODS, StudyConfig, run_study
@@ -221,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("benchmark", help="the full unlearning study (tables, JSON, plot)")
-    b.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "digits"))
+    b.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "digits", "authors"))
+    b.add_argument("--model", default="tiny", choices=("tiny", "smollm2"),
+                   help="authors only: tiny Llama from a config, or SmolLM2-135M-Instruct (GGUF)")
+    b.add_argument("--forget", default=None, help="authors only: forget percentages (default 1,5,10)")
     b.add_argument("--scenario", default="random", choices=("random", "class"))
     b.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     b.add_argument("--seed0", type=int, default=0, help="first seed (default 0)")

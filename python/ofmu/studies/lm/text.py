@@ -1,0 +1,129 @@
+"""Tokenizers and batches: question/answer pairs -> ``input_ids``, ``attention_mask``, ``labels``.
+
+Both tokenizers share one small interface (``prompt_ids``, ``answer_ids``, ``decode``,
+``eos_id``, ``pad_id``): a word-level one built from the generated corpus (the tiny model) and
+a wrapper of a Hugging Face tokenizer with a chat prompt (SmolLM2). Labels are ``-100`` on the
+prompt and on padding, so losses and probabilities cover the answer tokens and the end token,
+as in TOFU/open-unlearning.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .data import PROMPT
+
+IGNORE = -100
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+class WordTokenizer:
+    """Word-level tokenizer over a fixed vocabulary (every word of the generated corpus)."""
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+    def __init__(self, texts):
+        words = sorted({w for t in texts for w in _WORD.findall(t)})
+        self.itos = list(self.SPECIALS) + words
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(w, self.unk_id) for w in _WORD.findall(text)]
+
+    def decode(self, ids) -> str:
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i >= len(self.SPECIALS):
+                words.append(self.itos[i])
+        return re.sub(r" ([.,?!:;])", r"\1", " ".join(words))
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return [self.bos_id] + self.encode(PROMPT.format(q=question))
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.encode(answer) + [self.eos_id]
+
+
+class ChatTokenizer:
+    """A Hugging Face tokenizer with the ChatML turn format of SmolLM2-Instruct (no system
+    prompt, to keep sequences short); the answer ends with the end-of-turn token."""
+
+    def __init__(self, hf_tokenizer, user="<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
+                 end="<|im_end|>"):
+        self.hf = hf_tokenizer
+        self.user = user
+        ids = hf_tokenizer.encode(end, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"end-of-turn marker {end!r} is not a single token for this tokenizer")
+        self.eos_id = ids[0]
+        self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(hf_tokenizer)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.hf.encode(self.user.format(q=question), add_special_tokens=False)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.hf.encode(answer, add_special_tokens=False) + [self.eos_id]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.hf.decode(ids, skip_special_tokens=True).strip()
+
+
+def encode_pair(tok, question: str, answer: str) -> tuple[list[int], list[int]]:
+    p, a = tok.prompt_ids(question), tok.answer_ids(answer)
+    return p + a, [IGNORE] * len(p) + a
+
+
+def collate(pairs, pad_id: int) -> dict:
+    """Right-padded batch of ``(input_ids, labels)`` pairs."""
+    n = max(len(ids) for ids, _ in pairs)
+    input_ids = torch.full((len(pairs), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(pairs), n), dtype=torch.long)
+    for i, (ids, lab) in enumerate(pairs):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def encode_all(tok, items: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    return [encode_pair(tok, q, a) for q, a in items]
+
+
+class PairStream:
+    """Endless seeded minibatches of encoded pairs (reshuffled every epoch)."""
+
+    def __init__(self, pairs, batch_size: int, pad_id: int, seed: int, device="cpu"):
+        if not pairs:
+            raise ValueError("PairStream needs at least one example")
+        self.pairs, self.pad_id, self.device = pairs, pad_id, device
+        self.batch_size = min(batch_size, len(pairs))
+        self.g = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+        self.last: dict | None = None
+
+    def next(self) -> dict:
+        if len(self._order) < self.batch_size:
+            self._order += torch.randperm(len(self.pairs), generator=self.g).tolist()
+        idx, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
+        batch = collate([self.pairs[i] for i in idx], self.pad_id)
+        self.last = {k: v.to(self.device) for k, v in batch.items()}
+        return self.last
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
