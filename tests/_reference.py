@@ -7,7 +7,15 @@ slow and literal on purpose; the optimizer must agree with it to 1e-10 in float6
 
 from __future__ import annotations
 
+import functools
+
+import ofmu
 import torch
+
+# ofmu.OFMU with the paper-form defaults (5 SGD inner steps, rho = 0.01, h = H_f v, no cap,
+# lr 1e-2) that the contract, oracle and parity tests were written against; the constructor's
+# own defaults are the robust first-order recipe (tested in test_defaults.py).
+PaperOFMU = functools.partial(ofmu.OFMU, **{"lr": 1e-2, **ofmu.OFMU.paper_config()})
 
 
 class BatchStream:

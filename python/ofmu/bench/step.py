@@ -212,7 +212,7 @@ def build_method(method: str, w: Workload, args, prof: Profile):
     sim, hvp = MODES[method]
     opt = OFMU(model.parameters(), lr=args.lr, inner_lr=args.lr, inner_steps=args.inner_steps,
                beta=0.5 if sim == "project" else 0.1, rho=0.01, similarity=sim, outer_hvp=hvp,
-               backend=args.backend)
+               outer_steps=1, preconditioner="sgd", forget_loss_cap=None, backend=args.backend)
     opt._parts = [dataclasses.replace(p, backend=timing_backend(p.backend, prof)) for p in opt._parts]
 
     def closure(same_batch: bool = False):
@@ -221,8 +221,8 @@ def build_method(method: str, w: Workload, args, prof: Profile):
             return forward(lambda: (ce(model, bf), ce(model, br)))
 
     # instance attributes shadow the methods, so step() goes through the timed versions
-    opt.inner_step = prof.in_phase("inner", opt.inner_step)
-    opt.outer_step = prof.in_phase("outer", opt.outer_step)
+    opt._inner_step = prof.in_phase("inner", opt._inner_step)  # step() calls these (under its guard)
+    opt._outer_step = prof.in_phase("outer", opt._outer_step)
 
     def step():
         with w.context():
