@@ -2,6 +2,7 @@
 culprit, is counted, or is handled (docs/guarantees.md lists them)."""
 
 
+import io
 import threading
 
 import pytest
@@ -9,6 +10,12 @@ import torch
 from ofmu import OFMU
 
 mse = torch.nn.functional.mse_loss
+# explicit settings: these tests count updates and compute steps by hand
+PLAIN = dict(preconditioner="sgd", inner_steps=1, outer_steps=1, rho=0.0, forget_loss_cap=None)
+
+
+def ofmu(params, **kw):
+    return OFMU(params, **{**PLAIN, **kw})
 
 
 def mlp(seed=0):
@@ -31,7 +38,7 @@ def test_same_parameter_twice_in_a_group_is_named():
     with pytest.warns(UserWarning, match="duplicate"), \
             pytest.raises(ValueError, match=r"params\[2\] \(shape \(2, 3\)\) is the same tensor as "
                                             r"param_groups\[0\]\.params\[0\]"):
-        OFMU([lin.weight, lin.bias, lin.weight])
+        ofmu([lin.weight, lin.bias, lin.weight])
 
 
 def test_tied_weights_listed_twice_are_named():
@@ -43,9 +50,9 @@ def test_tied_weights_listed_twice_are_named():
     assert len(params) == 2 and params[0] is params[1]
     with pytest.warns(UserWarning, match="duplicate"), \
             pytest.raises(ValueError, match=r"params\[1\].*same tensor as.*params\[0\].*tied"):
-        OFMU(params)
+        ofmu(params)
     # listed once (the default of named_parameters), the tied weight trains as one tensor
-    opt = OFMU(model.parameters(), lr=0.5, inner_steps=0, rho=0.0)
+    opt = ofmu(model.parameters(), lr=0.5, inner_steps=0, rho=0.0)
     idx = torch.tensor([0, 3])
     before = emb.weight.detach().clone()
 
@@ -65,9 +72,9 @@ def test_tied_weights_listed_twice_are_named():
 @pytest.mark.parametrize("entry", ["step", "inner_step", "outer_step"])
 def test_a_second_thread_cannot_enter_a_running_step(entry):
     model = mlp()
-    opt = OFMU(model.parameters(), lr=0.1, inner_steps=1)
+    opt = ofmu(model.parameters(), lr=0.1, inner_steps=1)
     ref_model = mlp()
-    ref = OFMU(ref_model.parameters(), lr=0.1, inner_steps=1)
+    ref = ofmu(ref_model.parameters(), lr=0.1, inner_steps=1)
     inside, release = threading.Event(), threading.Event()
     base = closure_for(model)
 
@@ -99,7 +106,7 @@ def test_a_second_thread_cannot_enter_a_running_step(entry):
 
 def test_closure_calling_step_is_refused():
     model = mlp()
-    opt = OFMU(model.parameters(), lr=0.1, inner_steps=1)
+    opt = ofmu(model.parameters(), lr=0.1, inner_steps=1)
     base = closure_for(model)
 
     def reentrant():
@@ -115,7 +122,7 @@ def test_closure_calling_step_is_refused():
 
 def test_parameter_frozen_after_construction_is_named():
     model = mlp()
-    opt = OFMU(model.parameters(), lr=0.1, inner_steps=1)
+    opt = ofmu(model.parameters(), lr=0.1, inner_steps=1)
     model[2].bias.requires_grad_(False)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\.params\[3\] \(shape \(2,\)\) was "
@@ -127,7 +134,7 @@ def test_parameter_frozen_after_construction_is_named():
 def test_parameter_unfrozen_after_construction_is_named():
     model = mlp()
     model[0].weight.requires_grad_(False)
-    opt = OFMU(model.parameters(), lr=0.1, inner_steps=1)
+    opt = ofmu(model.parameters(), lr=0.1, inner_steps=1)
     opt.step(closure_for(model))  # frozen at construction: left out, fine
     model[0].weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\.params\[0\] \(shape \(6, 4\)\) was "
@@ -148,7 +155,7 @@ def test_inf_parameter_with_weight_decay_skips_and_is_counted(preconditioner):
     emb = torch.nn.Embedding(5, 3)
     with torch.no_grad():
         emb.weight[4] = float("inf")
-    opt = OFMU(emb.parameters(), lr=0.1, inner_steps=1, weight_decay=0.01,
+    opt = ofmu(emb.parameters(), lr=0.1, inner_steps=1, weight_decay=0.01,
                preconditioner=preconditioner)
     idx = torch.tensor([0, 1, 2])
     before = emb.weight.detach().clone()
@@ -163,7 +170,7 @@ def test_inf_parameter_with_weight_decay_skips_and_is_counted(preconditioner):
     emb2 = torch.nn.Embedding(5, 3)
     with torch.no_grad():
         emb2.weight.copy_(before)
-    opt2 = OFMU(emb2.parameters(), lr=0.1, inner_steps=1, preconditioner=preconditioner)
+    opt2 = ofmu(emb2.parameters(), lr=0.1, inner_steps=1, preconditioner=preconditioner)
     opt2.step(lambda: (emb2(idx).pow(2).sum(), (emb2(idx) - 1).pow(2).sum()))
     assert opt2.last_stats()["skipped_steps"] == 0
     assert torch.isinf(emb2.weight[4]).all() and torch.isfinite(emb2.weight[:4]).all()
@@ -174,7 +181,7 @@ def test_inf_parameter_with_weight_decay_skips_and_is_counted(preconditioner):
 def test_infinite_loss_with_finite_gradients_is_skipped_and_counted(which):
     """loss + inf: the gradient is finite, the loss is not; the step that used it is skipped."""
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    opt = OFMU([p], lr=0.1, inner_steps=1, rho=0.0)
+    opt = ofmu([p], lr=0.1, inner_steps=1, rho=0.0)
     inf = torch.tensor(float("inf"))
 
     def closure():
@@ -189,3 +196,83 @@ def test_infinite_loss_with_finite_gradients_is_skipped_and_counted(which):
     if which == "forget":  # the outer step alone ran: theta - lr * 2 (theta - 1), by hand
         expected = expected - 0.1 * 2.0 * (expected - 1.0)
     assert torch.allclose(p.detach().double(), expected, rtol=0, atol=1e-7)
+
+
+# ------------------------------------------------------------------- 2. storage sharing
+
+
+def test_parameters_over_one_storage_are_refused_naming_both():
+    base = torch.nn.Parameter(torch.randn(3, 4))
+    row = torch.nn.Parameter(base.data[1])  # shares base's memory
+    with pytest.raises(ValueError, match=r"params\[0\] \(shape \(3, 4\)\) and param_groups\[0\]"
+                                         r"\.params\[1\] \(shape \(4,\)\) share memory"):
+        ofmu([base, row])
+    # in separate groups too (the first group sees row as an outside view of base: a warning)
+    shared = r"params\[0\] \(shape \(3, 4\)\) and param_groups\[1\]\.params\[0\] \(shape \(4,\)\) share"
+    with pytest.warns(UserWarning, match="shares its storage"), pytest.raises(ValueError, match=shared):
+        ofmu([{"params": [base]}, {"params": [row], "lr": 0.5}])
+
+
+def test_shared_memory_parameters_are_refused_and_sharing_later_keeps_working():
+    model = mlp()
+    model.share_memory()
+    with pytest.raises(ValueError, match=r"params\[0\] \(shape \(6, 4\)\) is in shared memory"):
+        ofmu(model.parameters())
+    # share_memory() after construction moves the whole flat buffer into shared memory: the
+    # parameters still view it, and the step is the one without sharing, bit for bit
+    a, b = mlp(), mlp()
+    opt_a, opt_b = ofmu(a.parameters(), lr=0.1), ofmu(b.parameters(), lr=0.1)
+    a.share_memory()
+    assert all(p.is_shared() for p in a.parameters())
+    opt_a.step(closure_for(a))
+    opt_b.step(closure_for(b))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert p.is_shared() and torch.equal(p, q)
+    assert not torch.equal(a[0].weight, mlp()[0].weight)  # it did move
+
+
+def test_a_kept_view_of_a_weight_is_warned_about():
+    model = mlp()
+    kept = model[2].weight.data[0]  # the user's view of a weight
+    old = kept.clone()
+    with pytest.warns(UserWarning, match=r"params\[2\] \(shape \(2, 6\)\) shares its storage "
+                                         r"with other tensors"):
+        opt = ofmu(model.parameters(), lr=0.1)
+    opt.step(closure_for(model))
+    assert not torch.equal(model[2].weight[0], old)  # the parameter moved ...
+    assert torch.equal(kept, old)  # ... the stale view did not: what the warning says
+    del kept
+
+
+def test_no_sharing_warning_for_a_plain_model_or_a_rebuilt_optimizer(recwarn):
+    model = mlp()
+    opt = ofmu(model.parameters(), lr=0.1)
+    opt.step(closure_for(model))
+    opt2 = ofmu(model.parameters(), lr=0.1)  # parameters already view the first flat buffer
+    opt2.step(closure_for(model))
+    del opt
+    opt3 = ofmu(model.parameters(), lr=0.1)
+    opt3.step(closure_for(model))
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_saving_one_parameter_documented_workaround():
+    """docs/guarantees.md: a parameter views its group's flat buffer, so torch.save(p) writes
+    the whole buffer; torch.save(p.detach().clone()) writes only p."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    bias = model[1].bias
+    ofmu(model.parameters(), lr=0.1)
+
+    def saved_bytes(obj):
+        f = io.BytesIO()
+        torch.save(obj, f)
+        return len(f.getvalue()), f
+
+    n_fresh, _ = saved_bytes(torch.zeros(32))  # an independent 32-element tensor
+    n_naive, _ = saved_bytes(bias)
+    n_clone, f = saved_bytes(bias.detach().clone())
+    trainable_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert n_naive >= trainable_bytes  # every trainable weight is in the file
+    assert n_clone <= n_fresh + 256  # only the bias
+    f.seek(0)
+    assert torch.equal(torch.load(f), bias.detach())

@@ -15,12 +15,21 @@ maps 0 to 0.
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from collections import defaultdict
 from enum import Enum
 
 import torch
 from torch import Tensor
 
 ALIGN_BYTES = 16
+# Storages the flat buffers created (parameters of an earlier optimizer view them: building a
+# new optimizer over those parameters is not sharing) ...
+_FLAT_STORAGES: weakref.WeakSet = weakref.WeakSet()
+# ... and storages parameters were moved out of, with the byte ranges they held and their names
+# (a parameter of a later group that still views such a range shared memory with that one).
+_VACATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Slot(str, Enum):
@@ -72,6 +81,60 @@ def check_frozen(frozen: list[tuple[Tensor, str]]) -> None:
                 "optimizer after unfreezing), or freeze it again")
 
 
+def _byte_range(p: Tensor) -> tuple[int, int]:
+    """``[start, end)`` of the bytes ``p`` may touch, relative to its storage."""
+    span = 1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
+    start = p.storage_offset() * p.element_size()
+    return start, start + span * p.element_size()
+
+
+def check_sharing(params: list[Tensor], names: list[str]) -> None:
+    """Re-viewing gives every parameter its own slot, so sharing set up before is refused (two
+    parameters over the same memory, shared memory across processes) or warned about (other
+    tensors over a parameter's storage: they would keep the old values). Host-side, once."""
+    by_storage: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
+    storages = {}
+    for p, n in zip(params, names):
+        if p.device.type == "cpu" and p.is_shared():
+            raise ValueError(
+                f"parameter {n} is in shared memory (model.share_memory(), Hogwild): the optimizer "
+                "re-views parameters into its own flat buffer, which would silently end the "
+                "sharing with other processes. OFMU does not support Hogwild training; use one "
+                "process, or torch.distributed (process_group) for data parallelism")
+        if not p.numel():
+            continue
+        st = p.untyped_storage()
+        start, end = _byte_range(p)
+        for vs, ve, vn in _VACATED.get(st, ()):
+            if start < ve and vs < end:
+                raise ValueError(_shared_message(vn, n))
+        by_storage[st._cdata].append((start, end, n))
+        storages[st._cdata] = st
+    for key, spans in by_storage.items():
+        spans.sort()
+        for (_, e1, n1), (s2, _, n2) in zip(spans, spans[1:]):
+            if s2 < e1:
+                raise ValueError(_shared_message(n1, n2))
+        if storages[key] in _FLAT_STORAGES:
+            continue  # an earlier optimizer's flat buffer: rebuilding one is fine
+        others = torch._C._storage_Use_Count(key) - len(spans) - 1  # - 1: the storage object
+        if others > 0:
+            warnings.warn(
+                f"parameter {spans[0][2]} shares its storage with other tensors outside this "
+                "optimizer (a view you kept, such as w.data[0], w.detach() or a "
+                "model.state_dict() entry, or the graph of a forward pass still alive): the "
+                "optimizer re-views the parameter into its flat buffer, so those tensors keep the "
+                "old values and no longer see updates. Build the optimizer before taking views "
+                "(docs/guarantees.md)", stacklevel=4)
+
+
+def _shared_message(a: str, b: str) -> str:
+    return (f"parameters {a} and {b} share memory (one is a view of the other, e.g. "
+            "Parameter(w.data[0]) next to w): the optimizer re-views every parameter into its "
+            "own slot of a flat buffer, which would silently end the sharing. Make one of them a "
+            "copy (Parameter(w.data[0].clone())), or use one Parameter object for both")
+
+
 class FlatBuffer:
     """Parameters of one group, device and dtype, viewed into a single flat storage."""
 
@@ -88,6 +151,7 @@ class FlatBuffer:
             if p.dtype != dtype:
                 raise ValueError(f"parameter {n} has dtype {p.dtype}, expected {dtype}")
         check_distinct(params, names)
+        check_sharing(params, names)
         self.device, self.dtype = device, dtype
         self.params, self.names = list(params), list(names)
         align = max(1, ALIGN_BYTES // params[0].element_size())
@@ -108,10 +172,15 @@ class FlatBuffer:
         self.grad_f_views = self._slots[Slot.GRAD_F][1]
         self.grad_r_views = self._slots[Slot.GRAD_R][1]
         with torch.no_grad():
-            for p, v in zip(params, self.param_views):
+            for p, n, v in zip(params, names, self.param_views):
                 v.copy_(p)
+                if p.numel():
+                    old = p.untyped_storage()
+                    _VACATED.setdefault(old, []).append((*_byte_range(p), n))
                 p.data = v
-        self._ptrs = [v.data_ptr() for v in self.param_views]
+        _FLAT_STORAGES.add(self.param.untyped_storage())
+        # byte offsets into the flat storage (it may move as a whole: share_memory_())
+        self._ptrs = [v.data_ptr() - self.param.data_ptr() for v in self.param_views]
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Per-parameter views (with the parameters' shapes) into a buffer of this layout."""
@@ -139,6 +208,7 @@ class FlatBuffer:
 
     def check_aliasing(self) -> None:
         """Cheap check that no parameter's storage was replaced behind the optimizer's back."""
+        base = self.param.data_ptr()
         for p, ptr, n in zip(self.params, self._ptrs, self.names):
             if not p.requires_grad:
                 raise RuntimeError(
@@ -146,7 +216,7 @@ class FlatBuffer:
                     "built; the optimizer would still update it. Set requires_grad=True again, or "
                     "rebuild the optimizer after freezing (frozen parameters are left out at "
                     "construction)")
-            if p.data_ptr() != ptr:
+            if p.data_ptr() != base + ptr:
                 raise RuntimeError(
                     f"parameter {n} no longer lives in the optimizer's flat buffer (its storage was "
                     "replaced, e.g. by model.to(), load_state_dict(assign=True) or FSDP wrapping "
