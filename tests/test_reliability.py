@@ -276,3 +276,37 @@ def test_saving_one_parameter_documented_workaround():
     assert n_clone <= n_fresh + 256  # only the bias
     f.seek(0)
     assert torch.equal(torch.load(f), bias.detach())
+
+
+# ------------------------------------------- 1a, 1b. losses that reach no optimised parameter
+
+
+def test_load_state_dict_assign_after_construction_is_named():
+    model = mlp()
+    opt = ofmu(model.parameters(), lr=0.1)
+    sd = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    model.load_state_dict(sd, assign=True)  # new Parameter objects: the optimizer's are orphaned
+    with pytest.raises(RuntimeError, match=r"no gradient reached any of the optimizer's parameters "
+                                           r"\(first: param_groups\[0\]\.params\[0\] \(shape \(6, 4\)\)"
+                                           r".*load_state_dict\(assign=True\)"):
+        opt.step(closure_for(model))
+    assert torch.equal(model[0].weight, sd["0.weight"])  # nothing moved
+
+
+@pytest.mark.parametrize("which", ["forget_loss", "retain_loss"])
+@pytest.mark.parametrize("similarity", ["project", "hvp"])
+def test_a_loss_that_reaches_no_parameter_is_named(which, similarity):
+    model, other = mlp(), mlp(seed=5)
+    opt = ofmu(model.parameters(), lr=0.1, similarity=similarity)
+    good, bad = closure_for(model), closure_for(other)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        (lf, lr), (of, orr) = good(), bad()
+        return (of, lr) if which == "forget_loss" else (lf, orr)
+
+    with pytest.raises(RuntimeError, match=rf"{which} returned by the closure does not depend on "
+                                           r"any parameter this optimizer updates"):
+        opt.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert opt.last_stats()["skipped_steps"] == 0

@@ -150,24 +150,34 @@ class Autodiff:
                     self._reach_hooks.append(
                         p.register_post_accumulate_grad_hook(_counter(self._reached)))
 
-    def _check_reached(self, reached: int) -> None:
-        if reached == 0 and self.params:
+    def _check_reached(self, reached_f: int | None, reached_r: int) -> None:
+        """Parameters each backward pass reached (None: not run): none at all means they were
+        replaced; none from one loss means that loss is a constant to the optimizer."""
+        if not self.params:
+            return
+        if reached_r == 0 and not reached_f:
             raise RuntimeError(_replaced_message(self.buffers[0].names[0], self.sharded))
+        for name, n in (("forget_loss", reached_f), ("retain_loss", reached_r)):
+            if n == 0:
+                raise RuntimeError(
+                    f"{name} returned by the closure does not depend on any parameter this "
+                    "optimizer updates (its backward pass reached none of them), so its step "
+                    "would silently be zero. Compute it from the model the optimizer was built "
+                    "on, without detaching or torch.no_grad(); a parameter frozen, replaced or "
+                    "re-created after OFMU(...) needs a new optimizer.")
 
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
         """``.backward()`` straight into the flat buffers (their slices are bound as ``p.grad``);
         for FSDP2-sharded buffers, ``.backward()`` then the local gradient shards copied in."""
-        reached = 0
-        if lf is not None:
-            reached += self._backward_into(lf, Slot.GRAD_F)
+        reached_f = None if lf is None else self._backward_into(lf, Slot.GRAD_F)
         try:
-            reached += self._backward_into(lr, Slot.GRAD_R)
+            reached_r = self._backward_into(lr, Slot.GRAD_R)
         except RuntimeError as e:
             if "second time" in str(e):
                 raise RuntimeError("the forget and retain losses share part of one autograd "
                                    "graph; compute them in separate forward passes") from e
             raise
-        self._check_reached(reached)
+        self._check_reached(reached_f, reached_r)
 
     def _backward_into(self, loss: Tensor, slot: Slot) -> int:
         """One backward pass into buffer ``slot``; returns how many parameters it reached."""
@@ -192,7 +202,7 @@ class Autodiff:
                                          allow_unused=True))
         ev.gr = list(torch.autograd.grad(ev.loss_r, params, create_graph=graph_r,
                                          allow_unused=True))
-        self._check_reached(sum(g is not None for g in ev.gf + ev.gr))
+        self._check_reached(sum(g is not None for g in ev.gf), sum(g is not None for g in ev.gr))
         self.store(Slot.GRAD_F, ev.gf, average=False)
         self.store(Slot.GRAD_R, ev.gr, average=False)
 
