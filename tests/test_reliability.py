@@ -2,6 +2,7 @@
 culprit, is counted, or is handled (docs/guarantees.md lists them)."""
 
 
+import gc
 import io
 import threading
 
@@ -310,3 +311,27 @@ def test_a_loss_that_reaches_no_parameter_is_named(which, similarity):
         opt.step(closure)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert opt.last_stats()["skipped_steps"] == 0
+
+
+# ---------------------------------------------------------------------------- hook leaks
+
+
+def hook_counts(model):
+    return [(len(p._backward_hooks or {}), len(p._post_accumulate_grad_hooks or {}))
+            for p in model.parameters()]
+
+
+def test_dropped_optimizers_leave_no_hooks_on_the_parameters():
+    model = mlp()
+    assert hook_counts(model) == [(0, 0)] * 4
+    live = ofmu(model.parameters(), lr=0.1)
+    assert hook_counts(model) == [(1, 0)] * 4  # the sparse-gradient checks, until a backward
+    live.step(closure_for(model))
+    assert hook_counts(model) == [(0, 1)] * 4  # the reach counters of the live optimizer
+    for i in range(100):  # dropped without a step, and dropped after one
+        opt = ofmu(model.parameters(), lr=0.1)
+        if i % 2:
+            opt.step(closure_for(model))
+    del opt, live
+    gc.collect()
+    assert hook_counts(model) == [(0, 0)] * 4
