@@ -1,4 +1,4 @@
-"""An independent, naive per-tensor implementation of ALGORITHM.md, for tests only.
+"""An independent, naive per-tensor implementation of the algorithm (docs/design.md), for tests only.
 
 No flat buffers, no kernels, no seed formulas: every derivative comes straight from autograd
 (grad c by differentiating the cosine, the exact penalty gradient as grad of 1/2 |u|^2). It is

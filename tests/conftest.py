@@ -1,7 +1,7 @@
 import os
 
 # The Triton kernels run on CPU tensors through the interpreter when no GPU is present. The
-# variable must be set before triton's @jit functions are defined (FIELD_NOTES.md).
+# variable must be set before triton's @jit functions are defined (docs/triton.md).
 import torch
 
 if not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""ALGORITHM.md test oracles on quadratic losses with known Hessians (float64 closed forms)."""
+"""The test oracles of docs/design.md on quadratic losses with known Hessians (float64 closed forms)."""
 
 import pytest
 import torch
