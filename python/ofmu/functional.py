@@ -15,6 +15,7 @@ step reads a device value on the host.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,6 +67,15 @@ class Hyper:
     betas: tuple[float, float]
     adam_eps: float
 
+    @classmethod
+    def from_group(cls, g: dict) -> Hyper:
+        """A param group's values; an explicit ``inner_lr`` follows ``lr``'s schedule
+        (scaled by ``lr / lr0``, the lr at construction)."""
+        inner_lr = g["lr"] if g["inner_lr"] is None else (
+            g["inner_lr"] * (g["lr"] / g["lr0"] if g["lr0"] > 0 else 1.0))
+        return cls(g["lr"], inner_lr, g["beta"], g["rho_k"], g["weight_decay"],
+                   g["max_grad_norm"], tuple(g["betas"]), g["adam_eps"])
+
 
 @dataclass(frozen=True)
 class StepConfig:
@@ -90,6 +100,30 @@ class StepState:
     def count(self, name: str, flag: Tensor) -> None:
         inc = flag.to(torch.int64)
         self.counters[name] = self.counters[name] + inc if name in self.counters else inc
+
+
+_STATS = ("inner_cosine", "cosine", "forget_grad_norm", "retain_grad_norm", "grad_phi_sq", "rho")
+
+
+def diagnostics(state: StepState, eps: float) -> dict[str, float]:
+    """``OFMU.last_stats()``: the last step's diagnostics as floats (syncs), always the same
+    keys, NaN for what the last step did not compute."""
+    d, out = state.diag, dict.fromkeys(_STATS, math.nan)
+    if "inner_stats" in d:
+        out["inner_cosine"] = float(C.similarity_scalars(d["inner_stats"], eps)[0])
+    if "outer_stats" in d:
+        st = d["outer_stats"].tolist()
+        out["cosine"] = float(C.similarity_scalars(d["outer_stats"], eps)[0])
+        out["forget_grad_norm"], out["retain_grad_norm"] = math.sqrt(st[1]), math.sqrt(st[2])
+    if "retain_stats" in d:
+        out["retain_grad_norm"] = math.sqrt(d["retain_stats"][1].item())
+    for key in ("grad_phi_sq", "rho"):
+        if key in d:
+            out[key] = float(d[key])
+    for name in ("skipped", "capped"):
+        c = state.counters.get(name)
+        out[f"{name}_steps"] = int(c) if c is not None else 0
+    return out
 
 
 # ------------------------------------------------------------------------------- reductions

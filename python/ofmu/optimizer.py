@@ -7,7 +7,6 @@ picks the kernels.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,12 +17,11 @@ from torch.optim import Optimizer
 
 from . import backends, sharded
 from . import functional as F
-from .coefficients import similarity_scalars
 from .distributed import resolve_process_group
 from .flat import MOMENTS, FlatBuffer, Slot, check_frozen
 from .gradients import Autodiff
 from .modes import OUTER_HVP, SIMILARITY
-from .validation import GLOBAL_KEYS, StepGuard, validate_group, validate_options
+from .validation import GLOBAL_KEYS, StepGuard, validate_distributed, validate_group, validate_options
 
 _STEP_KEYS = {loop: f"{loop}_step" for loop in MOMENTS}  # per-parameter Adam step counts
 _STATE_KEYS = {s.value for pair in MOMENTS.values() for s in pair} | set(_STEP_KEYS.values())
@@ -123,10 +121,7 @@ class OFMU(Optimizer):
         self.eps, self.fd_delta, self.backend = eps, fd_delta, backend
         self.forget_loss_cap = forget_loss_cap
         self.process_group = resolve_process_group(process_group)
-        if self.process_group is not None and outer_hvp == "exact":
-            raise ValueError("outer_hvp='exact' differentiates through each rank's own gradients "
-                             "and cannot be averaged across ranks; use 'forget' or 'fd' with "
-                             "torch.distributed (or process_group=None to run ranks apart)")
+        validate_distributed(outer_hvp, self.process_group)
         self._parts: list[F.Part] = []
         self.backend_reasons: list[str] = []
         self._hooks: list = []  # sparse-gradient checks, dropped after the first backward
@@ -271,15 +266,11 @@ class OFMU(Optimizer):
     def _config(self) -> F.StepConfig:
         """This step's settings; validates every group (host floats, no device sync)."""
         self._check_buffers()
-        hypers = []
         for gi, g in enumerate(self.param_groups):
             validate_group(g, gi, self.similarity)
-            inner_lr = g["lr"] if g["inner_lr"] is None else (
-                g["inner_lr"] * (g["lr"] / g["lr0"] if g["lr0"] > 0 else 1.0))
-            hypers.append(F.Hyper(g["lr"], inner_lr, g["beta"], g["rho_k"], g["weight_decay"],
-                                  g["max_grad_norm"], tuple(g["betas"]), g["adam_eps"]))
         return F.StepConfig(self.sim_mode, self.hvp_mode, self.eps, self.fd_delta,
-                            self.preconditioner, self.forget_loss_cap, hypers)
+                            self.preconditioner, self.forget_loss_cap,
+                            [F.Hyper.from_group(g) for g in self.param_groups])
 
     def last_stats(self) -> dict[str, float]:
         """Diagnostics of the last step as Python floats (this call syncs with the device).
@@ -291,24 +282,7 @@ class OFMU(Optimizer):
         ``rho`` (group 0's, used by the last outer step), and the cumulative counts
         ``skipped_steps`` (non-finite updates left out) and ``capped_steps`` (inner steps
         held back by ``forget_loss_cap``)."""
-        d, nan = self._state.diag, math.nan
-        out = dict.fromkeys(("inner_cosine", "cosine", "forget_grad_norm", "retain_grad_norm",
-                             "grad_phi_sq", "rho"), nan)
-        if "inner_stats" in d:
-            out["inner_cosine"] = float(similarity_scalars(d["inner_stats"], self.eps)[0])
-        if "outer_stats" in d:
-            st = d["outer_stats"].tolist()
-            out["cosine"] = float(similarity_scalars(d["outer_stats"], self.eps)[0])
-            out["forget_grad_norm"], out["retain_grad_norm"] = math.sqrt(st[1]), math.sqrt(st[2])
-        if "retain_stats" in d:
-            out["retain_grad_norm"] = math.sqrt(d["retain_stats"][1].item())
-        for key in ("grad_phi_sq", "rho"):
-            if key in d:
-                out[key] = float(d[key])
-        for name in _COUNTERS:
-            c = self._state.counters.get(name)
-            out[f"{name}_steps"] = int(c) if c is not None else 0
-        return out
+        return F.diagnostics(self._state, self.eps)
 
     def backend_summary(self) -> list[str]:
         """One line per flat buffer: dtype, device, backend and why it was chosen."""

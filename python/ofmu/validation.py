@@ -99,3 +99,10 @@ class StepGuard:
             yield
         finally:
             self._lock.release()
+
+
+def validate_distributed(outer_hvp: str, process_group) -> None:
+    if process_group is not None and outer_hvp == "exact":
+        raise ValueError("outer_hvp='exact' differentiates through each rank's own gradients "
+                         "and cannot be averaged across ranks; use 'forget' or 'fd' with "
+                         "torch.distributed (or process_group=None to run ranks apart)")
