@@ -294,6 +294,26 @@ def test_load_state_dict_assign_after_construction_is_named():
     assert torch.equal(model[0].weight, sd["0.weight"])  # nothing moved
 
 
+def test_swapping_load_with_assign_after_construction_is_named():
+    """Under torch's swap-on-conversion flag the Parameter objects stay and their storage is
+    swapped: the per-step aliasing check names the parameter."""
+    model = mlp()
+    opt = ofmu(model.parameters(), lr=0.1)
+    sd = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    weight = model[0].weight
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.load_state_dict(sd, assign=True)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert model[0].weight is weight
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\.params\[0\] \(shape \(6, 4\)\) no longer "
+                                           r"lives in the optimizer's flat buffer"):
+        opt.step(closure_for(model))
+    assert torch.equal(model[0].weight, sd["0.weight"])
+
+
 @pytest.mark.parametrize("which", ["forget_loss", "retain_loss"])
 @pytest.mark.parametrize("similarity", ["project", "hvp"])
 def test_a_loss_that_reaches_no_parameter_is_named(which, similarity):
