@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from ofmu import OFMU
 
 BATCH = 8  # per batch, split across the ranks (2 and 4 divide it)
-COMMON = dict(lr=0.05, inner_lr=0.02, inner_steps=2, beta=0.6, rho=0.2, weight_decay=1e-3)
+COMMON = dict(lr=0.05, inner_lr=0.02, inner_steps=2, outer_steps=1, beta=0.6, rho=0.2,
+              weight_decay=1e-3, similarity="project", outer_hvp="fd", preconditioner="sgd")
 STEPS = 3
 
 # name: (model, optimizer settings, param groups?)
@@ -25,6 +26,8 @@ CONFIGS = {
     "mlp-none-rho0-adam": ("mlp", dict(similarity="none", outer_hvp="forget", rho=0.0,
                                        preconditioner="adam")),
     "mlp-project-fd-sgd": ("mlp", dict(similarity="project", outer_hvp="fd")),
+    # fd_delta above bf16's resolution (2^-8 relative): for the mixed-precision run
+    "mlp-project-fd-sgd-wide": ("mlp", dict(similarity="project", outer_hvp="fd", fd_delta=0.05)),
     "mlp-project-fd-adam-clip-groups": ("mlp", dict(similarity="project", outer_hvp="fd",
                                                     preconditioner="adam", max_grad_norm=0.05,
                                                     groups=True)),
@@ -112,19 +115,34 @@ def full(m):
                       for p in m.parameters()])
 
 
-def run(name, rank, world, sharded):
+CONFIGS4 = ("mlp-project-fd-sgd", "tf-project-none-adam")
+# also run with bf16 parameters
+MP_CONFIGS = ("mlp-project-none-sgd", "tf-project-none-adam", "mlp-project-fd-sgd-wide")
+
+
+def mixed_precision():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def run(name, rank, world, sharded, fp32=False, mp=False):
+    """``fp32``: the model in float32 (default float64); ``mp``: FSDP2 mixed precision
+    (bf16 parameters in forward and backward, float32 reductions, float32 shards)."""
     kind, cfg = CONFIGS[name]
     m = build(kind)
+    if fp32 or mp:
+        m = m.float()
     if sharded:
-        shard(m, kind)
+        shard(m, kind, mixed_precision() if mp else None)
     opt = optimizer(m, cfg)
-    closure = Slices(m, kind, rank, world)
+    closure = Slices(m, kind, rank, world, torch.float32 if fp32 or mp else torch.float64)
     losses = [float(opt.step(closure)) for _ in range(STEPS)]
     return full(m), losses
 
 
-def run_single(names=None):
-    return {n: run(n, 0, 1, sharded=False) for n in (names or CONFIGS)}
+def run_single(names=None, fp32=False):
+    return {n: run(n, 0, 1, sharded=False, fp32=fp32) for n in (names or CONFIGS)}
 
 
 def _message(fn):
@@ -144,7 +162,7 @@ def misuse(rank, world):
 
     def built_before_fully_shard():
         m = mlp()
-        opt = OFMU(m.parameters(), **COMMON, outer_hvp="none")
+        opt = OFMU(m.parameters(), **dict(COMMON, outer_hvp="none"))
         shard(m, "mlp")
         opt.step(Slices(m, "mlp", rank, world))
     out["built_before"] = _message(built_before_fully_shard)
@@ -174,17 +192,64 @@ def misuse(rank, world):
         m = mlp()
         from torch.distributed.fsdp import fully_shard
         fully_shard(m[0])  # m[2] and the root left plain
-        OFMU(m.parameters(), **COMMON, outer_hvp="none")
+        OFMU(m.parameters(), **dict(COMMON, outer_hvp="none"))
     out["mixed"] = _message(mixed)
 
     def replaced_after():  # the sharded parameters swapped for new ones after OFMU was built
         m = shard(mlp(), "mlp")
-        opt = OFMU(m.parameters(), **COMMON, outer_hvp="none")
+        opt = OFMU(m.parameters(), **dict(COMMON, outer_hvp="none"))
         opt.step(Slices(m, "mlp", rank, world))
         m2 = shard(mlp(), "mlp")  # a new wrapped model, say after reloading
         opt.step(Slices(m2, "mlp", rank, world))
     out["replaced"] = _message(replaced_after)
     return out
+
+
+CKPT = dict(similarity="project", outer_hvp="fd", preconditioner="adam", rho_growth=1.5,
+            rho_max=5.0, max_grad_norm=1.0)
+CKPT_STEPS = 2  # steps before the checkpoint, and after it
+
+
+def ckpt_run(opt, closure, steps):
+    return [float(opt.step(closure)) for _ in range(steps)]
+
+
+def checkpoint(rank, world, ckpt_dir, save, optim=True):
+    """``save``: run CKPT_STEPS steps, save model and optimizer through
+    torch.distributed.checkpoint, run CKPT_STEPS more. Otherwise: a fresh model and optimizer
+    (a restarted job) load the checkpoint (``optim=False``: the model only) and run the last
+    CKPT_STEPS steps. Returns the full
+    parameters, the losses and the rho schedule of the last steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    m = shard(mlp(), "mlp")
+    opt = optimizer(m, CKPT)
+    closure = Slices(m, "mlp", rank, world)
+    if save:
+        ckpt_run(opt, closure, CKPT_STEPS)
+        dcp.save({"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)},
+                 checkpoint_id=ckpt_dir)
+    else:
+        sd = {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
+        dcp.load(sd, checkpoint_id=ckpt_dir)
+        set_model_state_dict(m, sd["model"])
+        if optim:
+            set_optimizer_state_dict(m, opt, sd["optim"])
+        closure.i = steps_batches(opt) * CKPT_STEPS
+    losses = ckpt_run(opt, closure, CKPT_STEPS)
+    return full(m), losses, opt.param_groups[0]["rho_k"]
+
+
+def steps_batches(opt):
+    """Batches one step draws: a closure call per inner step, one per outer step (the fd probes
+    reuse the outer step's batch)."""
+    return opt.inner_steps + opt.outer_steps
 
 
 def worker(rank, world, out_dir, port, parts):
@@ -194,6 +259,17 @@ def worker(rank, world, out_dir, port, parts):
         results = {}
         if "configs" in parts:
             results["configs"] = {n: run(n, rank, world, sharded=True) for n in CONFIGS}
+        ckpt_dir = os.path.join(out_dir, "ckpt")
+        if "save" in parts:
+            results["save"] = checkpoint(rank, world, ckpt_dir, save=True)
+        if "load" in parts:
+            results["load"] = checkpoint(rank, world, ckpt_dir, save=False)
+        if "load_model_only" in parts:
+            results["load_model_only"] = checkpoint(rank, world, ckpt_dir, save=False, optim=False)
+        if "mp" in parts:
+            results["mp"] = {n: run(n, rank, world, sharded=True, mp=True) for n in MP_CONFIGS}
+        if "configs4" in parts:  # a short list for 4 ranks
+            results["configs"] = {n: run(n, rank, world, sharded=True) for n in CONFIGS4}
         if "misuse" in parts:
             results["misuse"] = misuse(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -202,6 +278,14 @@ def worker(rank, world, out_dir, port, parts):
 
 
 if __name__ == "__main__":
+    # Imported once here and inherited by the forked ranks: torch._dynamo alone (pulled in by
+    # fully_shard's first DTensor) costs about 5 s per process on a 2-core machine.
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
     world = int(sys.argv[3])
-    parts = sys.argv[4].split(",") if len(sys.argv) > 4 else ["configs", "misuse"]
-    mp.spawn(worker, args=(world, sys.argv[1], int(sys.argv[2]), parts), nprocs=world)
+    parts = sys.argv[4].split(",") if len(sys.argv) > 4 else ["configs", "misuse", "save", "load",
+                                                               "load_model_only", "mp"]
+    mp.start_processes(worker, args=(world, sys.argv[1], int(sys.argv[2]), parts), nprocs=world,
+                       start_method="fork")

@@ -6,6 +6,7 @@ reference runs here, on plain parameters and whole batches.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,18 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from _fsdp2_worker import COMMON, CONFIGS, Slices, mlp, run_single
+from _fsdp2_worker import (
+    CKPT,
+    CKPT_STEPS,
+    COMMON,
+    CONFIGS,
+    CONFIGS4,
+    MP_CONFIGS,
+    Slices,
+    build,
+    mlp,
+    run_single,
+)
 from ofmu import OFMU
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -34,8 +46,22 @@ def spawn(out, world, parts):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return spawn(tmp_path_factory.mktemp("fsdp2"), 2, "configs,misuse")
+def two_ranks_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    return out, spawn(out, 2, "configs,misuse,save,load,load_model_only,mp")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_ranks_dir):
+    return two_ranks_dir[1]
+
+
+@pytest.fixture(scope="module")
+def four_ranks(two_ranks_dir, tmp_path_factory):
+    """4 ranks: a few configs, and the 2-rank checkpoint loaded on 4 ranks."""
+    out = tmp_path_factory.mktemp("fsdp2_4")
+    shutil.copytree(two_ranks_dir[0] / "ckpt", out / "ckpt")
+    return spawn(out, 4, "configs4,load")
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +69,8 @@ def single():
     return run_single()
 
 
-def initial(kind):
-    from _fsdp2_worker import build
-    return torch.cat([p.detach().flatten() for p in build(kind).parameters()])
+def initial(kind, dtype=torch.float64):
+    return torch.cat([p.detach().flatten().to(dtype) for p in build(kind).parameters()])
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -58,6 +83,52 @@ def test_two_ranks_equal_one_process_on_the_union_of_the_minibatches(two_ranks, 
     # the returned loss is averaged over the ranks: the loss on the whole batch
     assert l0 == l1
     assert max(abs(a - b) for a, b in zip(l0, ref_losses)) <= 1e-12
+
+
+@pytest.mark.parametrize("config", CONFIGS4)
+def test_four_ranks_equal_one_process(four_ranks, single, config):
+    ref = single[config][0]
+    runs = [r["configs"][config][0] for r in four_ranks]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert (runs[0] - ref).norm() <= 1e-11 * ref.norm()
+
+
+@pytest.mark.parametrize("config", MP_CONFIGS)
+def test_mixed_precision_bf16_parameters_fp32_reductions_follow_the_fp32_run(two_ranks, config):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): shards, gradients and OFMU's
+    buffers stay float32; only the forward/backward run in bf16 (8-bit mantissa), so the update
+    follows the single-process float32 run to bf16's precision, not to float rounding."""
+    ref, ref_losses = run_single([config], fp32=True)[config]
+    got, losses = two_ranks[0]["mp"][config]
+    assert got.dtype == torch.float32
+    moved = (ref - initial(CONFIGS[config][0], torch.float32)).norm()
+    adam = CONFIGS[config][1].get("preconditioner") == "adam"  # Adam rescales bf16 noise
+    assert (got - ref).norm() <= (0.1 if adam else 0.02) * moved
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1.5e-2
+
+
+def expected_rho():
+    return COMMON["rho"] * CKPT["rho_growth"] ** (2 * CKPT_STEPS)
+
+
+def test_distributed_checkpoint_resumes_bit_identically(two_ranks):
+    for r in two_ranks:  # every rank: uninterrupted run == restarted from the checkpoint
+        (a, la, rho_a), (b, lb, rho_b) = r["save"], r["load"]
+        assert torch.equal(a, b) and la == lb
+        assert rho_a == rho_b == pytest.approx(expected_rho(), rel=1e-12)
+
+
+def test_the_optimizer_state_in_the_checkpoint_matters(two_ranks):
+    (a, _, _), (c, _, rho_c) = two_ranks[0]["save"], two_ranks[0]["load_model_only"]
+    assert (a - c).norm() > 1e-4 * a.norm()  # Adam moments and the rho schedule were needed
+    assert rho_c == pytest.approx(COMMON["rho"] * CKPT["rho_growth"] ** CKPT_STEPS, rel=1e-12)
+
+
+def test_a_two_rank_checkpoint_loads_on_four_ranks(two_ranks, four_ranks):
+    a, la, rho_a = two_ranks[0]["save"]
+    b, lb, rho_b = four_ranks[0]["load"]
+    assert (a - b).norm() <= 1e-11 * a.norm()  # resharded by DCP; reductions in another order
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-12 and rho_b == rho_a
 
 
 def test_fully_shard_after_the_optimizer_was_built_fails_naming_the_parameter(two_ranks):
@@ -96,7 +167,7 @@ def test_mixing_plain_and_sharded_parameters_is_refused(two_ranks):
 
 def test_parameters_replaced_by_load_state_dict_assign_fail_at_step():
     m = mlp()
-    opt = OFMU(m.parameters(), **COMMON, outer_hvp="none")
+    opt = OFMU(m.parameters(), **dict(COMMON, outer_hvp="none"))
     closure = Slices(m, "mlp", 0, 1)
     opt.step(closure)
     m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)

@@ -11,7 +11,9 @@ unchanged on them:
   copied into ``GRAD_F`` / ``GRAD_R`` with one ``torch._foreach_copy_`` and ``p.grad`` is reset
   to ``None`` (FSDP2 would otherwise accumulate the next backward pass into it);
 * copy-out: after each update of the flat parameter buffer the values are copied back into the
-  local shards (one ``torch._foreach_copy_``), before the next forward pass reads them;
+  local shards (one ``torch._foreach_copy_``), before the next forward pass reads them; and at
+  the start of every inner and outer step the shards are copied in (what changed them outside
+  OFMU, such as ``set_model_state_dict``, is seen);
 * the global quantities (``<g_f, g_r>``, ``|g_f|^2``, ``|g_r|^2``, the norms of the directions)
   are sums of the per-shard ``reduce3`` statistics: one all-reduce (SUM) of ``3 x buffers``
   scalars per reduction over the mesh's process group; no whole-buffer averaging (FSDP2 already
@@ -132,7 +134,6 @@ class ShardedFlatBuffer(FlatBuffer):
         self.group = self.mesh.get_group()
         super().__init__([s.clone() for s in shards], names)  # our copies, re-viewed
         self.params = list(params)
-        self._copy_versions()
         self.bind_grads(Slot.GRAD_R)
 
     def views(self, flat: Tensor) -> list[Tensor]:
@@ -141,9 +142,6 @@ class ShardedFlatBuffer(FlatBuffer):
     def shards(self) -> list[Tensor]:
         """The local shards FSDP2 owns (views into its storage)."""
         return [p.detach().to_local() for p in self.params]
-
-    def _copy_versions(self) -> None:
-        self._versions = [s._version for s in self.shards()]
 
     def dtensor(self, view: Tensor, pi: int) -> Tensor:
         """A local view of one of our buffers as a DTensor laid out like parameter ``pi``."""
@@ -160,20 +158,21 @@ class ShardedFlatBuffer(FlatBuffer):
         shards = self.shards()
         if shards:
             torch._foreach_copy_(shards, self.param_views)
-        self._copy_versions()
 
     def refresh(self) -> None:
-        """FSDP2's shards into the flat parameter buffer when they changed outside OFMU
-        (``set_model_state_dict``, a manual edit); checks they are still FSDP2's shards."""
-        for p, n, shape in zip(self.params, self.names, self._shapes):
-            if not is_dtensor(p) or p.to_local().shape != shape:
-                raise RuntimeError(f"parameter {n} is no longer the FSDP2 shard OFMU was built with "
-                                   f"(local shape {shape}); build the optimizer after "
-                                   "fully_shard and after any re-sharding")
+        """FSDP2's shards into the flat parameter buffer, at the start of every inner and outer
+        step (one foreach copy of this rank's shard): whatever changed them outside OFMU
+        (``set_model_state_dict``, a manual edit, another optimizer) is seen. Version counters
+        cannot tell: loading writes through ``.data``, which has its own. Checks they are still
+        the shards OFMU was built with."""
         shards = self.shards()
-        if [s._version for s in shards] != self._versions:
+        for n, shape, s in zip(self.names, self._shapes, shards):
+            if s.shape != shape:
+                raise RuntimeError(f"parameter {n} is no longer the FSDP2 shard OFMU was built with "
+                                   f"(local shape {tuple(s.shape)}, was {tuple(shape)}); build the "
+                                   "optimizer after fully_shard and after any re-sharding")
+        if shards:
             torch._foreach_copy_(self.param_views, shards)
-            self._copy_versions()
 
     def release_grads(self) -> None:
         """``p.grad = None`` (before a backward pass: FSDP2 would accumulate into it)."""
