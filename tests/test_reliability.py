@@ -4,6 +4,10 @@ culprit, is counted, or is handled (docs/guarantees.md lists them)."""
 
 import gc
 import io
+import os
+import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -355,3 +359,53 @@ def test_dropped_optimizers_leave_no_hooks_on_the_parameters():
     del opt, live
     gc.collect()
     assert hook_counts(model) == [(0, 0)] * 4
+
+
+# ------------------------------------------- 4 (FSDP2). an Inf in one rank's shard only
+
+
+def _inf_shard_rank(rank, world, out, port):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 2))
+        with torch.no_grad():
+            model[0].weight[0] = float("inf")  # rank 0's shard (rows 0-3); no loss reads row 0
+        fully_shard(model)
+        opt = ofmu(model.parameters(), lr=0.1, weight_decay=0.01)
+        before = [p.detach().to_local().clone() for p in model.parameters()]
+        idx_f, idx_r = torch.tensor([4, 5]), torch.tensor([6, 7])
+        opt.step(lambda: (model(idx_f).pow(2).mean(), (model(idx_r) - 1).pow(2).mean()))
+        after = [p.detach().to_local() for p in model.parameters()]
+        torch.save({"skipped": opt.last_stats()["skipped_steps"],
+                    "unchanged": all(torch.equal(a, b) for a, b in zip(after, before))},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_inf_in_one_shard_skips_the_update_on_every_rank(tmp_path):
+    """FSDP2: each rank sees its own shard; the weight-decay finite check must agree across
+    ranks, or one rank skips while the other updates its shard."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, __file__, str(tmp_path), str(port)], check=True, timeout=300,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["skipped"] for r in ranks] == [2, 2]  # the inner and the outer update, both ranks
+    assert all(r["unchanged"] for r in ranks)
+
+
+if __name__ == "__main__":  # the ranks of the FSDP2 test above (gloo, forked)
+    import torch._dynamo  # noqa: F401  (imported once, before the fork: ~5 s per process)
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_inf_shard_rank, args=(2, sys.argv[1], int(sys.argv[2])), nprocs=2,
+                       start_method="fork")

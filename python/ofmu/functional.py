@@ -211,11 +211,15 @@ def finite_inputs(parts: list[Part], cfg: StepConfig, losses: tuple[Tensor, ...]
     """``ok`` and-ed with the other inputs of an update: the losses it backpropagated (a loss
     plus an infinite constant has a finite gradient) and, in groups with weight decay, the
     parameters (an Inf there becomes Inf/NaN in the decay term and the Adam moments). On the
-    device: one sum per decayed buffer, no host sync."""
+    device: one sum per decayed buffer, no host sync (FSDP2: summed over the shards, so that
+    every rank decides alike)."""
     flags = [torch.isfinite(loss.detach()).to(ok.device, non_blocking=True) for loss in losses]
-    flags += [torch.isfinite(p.buf.param.sum(dtype=acc_dtype(p.buf.dtype))).to(ok.device,
-                                                                              non_blocking=True)
-              for p in parts if cfg.hypers[p.group].weight_decay > 0]
+    if any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
+        sums = [p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)).to(ok.device, torch.float64)
+                if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
+                                                                         device=ok.device)
+                for p in parts]
+        flags += [torch.isfinite(s) for s in all_reduce_stats(parts, sums)]
     for f in flags:
         ok = ok & f
     return ok
