@@ -48,6 +48,8 @@ def test_causal_lm_losses_match_the_model_and_mask_padding():
     labels[mask == 0] = -100
     logits = model(input_ids=retain, attention_mask=mask).logits
     assert lr.item() == pytest.approx(reference_nll(logits, labels), rel=1e-5)
+    none_f, lr2 = causal_lm_losses(model, None, {"input_ids": retain, "attention_mask": mask})
+    assert none_f is None and lr2.item() == lr.item()
     with pytest.raises(KeyError, match="input_ids"):
         causal_lm_losses(model, {"x": forget}, {"input_ids": retain})
 

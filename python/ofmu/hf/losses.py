@@ -50,14 +50,15 @@ def _forward(model, batch: Mapping[str, Tensor]) -> Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def causal_lm_losses(model, forget_batch: Mapping[str, Tensor],
-                     retain_batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+def causal_lm_losses(model, forget_batch: Mapping[str, Tensor] | None,
+                     retain_batch: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor]:
     """``(forget_loss, retain_loss)`` for :meth:`ofmu.OFMU.step`: the token-mean next-token NLL
     of each batch (``-100`` labels masked), from two separate forward passes.
 
     Each batch is a mapping with ``input_ids`` and optionally ``attention_mask`` and
     ``labels`` (without labels, the input ids with padding masked are the labels). The model
     is called without ``labels`` so its own loss (and its batch-size bookkeeping) is not used.
+    ``forget_batch=None`` skips the forget forward pass and returns ``(None, retain_loss)``.
 
     Example (your own loop)::
 
@@ -67,6 +68,9 @@ def causal_lm_losses(model, forget_batch: Mapping[str, Tensor],
     """
     losses = []
     for batch in (forget_batch, retain_batch):
+        if batch is None and not losses:
+            losses.append(None)
+            continue
         labels = causal_lm_labels(batch)
         losses.append(token_nll(_forward(model, batch), labels))
     return losses[0], losses[1]

@@ -191,12 +191,16 @@ class OFMUTrainer(Trainer):
         return loss.detach().to(self.args.device)
 
     def _closure_for(self, model):
-        def closure(same_batch: bool = False):
+        # ``need_forget=False``: an optimizer that will not use the forget loss (an outer step
+        # without the penalty) may say so; the forget minibatch is still drawn, so the data
+        # order does not depend on it, but its forward pass is skipped.
+        def closure(same_batch: bool = False, need_forget: bool = True):
             if not same_batch or self._last_batches is None:
                 self._last_batches = (self._to_device(self._streams["forget"].draw()),
                                       self._to_device(self._streams["retain"].draw()))
-            loss_f, loss_r = self.compute_losses(model, *self._last_batches)
-            if self._first_call and not same_batch:
+            fb, rb = self._last_batches
+            loss_f, loss_r = self.compute_losses(model, fb if need_forget else None, rb)
+            if self._first_call and not same_batch and loss_f is not None:
                 self._first_call = False
                 row = torch.stack([loss_f.detach().float(), loss_r.detach().float(),
                                    torch.ones((), device=loss_f.device)])
@@ -231,7 +235,8 @@ class OFMUTrainer(Trainer):
             logs["forget_loss"], logs["retain_loss"] = f / n, r / n
             self._loss_sums = None
             for key, value in self._ofmu.last_stats().items():
-                logs[f"ofmu_{key}"] = value
+                if value == value:  # NaN marks what the last step did not compute
+                    logs[f"ofmu_{key}"] = value
         super().log(logs, start_time)
 
 
