@@ -105,6 +105,17 @@ def test_activation_checkpointing_gives_the_same_step(mode):
     assert (a - b).norm() <= 1e-5 * moved
 
 
+def test_trainer_activation_checkpointing_gives_the_same_run(tmp_path):
+    start = flat_params(memorised("llama"))
+    plain, ckpt = memorised("llama"), memorised("llama")
+    trainer(plain, tmp_path / "a", max_steps=5).train()
+    trainer(ckpt, tmp_path / "b", max_steps=5, activation_checkpointing=True).train()
+    assert ckpt.is_activation_checkpointing
+    moved = (flat_params(plain) - start).norm()
+    assert moved > 1e-3
+    assert (flat_params(plain) - flat_params(ckpt)).norm() <= 1e-5 * moved
+
+
 def test_bf16_model_stays_bf16_and_unlearns(tmp_path):
     model = memorised("llama", dtype=torch.bfloat16)
     forget, retain = sequences()
