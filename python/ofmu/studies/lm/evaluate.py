@@ -17,6 +17,8 @@ from . import metrics
 from .data import QA
 from .text import IGNORE, collate, encode_pair
 
+WORLD_EXTRA = 12  # generated tokens beyond the short world-knowledge answer
+
 
 @dataclass
 class EvalSets:
@@ -80,8 +82,8 @@ def _set_raw(model, tok, qas: list[QA], *, para: bool, gen: bool, bs: int, devic
     flat, _ = answer_stats(model, tok, [(qa.question, p) for qa in qas for p in qa.perturbed],
                            bs, device)
     r["pert_loss"] = flat.reshape(len(qas), n_pert)
-    if gen:
-        max_new = max(len(tok.answer_ids(qa.answer)) for qa in qas) + 2
+    if gen:  # room for a sentence around a short world-knowledge answer ("The capital ... is Paris")
+        max_new = max(len(tok.answer_ids(qa.answer)) for qa in qas) + (2 if para else WORLD_EXTRA)
         r["generations"] = generate(model, tok, qs, max_new, bs, device)
         r["rouge"] = metrics.rouge_l_recall(r["generations"], [qa.answer for qa in qas])
     return r
@@ -115,7 +117,7 @@ def _norm(s: str) -> str:
 def world_answered(model, tok, world: list[QA], batch_size: int = 32, device="cpu") -> list[QA]:
     """The world-knowledge facts whose answer appears in the model's greedy generation (checked
     against the base model, so the utility set is what that model really knows)."""
-    max_new = max(len(tok.answer_ids(qa.answer)) for qa in world) + 12
+    max_new = max(len(tok.answer_ids(qa.answer)) for qa in world) + WORLD_EXTRA
     was_training = model.training
     model.eval()
     try:

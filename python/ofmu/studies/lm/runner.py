@@ -42,29 +42,31 @@ class LMConfig:
     seeds: tuple = (0,)
     methods: tuple = ALL_METHODS
     # data
-    n_test: int = 100
+    n_test: int = 50
     n_val: int = 20
-    n_holdout: int = 10
-    qa_per_author: int = 5
+    n_holdout: int = 5
+    qa_per_author: int = 12
     n_perturbed: int = 3
     n_retain_eval: int = 40
+    n_world: int = 0  # at most this many answered world facts (0: all)
     data_seed: int = 0
     # tiny model and its training
     hidden: int = 64
     layers: int = 2
     base_epochs: int = 60
     base_lr: float = 1e-2
-    ft_epochs: int = 40
+    ft_epochs: int = 30
     ft_lr: float = 3e-3
-    ft_batch: int = 32
+    ft_batch: int = 64
     replay_world: bool = True
+    train_paraphrase: bool = True  # fine-tune on the paraphrased answer too (see docs)
     # unlearning
     budget: int = 80
     batch_size: int = 16
     eval_batch: int = 64
     lrs: tuple = (1e-4, 3e-4, 1e-3)
-    ofmu_grid: tuple = ({"lr": 1e-4, "inner_lr": 1e-4}, {"lr": 3e-4, "inner_lr": 3e-4},
-                        {"lr": 1e-3, "inner_lr": 1e-3})
+    ofmu_grid: tuple = ({"lr": 3e-4, "inner_lr": 3e-4}, {"lr": 1e-3, "inner_lr": 1e-3},
+                        {"lr": 3e-3, "inner_lr": 1e-3})
     rho_probe: bool = True
     # runtime
     cache: str | None = None
@@ -76,17 +78,17 @@ class LMConfig:
 
 PRESETS = {
     "tiny": {},
-    # CPU-sized real-model run (about an hour on 2 cores): fewer authors, shorter answers set,
-    # small budget; the same protocol.
-    "smollm2": dict(model="smollm2", forget=(1, 10), n_test=20, n_val=20, n_holdout=2,
-                    qa_per_author=6, n_retain_eval=24, ft_epochs=4, ft_lr=1e-4, ft_batch=8,
-                    replay_world=False, budget=24, batch_size=8, eval_batch=16,
-                    lrs=(1e-5, 3e-5), ofmu_grid=({"lr": 1e-5, "inner_lr": 1e-5},
-                                                 {"lr": 3e-5, "inner_lr": 3e-5}),
-                    rho_probe=False),
+    # CPU-sized real-model run (about an hour on 2 busy cores): 20 test authors with 4 questions
+    # each, one a-priori configuration per method (no validation runs), a budget of 24 gradient
+    # evaluations, six methods; the same protocol otherwise. On a GPU, raise all of these.
+    "smollm2": dict(model="smollm2", forget=(1, 10), n_test=20, n_val=2, n_holdout=2,
+                    qa_per_author=4, n_retain_eval=16, n_world=16, ft_epochs=3, ft_lr=3e-4,
+                    ft_batch=16, replay_world=False, budget=24, batch_size=8, eval_batch=32,
+                    lrs=(2e-5,), ofmu_grid=({"lr": 2e-5, "inner_lr": 2e-5},), rho_probe=False,
+                    methods=("GA", "GradDiff", "NPO", "SimNPO", "OFMU", "OFMU-rho0")),
     # CI-sized: seconds.
     "smoke": dict(forget=(10,), n_test=10, n_val=10, n_holdout=1, qa_per_author=4, n_retain_eval=8,
-                  hidden=32, layers=1, base_epochs=60, ft_epochs=10, budget=8, batch_size=4,
+                  n_world=8, hidden=32, layers=1, base_epochs=60, ft_epochs=10, budget=8, batch_size=4,
                   eval_batch=32, lrs=(1e-3,), ofmu_grid=({"lr": 1e-3, "inner_lr": 1e-3},),
                   rho_probe=True),
 }
@@ -176,7 +178,7 @@ def setup_models(cfg: LMConfig, data: AuthorData, device, progress: bool):
     all_authors = list(data.pools["test"]) + list(data.pools["val"])
     spec = {"model": cfg.model, "data": data.describe(), "hidden": cfg.hidden, "layers": cfg.layers,
             "base": [cfg.base_epochs, cfg.base_lr], "ft": [cfg.ft_epochs, cfg.ft_lr, cfg.ft_batch],
-            "replay": cfg.replay_world}
+            "replay": cfg.replay_world, "para": cfg.train_paraphrase}
     if cfg.model == "tiny":
         texts = [t for a in all_authors + list(data.pools["holdout"]) for qa in a.qas
                  for t in (qa.question, qa.answer, qa.paraphrase, *qa.perturbed)]
@@ -202,12 +204,18 @@ def setup_models(cfg: LMConfig, data: AuthorData, device, progress: bool):
     else:
         raise ValueError(f"unknown model {cfg.model!r}; expected 'tiny' or 'smollm2'")
     world = evaluate.world_answered(base, tok, list(data.world), cfg.eval_batch, device)
+    if cfg.n_world:
+        world = world[:cfg.n_world]
     if len(world) < 3:
         raise RuntimeError(f"the base model answers only {len(world)} world-knowledge questions; "
                            "the utility set needs at least 3")
 
     def trainer(authors):
-        pairs = encode_all(tok, _qa_items(AuthorData.qas(authors)))
+        qas = AuthorData.qas(authors)
+        items = _qa_items(qas)
+        if cfg.train_paraphrase:
+            items += [(qa.question, qa.paraphrase) for qa in qas]
+        pairs = encode_all(tok, items)
         if cfg.replay_world:
             pairs = pairs + world_pairs
 
@@ -251,7 +259,7 @@ def _json_raw(raw: dict) -> dict:
             "pert_loss": f["pert_loss"].tolist(), "generations": f["generations"]}
 
 
-def run(cfg: LMConfig, progress: bool = True) -> dict:
+def run(cfg: LMConfig, progress: bool = True, on_update=None) -> dict:
     t_start = time.perf_counter()
     device = _device(cfg.device)
     unknown = [m for m in cfg.methods if m not in ALL_METHODS]
@@ -282,7 +290,8 @@ def run(cfg: LMConfig, progress: bool = True) -> dict:
             [a for a in all_authors if a.name not in gone])))
         split: dict = {"forget_authors": {p: data.forget_count(p, pct) for p in ("test", "val")}}
         refs = {}
-        for pool in ("val", "test"):
+        need_val = any(len(m.grid) > 1 for m in methods.values())
+        for pool in ("val", "test") if need_val else ("test",):
             sets = eval_sets(data, pool, pct, world, cfg.n_retain_eval, cfg.data_seed)
             forget_pairs = encode_all(tok, _qa_items(sets.forget))
             r_raw = evaluate.raw(retain_models[pct], tok, sets, cfg.eval_batch, device)
@@ -295,27 +304,34 @@ def run(cfg: LMConfig, progress: bool = True) -> dict:
         split["methods"] = {}
         for name, m in methods.items():
             entry = {"doc": m.doc, "validation": []}
-            sets, forget_pairs, r_raw = refs["val"]
-            for cfg_hp in m.grid:
-                hp = {**m.defaults, **cfg_hp}
-                row = _one_run(m, target, forget_pairs, retain_pairs, sets, r_raw, hp, cfg, tok,
-                               device, seed=0)
-                entry["validation"].append(row)
+            if len(m.grid) == 1:  # nothing to choose: no validation runs
+                chosen = {"hparams": {**m.defaults, **m.grid[0]}}
                 if bar is not None:
                     bar.update(1)
-            chosen = choose(entry["validation"])
-            entry["chosen"] = chosen["hparams"]
+            else:
+                sets, forget_pairs, r_raw = refs["val"]
+                for cfg_hp in m.grid:
+                    hp = {**m.defaults, **cfg_hp}
+                    row = _one_run(m, target, forget_pairs, retain_pairs, sets, r_raw, hp, cfg, tok,
+                                   device, seed=0)
+                    entry["validation"].append(row)
+                    if bar is not None:
+                        bar.update(1)
+                chosen = choose(entry["validation"])
+            entry["chosen"] = {k: v for k, v in chosen["hparams"].items() if not k.startswith("_")}
             sets, forget_pairs, r_raw = refs["test"]
             entry["test"] = []
             for seed in cfg.seeds:
                 row = _one_run(m, target, forget_pairs, retain_pairs, sets, r_raw,
-                               dict(chosen["hparams"]), cfg, tok, device, seed=seed, keep_raw=True)
+                               dict(entry["chosen"]), cfg, tok, device, seed=seed, keep_raw=True)
                 entry["test"].append(row)
                 if bar is not None:
                     bar.update(1)
             entry["mean"] = _mean_std(entry["test"])
             split["methods"][name] = entry
-        result["splits"][f"{pct:g}"] = split
+            result["splits"][f"{pct:g}"] = split
+            if on_update is not None:  # partial results survive an interrupted run
+                on_update(result)
     if bar is not None:
         bar.close()
     if cfg.rho_probe and cfg.model == "tiny":
@@ -399,7 +415,7 @@ def main(args) -> int:
     from .report import markdown_table, write_outputs
 
     cfg = config_from_args(args)
-    result = run(cfg, progress=not args.quiet)
+    result = run(cfg, progress=not args.quiet, on_update=lambda r: write_outputs(r, args.out))
     paths = write_outputs(result, args.out)
     print(markdown_table(result))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} ({result['total_time_s']:.0f} s)")
