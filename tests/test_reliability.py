@@ -381,17 +381,28 @@ def _inf_shard_rank(rank, world, out, port):
         idx_f, idx_r = torch.tensor([4, 5]), torch.tensor([6, 7])
         opt.step(lambda: (model(idx_f).pow(2).mean(), (model(idx_r) - 1).pow(2).mean()))
         after = [p.detach().to_local() for p in model.parameters()]
-        torch.save({"skipped": opt.last_stats()["skipped_steps"],
-                    "unchanged": all(torch.equal(a, b) for a, b in zip(after, before))},
-                   os.path.join(out, f"rank{rank}.pt"))
+        result = {"skipped": opt.last_stats()["skipped_steps"],
+                  "unchanged": all(torch.equal(a, b) for a, b in zip(after, before))}
+        # requires_grad switched off after construction, on a sharded parameter
+        torch.manual_seed(0)
+        model = fully_shard(torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 2)))
+        opt = ofmu(model.parameters(), lr=0.1)
+        model[1].bias.requires_grad_(False)
+        try:
+            opt.step(lambda: (model(idx_f).pow(2).mean(), (model(idx_r) - 1).pow(2).mean()))
+            result["frozen_error"] = None
+        except RuntimeError as e:
+            result["frozen_error"] = str(e)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_inf_in_one_shard_skips_the_update_on_every_rank(tmp_path):
+def test_fsdp2_inf_in_one_shard_skips_on_every_rank_and_frozen_shard_is_named(tmp_path):
     """FSDP2: each rank sees its own shard; the weight-decay finite check must agree across
-    ranks, or one rank skips while the other updates its shard."""
+    ranks, or one rank skips while the other updates its shard. requires_grad switched off on a
+    sharded parameter is named as on a plain one."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -400,6 +411,9 @@ def test_inf_in_one_shard_skips_the_update_on_every_rank(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["skipped"] for r in ranks] == [2, 2]  # the inner and the outer update, both ranks
     assert all(r["unchanged"] for r in ranks)
+    for r in ranks:
+        assert r["frozen_error"] is not None and r["frozen_error"].startswith(
+            "parameter param_groups[0].params[2] (shape (2,)) was switched to requires_grad=False")
 
 
 if __name__ == "__main__":  # the ranks of the FSDP2 test above (gloo, forked)

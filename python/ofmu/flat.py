@@ -206,16 +206,20 @@ class FlatBuffer:
         for p, g in zip(self.params, self.buffer(slot)[1]):
             p.grad = g
 
-    def check_aliasing(self) -> None:
-        """Cheap check that no parameter's storage was replaced behind the optimizer's back."""
-        base = self.param.data_ptr()
-        for p, ptr, n in zip(self.params, self._ptrs, self.names):
+    def check_requires_grad(self) -> None:
+        """Every parameter still requires grad (host-side, each step; sharded buffers too)."""
+        for p, n in zip(self.params, self.names):
             if not p.requires_grad:
                 raise RuntimeError(
                     f"parameter {n} was switched to requires_grad=False after the optimizer was "
                     "built; the optimizer would still update it. Set requires_grad=True again, or "
                     "rebuild the optimizer after freezing (frozen parameters are left out at "
                     "construction)")
+
+    def check_aliasing(self) -> None:
+        """Cheap check that no parameter's storage was replaced behind the optimizer's back."""
+        base = self.param.data_ptr()
+        for p, ptr, n in zip(self.params, self._ptrs, self.names):
             if p.data_ptr() != base + ptr:
                 raise RuntimeError(
                     f"parameter {n} no longer lives in the optimizer's flat buffer (its storage was "

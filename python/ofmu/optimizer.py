@@ -221,6 +221,7 @@ class OFMU(Optimizer):
     def _check_buffers(self) -> None:
         check_frozen(self._frozen)
         for part in self._parts:
+            part.buf.check_requires_grad()
             part.buf.check_aliasing()
 
     # ------------------------------------------------------------------------- public loops
