@@ -38,3 +38,16 @@ def test_walker_counts_each_storage_once():
     found = {}
     memory._walk(holder, "h", found, set())
     assert sorted(n for _, n in found.values()) == [24, 40]
+
+
+def test_moment_options_reference_loops_reproduce_ofmu():
+    model, forget, retain = memory._memorised_tiny(steps=60)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+    for option in ("ofmu", "per-loop"):
+        model.load_state_dict(state)
+        out[option] = memory.moment_option_run(option, model, forget, retain, seed=0, steps=4,
+                                               lr=1e-3)
+    assert abs(out["ofmu"][0]) > 0.05  # the steps did something
+    for a, b in zip(out["ofmu"], out["per-loop"]):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(out["ofmu"][0]))

@@ -15,6 +15,12 @@ Two measurements, each in a fresh subprocess per (method, dtype):
 
 Usage: ``python -m ofmu.bench.memory [--hidden 512 --layers 4 --vocab 8192 --batch 4 --seq 128]
 [--out DIR]``; ``--smoke`` runs a tiny configuration in seconds.
+
+``--moment-options`` instead measures what cheaper Adam-moment choices would cost in unlearning
+quality, on a tiny Llama that memorised random sequences: a reference implementation of OFMU's
+first-order loops (checked against ``OFMU`` itself, row ``ofmu``) with the moments kept per
+loop, rounded to bf16, shared by both loops, sharing only the second moment, or dropped from
+the inner loop (a stateless sign step, i.e. Adam with betas 0).
 """
 
 from __future__ import annotations
@@ -212,6 +218,125 @@ def measure(method: str, dtype_name: str, args) -> dict:
             "batch": args.batch, "seq": args.seq, **metadata(device)}
 
 
+# ------------------------------------------------------------- cheaper moments: quality
+
+MOMENT_OPTIONS = ("ofmu", "per-loop", "per-loop-bf16", "shared", "shared-v", "inner-sign")
+
+
+def _memorised_tiny(vocab=48, seq=10, n_forget=8, n_retain=24, steps=300):
+    import transformers
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n_forget + n_retain, seq), generator=g)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, ids[:n_forget], ids[n_forget:]
+
+
+@torch.no_grad()
+def _nll(model, ids) -> float:
+    logp = torch.log_softmax(model(input_ids=ids).logits.double()[:, :-1], dim=-1)
+    return float(-logp.gather(-1, ids[:, 1:, None]).mean())
+
+
+def moment_option_run(option: str, model, forget, retain, seed: int, steps: int, lr: float,
+                      betas=(0.9, 0.999), adam_eps=1e-8) -> tuple[float, float]:
+    """Forget and retain NLL change after ``steps`` first-order OFMU steps (project, beta=1,
+    rho=0, one inner and one outer Adam step each) with the given moment ``option``."""
+    from ofmu import OFMU
+    from ofmu.hf import causal_lm_losses
+
+    params = list(model.parameters())
+    f0, r0 = _nll(model, forget), _nll(model, retain)
+    g = torch.Generator().manual_seed(seed)
+
+    def draw():
+        return ({"input_ids": forget[torch.randint(0, len(forget), (4,), generator=g)]},
+                {"input_ids": retain[torch.randint(0, len(retain), (8,), generator=g)]})
+
+    if option == "ofmu":
+        opt = OFMU(params, lr=lr, inner_lr=lr, inner_steps=1, outer_steps=1, beta=1.0, rho=0.0,
+                   similarity="project", outer_hvp="none", preconditioner="adam", betas=betas,
+                   adam_eps=adam_eps, forget_loss_cap=None)
+        for _ in range(steps):
+            opt.step(lambda: causal_lm_losses(model, *draw()))
+        return _nll(model, forget) - f0, _nll(model, retain) - r0
+
+    def zeros():
+        return [torch.zeros_like(p) for p in params]
+
+    inner = (zeros(), zeros()) if option != "inner-sign" else None
+    outer = {"shared": inner, "shared-v": (zeros(), inner[1]) if inner else None}.get(
+        option, (zeros(), zeros()))
+    counts = {"inner": 0, "outer": 0}
+    b1, b2 = betas
+
+    def adam(loop, moments, dirs, ascend):
+        key = "inner" if option == "shared" else loop
+        counts[key] += 1
+        t = counts[key]
+        for p, d, m, v in zip(params, dirs, *moments):
+            d = -d if ascend else d
+            m.mul_(b1).add_(d, alpha=1 - b1)
+            v.mul_(b2).addcmul_(d, d, value=1 - b2)
+            if option == "per-loop-bf16":
+                m.copy_(m.bfloat16())
+                v.copy_(v.bfloat16())
+            p.sub_(lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + adam_eps))
+
+    def grads(fb, rb, forget_too=True):
+        with torch.enable_grad():
+            lf, lr_ = causal_lm_losses(model, fb if forget_too else None, rb)
+            gf = torch.autograd.grad(lf, params) if forget_too else None
+            return gf, torch.autograd.grad(lr_, params)
+
+    with torch.no_grad():
+        for _ in range(steps):
+            gf, gr = grads(*draw())
+            d = sum((a * b).sum() for a, b in zip(gf, gr))
+            nf2, nr2 = sum((a * a).sum() for a in gf), sum((b * b).sum() for b in gr)
+            k = d / (nr2 + 1e-12 * (nf2 + nr2))
+            u = [a - k * b for a, b in zip(gf, gr)]  # project, beta = 1
+            if option == "inner-sign":
+                for p, ui in zip(params, u):
+                    p.add_(lr * ui / (ui.abs() + adam_eps))
+            else:
+                adam("inner", inner, u, ascend=True)
+            _, gr = grads(*draw(), forget_too=False)
+            adam("outer", outer, gr, ascend=False)
+    return _nll(model, forget) - f0, _nll(model, retain) - r0
+
+
+def moment_options(steps: int = 40, lr: float = 5e-4, seeds: int = 3) -> list[dict]:
+    base, forget, retain = _memorised_tiny()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    rows = []
+    for option in MOMENT_OPTIONS:
+        res = []
+        for seed in range(seeds):
+            base.load_state_dict(state)
+            res.append(moment_option_run(option, base, forget, retain, seed, steps, lr))
+        fr, rr = [a for a, _ in res], [b for _, b in res]
+        rows.append({"option": option, "steps": steps, "lr": lr, "seeds": seeds,
+                     "forget_nll_rise": sum(fr) / seeds, "forget_min": min(fr), "forget_max": max(fr),
+                     "retain_nll_change": sum(rr) / seeds, "retain_min": min(rr),
+                     "retain_max": max(rr), **metadata(torch.device("cpu"))})
+        print(f"{option:14s} forget NLL rise {rows[-1]['forget_nll_rise']:.2f} "
+              f"[{min(fr):.2f}, {max(fr):.2f}]  retain NLL change "
+              f"{rows[-1]['retain_nll_change']:+.4f} [{min(rr):+.4f}, {max(rr):+.4f}]", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------ driver
 
 
@@ -230,6 +355,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--tag", default="")
     p.add_argument("--smoke", action="store_true", help="tiny model, seconds")
+    p.add_argument("--moment-options", action="store_true",
+                   help="unlearning quality of cheaper Adam-moment choices (tiny memorised Llama)")
+    p.add_argument("--steps", type=int, default=40, help="--moment-options: OFMU steps")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
@@ -280,6 +408,12 @@ def main(argv=None) -> list[dict]:
     if args.worker:
         print(json.dumps(measure(args.worker[0], args.worker[1], args)))
         return []
+    if args.moment_options:
+        rows = moment_options(steps=args.steps, seeds=1 if args.smoke else 3)
+        if not args.smoke:
+            path = write_csv(os.path.join(args.out, "memory-moment-options.csv"), rows, list(rows[0]))
+            print(f"wrote {path}")
+        return rows
     rows = run(args)
     print_table(rows)
     if not args.smoke or args.out != str(RESULTS_DIR):
