@@ -270,11 +270,154 @@ def worker(rank, world, out_dir, port, parts):
             results["mp"] = {n: run(n, rank, world, sharded=True, mp=True) for n in MP_CONFIGS}
         if "configs4" in parts:  # a short list for 4 ranks
             results["configs"] = {n: run(n, rank, world, sharded=True) for n in CONFIGS4}
+        if "measure" in parts:
+            results["measure"] = measure(rank, world)
         if "misuse" in parts:
             results["misuse"] = misuse(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- measurements
+# ``python tests/_fsdp2_worker.py OUT PORT WORLD measure``: the collectives of one step (ops and
+# bytes, counted by wrapping torch.distributed's entry points) and the per-rank memory of the
+# optimizer state, for OFMU under FSDP2, OFMU replicated, and GradDiff + AdamW under FSDP2.
+# docs/scaling.md reports them.
+
+_COLLECTIVES = {"all_gather_single": 0, "reduce_scatter_single": 1, "all_reduce": 0,
+                "all_gather_into_tensor": 0, "reduce_scatter_tensor": 1}  # name: sized argument
+
+
+class CommLog:
+    """Counts calls and payload bytes of torch.distributed collectives while active."""
+
+    def __init__(self):
+        self.ops, self.saved = [], {}
+
+    def __enter__(self):
+        for name, arg in _COLLECTIVES.items():
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self.saved[name] = fn
+
+            def wrapped(*a, _fn=fn, _name=name, _arg=arg, **k):
+                t = a[_arg] if len(a) > _arg else k.get("tensor", k.get("input"))
+                self.ops.append((_name, t.numel() * t.element_size()))
+                return _fn(*a, **k)
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+    def summary(self):
+        out = {}
+        for name, nbytes in self.ops:
+            key = "scalar all_reduce" if name == "all_reduce" and nbytes <= 256 else name
+            c, b = out.get(key, (0, 0))
+            out[key] = (c + 1, b + nbytes)
+        return out
+
+
+class LM(torch.nn.Module):
+    """The transformer of the measurements: 2 pre-norm layers, width 128, vocabulary 512."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(512, 128)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(128, 4, 512, dropout=0.0, batch_first=True,
+                                             norm_first=True) for _ in range(2))
+        self.head = torch.nn.Linear(128, 512)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def lm_closure(m, rank, world, counter):
+    def closure(same_batch=False):
+        if not same_batch:
+            counter[0] += 1
+        g = torch.Generator().manual_seed(counter[0])
+        x = torch.randint(0, 512, (2, 8, 16), generator=g)
+        n = 8 // world
+        sl = slice(rank * n, (rank + 1) * n)
+        ce = torch.nn.functional.cross_entropy
+        return tuple(ce(m(x[k, sl]).flatten(0, 1), x[k, sl].roll(-1, 1).flatten()) for k in (0, 1))
+    return closure
+
+
+MEASURED = {
+    "ofmu-first-order": dict(similarity="project", outer_hvp="none", preconditioner="adam",
+                             inner_steps=1, outer_steps=1, lr=1e-3, weight_decay=0.0),
+    "ofmu-fd": dict(similarity="project", outer_hvp="fd", rho=0.1, preconditioner="adam",
+                    inner_steps=1, outer_steps=1, lr=1e-3, weight_decay=0.0),
+}
+
+
+def _lm_shard(m):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in m.layers:
+        fully_shard(layer)
+    fully_shard(m)
+    return m
+
+
+def _state_bytes(opt):
+    if isinstance(opt, OFMU):
+        return sum(flat.numel() * flat.element_size() for part in opt._parts
+                   for flat, _ in part.buf._slots.values())
+    return sum(v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else
+               v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
+
+
+def _local_bytes(m):
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+               for p in m.parameters())
+
+
+def measure_one(kind, name, rank, world):
+    counter = [0]
+    m = LM()
+    if kind != "replicated":
+        _lm_shard(m)
+    closure = lm_closure(m, rank, world, counter)
+    if name == "graddiff-adamw":
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+        def step():
+            lf, lr = closure()
+            (lr - lf).backward()
+            opt.step()
+            opt.zero_grad()
+    else:
+        opt = OFMU(m.parameters(), **MEASURED[name])
+
+        def step():
+            opt.step(closure)
+    step()  # warm up: lazy state, FSDP2's lazy init
+    before = counter[0]
+    with CommLog() as log:
+        step()
+    return dict(comm=log.summary(), state_bytes=_state_bytes(opt), param_bytes=_local_bytes(m),
+                closures=counter[0] - before)
+
+
+def measure(rank, world):
+    out = {}
+    for name in MEASURED:
+        out[f"fsdp2/{name}"] = measure_one("fsdp2", name, rank, world)
+        out[f"replicated/{name}"] = measure_one("replicated", name, rank, world)
+    out["fsdp2/graddiff-adamw"] = measure_one("fsdp2", "graddiff-adamw", rank, world)
+    return out
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from _fsdp2_worker import (
     COMMON,
     CONFIGS,
     CONFIGS4,
+    LM,
     MP_CONFIGS,
     Slices,
     build,
@@ -48,7 +49,7 @@ def spawn(out, world, parts):
 @pytest.fixture(scope="module")
 def two_ranks_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    return out, spawn(out, 2, "configs,misuse,save,load,load_model_only,mp")
+    return out, spawn(out, 2, "configs,misuse,save,load,load_model_only,mp,measure")
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +175,36 @@ def test_parameters_replaced_by_load_state_dict_assign_fail_at_step():
     with pytest.raises(RuntimeError, match=r"no gradient reached .*params\[0\] \(shape \(9, 4\)\)"
                        r".*load_state_dict\(assign=True\)"):
         opt.step(closure)
+
+
+def test_communication_per_step_matches_the_hand_count(two_ranks):
+    """One step of the 2-rank measurement (docs/scaling.md) against counts from the algorithm:
+    FSDP2 reduce-scatters one full float32 gradient per backward pass; OFMU adds only scalar
+    all-reduces (3 floats per reduction, 2 losses per closure call); the replicated path
+    all-reduces one whole gradient buffer per backward pass."""
+    grad = 4 * sum(p.numel() for p in LM().parameters())  # every dim divides by 2: no padding
+    m = two_ranks[0]["measure"]
+    first, fd = m["fsdp2/ofmu-first-order"], m["fsdp2/ofmu-fd"]
+    # first order, one inner + one outer step: backward passes f, r (inner) and r (outer)
+    assert first["comm"]["reduce_scatter_single"][1] == 3 * grad
+    assert first["comm"]["scalar all_reduce"] == (4, 2 * 3 * 4 + 2 * 2 * 4)
+    assert "all_reduce" not in first["comm"]  # no whole-buffer averaging under FSDP2
+    # fd: inner (f, r), outer (f, r) and two probes (f, r each); reductions: inner, outer,
+    # one per probe, and reduce3(g_r, h) for the update
+    assert fd["comm"]["reduce_scatter_single"][1] == 8 * grad
+    assert fd["comm"]["scalar all_reduce"] == (9, 5 * 3 * 4 + 4 * 2 * 4)
+    assert m["replicated/ofmu-first-order"]["comm"]["all_reduce"] == (3, 3 * grad)
+    assert m["replicated/ofmu-fd"]["comm"]["all_reduce"] == (8, 8 * grad)
+    gd = m["fsdp2/graddiff-adamw"]
+    assert gd["comm"]["reduce_scatter_single"] == (3, grad) and "scalar all_reduce" not in gd["comm"]
+
+
+def test_each_rank_holds_half_of_every_buffer(two_ranks):
+    """Per-rank optimizer memory: Adam, first order, keeps 8 buffers (a copy of the parameter
+    shard, two gradients, the direction, two moments per loop), fd 4 more; each half-size."""
+    grad = 4 * sum(p.numel() for p in LM().parameters())
+    m = two_ranks[1]["measure"]
+    assert m["fsdp2/ofmu-first-order"]["param_bytes"] == grad // 2
+    assert m["fsdp2/ofmu-first-order"]["state_bytes"] == 8 * grad // 2
+    assert m["fsdp2/ofmu-fd"]["state_bytes"] == 12 * grad // 2
+    assert m["replicated/ofmu-fd"]["state_bytes"] == 12 * grad

@@ -48,6 +48,14 @@ def is_dtensor(p: Tensor) -> bool:
     return cls is not None and isinstance(p, cls)
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local tensor. ``DTensor._local_tensor`` is an attribute read; ``to_local()``
+    (the public fallback) goes through DTensor's dispatch, about 50 us a call on a CPU, which
+    made the copies 7% of a small model's step."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, Tensor) else t.detach().to_local()
+
+
 def is_sharded(buf) -> bool:
     return isinstance(buf, ShardedFlatBuffer)
 
@@ -128,7 +136,7 @@ class ShardedFlatBuffer(FlatBuffer):
     DTensor gradients (``p.grad`` over a view of it, as the flat path does)."""
 
     def __init__(self, params: list[Tensor], names: list[str]):
-        shards = [p.detach().to_local() for p in params]
+        shards = [_local(p) for p in params]
         self._shapes = [s.shape for s in shards]
         self.mesh, self.placements = params[0].device_mesh, tuple(params[0].placements)
         self.group = self.mesh.get_group()
@@ -140,8 +148,9 @@ class ShardedFlatBuffer(FlatBuffer):
         return [flat[o : o + s.numel()].view(s) for s, o in zip(self._shapes, self.offsets)]
 
     def shards(self) -> list[Tensor]:
-        """The local shards FSDP2 owns (views into its storage)."""
-        return [p.detach().to_local() for p in self.params]
+        """The local shards FSDP2 owns (views into its storage), looked up on every call: FSDP2
+        re-points them at its lazy initialisation."""
+        return [_local(p) for p in self.params]
 
     def dtensor(self, view: Tensor, pi: int) -> Tensor:
         """A local view of one of our buffers as a DTensor laid out like parameter ``pi``."""
@@ -182,7 +191,7 @@ class ShardedFlatBuffer(FlatBuffer):
     def collect_grads(self, slot: Slot) -> int:
         """The local gradient shards FSDP2 left in ``p.grad`` into buffer ``slot`` (missing
         gradients give zeros); ``p.grad`` reset to None. Returns how many parameters had one."""
-        grads = [None if p.grad is None else p.grad.to_local() for p in self.params]
+        grads = [None if p.grad is None else _local(p.grad) for p in self.params]
         self.copy_in(self.buffer(slot)[1], grads)
         self.release_grads()
         return sum(g is not None for g in grads)
