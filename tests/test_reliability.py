@@ -393,16 +393,22 @@ def _inf_shard_rank(rank, world, out, port):
             result["frozen_error"] = None
         except RuntimeError as e:
             result["frozen_error"] = str(e)
+        # the same sharded parameter twice
+        try:
+            ofmu([model[1].weight, model[0].weight, model[1].weight])
+            result["duplicate_error"] = None
+        except ValueError as e:
+            result["duplicate_error"] = str(e)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_fsdp2_inf_in_one_shard_skips_on_every_rank_and_frozen_shard_is_named(tmp_path):
+def test_fsdp2_inf_in_one_shard_frozen_and_duplicate_parameters(tmp_path):
     """FSDP2: each rank sees its own shard; the weight-decay finite check must agree across
     ranks, or one rank skips while the other updates its shard. requires_grad switched off on a
-    sharded parameter is named as on a plain one."""
+    sharded parameter, and a sharded parameter listed twice, are named as plain ones are."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -414,6 +420,9 @@ def test_fsdp2_inf_in_one_shard_skips_on_every_rank_and_frozen_shard_is_named(tm
     for r in ranks:
         assert r["frozen_error"] is not None and r["frozen_error"].startswith(
             "parameter param_groups[0].params[2] (shape (2,)) was switched to requires_grad=False")
+        assert r["duplicate_error"] is not None and r["duplicate_error"].startswith(
+            "parameter param_groups[0].params[2] (shape (2, 4)) is the same tensor as "
+            "param_groups[0].params[0] (shape (2, 4))")
 
 
 if __name__ == "__main__":  # the ranks of the FSDP2 test above (gloo, forked)

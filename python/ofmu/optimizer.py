@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from . import backends, sharded
 from . import functional as F
 from .distributed import resolve_process_group
-from .flat import MOMENTS, FlatBuffer, Slot, check_frozen
+from .flat import MOMENTS, FlatBuffer, Slot, check_distinct, check_frozen
 from .gradients import Autodiff
 from .modes import OUTER_HVP, SIMILARITY
 from .validation import GLOBAL_KEYS, StepGuard, validate_distributed, validate_group, validate_options
@@ -161,6 +161,7 @@ class OFMU(Optimizer):
             by_key[(p.device, p.dtype)].append((p, name))
             self._hooks.append(p.register_hook(_dense_grad_check(name)))
         for (device, _), items in by_key.items():
+            check_distinct([p for p, _ in items], [n for _, n in items])  # sharded buffers too
             buf = sharded.flat_buffer(self, gi, [p for p, _ in items], [n for _, n in items])
             buf.bind_grads(Slot.GRAD_R)  # p.grad always shows the retain buffer (zeros here)
             backend, reason = backends.select(self.backend, device)
