@@ -49,7 +49,15 @@ def spawn(out, world, parts):
 @pytest.fixture(scope="module")
 def two_ranks_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    return out, spawn(out, 2, "configs,misuse,save,load,load_model_only,mp,measure")
+    return out, spawn(out, 2, "configs,misuse,save,mp,measure")
+
+
+@pytest.fixture(scope="module")
+def restarted(two_ranks_dir, tmp_path_factory):
+    """A new 2-rank job (new processes) that loads the first job's checkpoint."""
+    out = tmp_path_factory.mktemp("fsdp2_restart")
+    shutil.copytree(two_ranks_dir[0] / "ckpt", out / "ckpt")
+    return spawn(out, 2, "load,load_model_only")
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +120,15 @@ def expected_rho():
     return COMMON["rho"] * CKPT["rho_growth"] ** (2 * CKPT_STEPS)
 
 
-def test_distributed_checkpoint_resumes_bit_identically(two_ranks):
-    for r in two_ranks:  # every rank: uninterrupted run == restarted from the checkpoint
-        (a, la, rho_a), (b, lb, rho_b) = r["save"], r["load"]
+def test_distributed_checkpoint_resumes_bit_identically(two_ranks, restarted):
+    for r, job2 in zip(two_ranks, restarted):  # uninterrupted run == restarted from the checkpoint
+        (a, la, rho_a), (b, lb, rho_b) = r["save"], job2["load"]
         assert torch.equal(a, b) and la == lb
         assert rho_a == rho_b == pytest.approx(expected_rho(), rel=1e-12)
 
 
-def test_the_optimizer_state_in_the_checkpoint_matters(two_ranks):
-    (a, _, _), (c, _, rho_c) = two_ranks[0]["save"], two_ranks[0]["load_model_only"]
+def test_the_optimizer_state_in_the_checkpoint_matters(two_ranks, restarted):
+    (a, _, _), (c, _, rho_c) = two_ranks[0]["save"], restarted[0]["load_model_only"]
     assert (a - c).norm() > 1e-4 * a.norm()  # Adam moments and the rho schedule were needed
     assert rho_c == pytest.approx(COMMON["rho"] * CKPT["rho_growth"] ** CKPT_STEPS, rel=1e-12)
 

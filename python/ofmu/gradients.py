@@ -4,12 +4,16 @@ The optimizer never differentiates anything itself; this module does, in three w
 ``evaluate`` (one closure call: the forget and retain gradients straight into ``GRAD_F`` /
 ``GRAD_R``, optionally keeping their graphs for Hessian-vector products), and ``vjp`` (a
 double backward through kept gradients, into a scratch buffer). Replicated data parallelism
-averages every result across ranks here (:mod:`ofmu.distributed`).
+averages every result across ranks here (:mod:`ofmu.distributed`); FSDP2-sharded buffers
+(:mod:`ofmu.sharded`) take each rank's gradient shards from ``p.grad`` after ``.backward()``.
+A backward pass that reaches none of the optimizer's parameters raises (they were replaced
+after the optimizer was built) instead of leaving the step a silent no-op.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +90,8 @@ class Autodiff:
         self._watched: set[int] = set()
         self._reach_hooks: list = []  # removed with the optimizer (weakref.finalize)
         self._reached = [0]  # a list the hooks share: they must not hold the optimizer alive
+        self._hit: set[int] = set()  # ids of the parameters this evaluation's passes reached
+        self._warned: set[frozenset] = set()  # unreached sets already warned about
         weakref.finalize(self, _remove_all, self._reach_hooks)
 
     @property
@@ -148,7 +154,7 @@ class Autodiff:
                 if id(p) not in self._watched:
                     self._watched.add(id(p))
                     self._reach_hooks.append(
-                        p.register_post_accumulate_grad_hook(_counter(self._reached)))
+                        p.register_post_accumulate_grad_hook(_counter(self._reached, self._hit)))
 
     def _check_reached(self, reached_f: int | None, reached_r: int) -> None:
         """Parameters each backward pass reached (None: not run): none at all means they were
@@ -166,9 +172,30 @@ class Autodiff:
                     "on, without detaching or torch.no_grad(); a parameter frozen, replaced or "
                     "re-created after OFMU(...) needs a new optimizer.")
 
+    def _warn_unreached(self, missed: list[bool]) -> None:
+        """Warn (once per set) about parameters neither loss reached while others were: unused
+        by the model, or replaced after construction (a re-created or assign-loaded submodule)."""
+        if not any(missed):
+            return
+        params = self.params
+        idx = frozenset(i for i, m in enumerate(missed) if m and params[i].numel())
+        if not idx or idx in self._warned:
+            return
+        self._warned.add(idx)
+        names = [n for buf in self.buffers for n in buf.names]
+        shown = [names[i] for i in sorted(idx)]
+        warnings.warn(
+            f"{len(shown)} parameters received no gradient from either loss: "
+            f"{', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}. Either the model does not "
+            "use them, or they were replaced after the optimizer was built (a submodule "
+            "re-created, or loaded with load_state_dict(assign=True)), and the model now trains "
+            "tensors the optimizer never sees: then rebuild the optimizer. Only weight decay "
+            "moves a parameter without gradient.", stacklevel=2)
+
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
         """``.backward()`` straight into the flat buffers (their slices are bound as ``p.grad``);
         for FSDP2-sharded buffers, ``.backward()`` then the local gradient shards copied in."""
+        self._hit.clear()
         reached_f = None if lf is None else self._backward_into(lf, Slot.GRAD_F)
         try:
             reached_r = self._backward_into(lr, Slot.GRAD_R)
@@ -178,6 +205,8 @@ class Autodiff:
                                    "graph; compute them in separate forward passes") from e
             raise
         self._check_reached(reached_f, reached_r)
+        if lf is not None and not self.sharded:
+            self._warn_unreached([id(p) not in self._hit for p in self.params])
 
     def _backward_into(self, loss: Tensor, slot: Slot) -> int:
         """One backward pass into buffer ``slot``; returns how many parameters it reached."""
@@ -203,6 +232,7 @@ class Autodiff:
         ev.gr = list(torch.autograd.grad(ev.loss_r, params, create_graph=graph_r,
                                          allow_unused=True))
         self._check_reached(sum(g is not None for g in ev.gf), sum(g is not None for g in ev.gr))
+        self._warn_unreached([a is None and b is None for a, b in zip(ev.gf, ev.gr)])
         self.store(Slot.GRAD_F, ev.gf, average=False)
         self.store(Slot.GRAD_R, ev.gr, average=False)
 
@@ -261,7 +291,8 @@ def _remove_all(handles: list) -> None:
     handles.clear()
 
 
-def _counter(box: list):
-    def hook(_p: Tensor) -> None:
+def _counter(box: list, hit: set):
+    def hook(p: Tensor) -> None:
         box[0] += 1
+        hit.add(id(p))
     return hook
