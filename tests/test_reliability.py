@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -335,6 +336,26 @@ def test_a_loss_that_reaches_no_parameter_is_named(which, similarity):
         opt.step(closure)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert opt.last_stats()["skipped_steps"] == 0
+
+
+
+@pytest.mark.parametrize("similarity", ["project", "hvp"])
+def test_a_replaced_submodule_is_warned_about_by_name(similarity):
+    """Part of the model re-created after construction: its new parameters train nothing the
+    optimizer sees, the old ones get no gradient from either loss; warned once, by name."""
+    model = mlp()
+    opt = ofmu(model.parameters(), lr=0.1, similarity=similarity)
+    old_head = model[2]
+    model[2] = torch.nn.Linear(6, 2)
+    with pytest.warns(UserWarning, match=r"2 parameters received no gradient from either loss: "
+                                         r"param_groups\[0\]\.params\[2\] \(shape \(2, 6\)\), "
+                                         r"param_groups\[0\]\.params\[3\] \(shape \(2,\)\)"):
+        opt.step(closure_for(model))
+    w = old_head.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per set of parameters
+        opt.step(closure_for(model))
+    assert torch.equal(old_head.weight, w)  # no gradient, no weight decay: unchanged
 
 
 # ---------------------------------------------------------------------------- hook leaks

@@ -185,7 +185,8 @@ class Autodiff:
         names = [n for buf in self.buffers for n in buf.names]
         shown = [names[i] for i in sorted(idx)]
         warnings.warn(
-            f"{len(shown)} parameters received no gradient from either loss: "
+            f"{len(shown)} parameter{'s' if len(shown) > 1 else ''} received no gradient from "
+            "either loss: "
             f"{', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}. Either the model does not "
             "use them, or they were replaced after the optimizer was built (a submodule "
             "re-created, or loaded with load_state_dict(assign=True)), and the model now trains "
