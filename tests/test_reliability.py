@@ -358,6 +358,18 @@ def test_a_replaced_submodule_is_warned_about_by_name(similarity):
     assert torch.equal(old_head.weight, w)  # no gradient, no weight decay: unchanged
 
 
+
+def test_the_older_of_two_optimizers_over_one_model_raises_at_its_next_step():
+    model = mlp()
+    old, new = ofmu(model.parameters(), lr=0.1), ofmu(model.parameters(), lr=0.1)
+    new.step(closure_for(model))
+    after = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"params\[0\] \(shape \(6, 4\)\) no longer lives in "
+                                           r"the optimizer's flat buffer"):
+        old.step(closure_for(model))
+    assert all(torch.equal(p, a) for p, a in zip(model.parameters(), after))
+
+
 # ---------------------------------------------------------------------------- hook leaks
 
 
