@@ -141,7 +141,8 @@ def _step_result() -> torch.Tensor:
 
 def test_core_install_without_extras(tmp_path):
     """`pip install ofmu` (no extras): the optimizer works and steps exactly as with every extra
-    installed; `ofmu info` works; `ofmu demo` names the extra to install."""
+    installed; `ofmu info` and `ofmu bench --no-plot` work; `ofmu demo` and a plotting `ofmu bench`
+    name the extra to install."""
     out = tmp_path / "theta.pt"
     script = textwrap.dedent(f"""
         import sys
@@ -159,6 +160,8 @@ def test_core_install_without_extras(tmp_path):
         assert main(["info"]) == 0
         rc = main(["demo", "--dataset", "digits", "--quiet"])
         print("demo rc", rc)
+        print("bench rc", main(["bench", "--sizes", "4096"]))  # needs matplotlib for its plot
+        print("bench --no-plot rc", main(["bench"] + {TINY_BENCH!r} + ["--out", {str(tmp_path / "b")!r}]))
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print("loaded", loaded)
     """)
@@ -166,6 +169,8 @@ def test_core_install_without_extras(tmp_path):
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "demo rc 2" in r.stdout and 'pip install "ofmu[bench]"' in r.stderr
+    assert "bench rc 2" in r.stdout and "--no-plot" in r.stderr
+    assert "bench --no-plot rc 0" in r.stdout and list((tmp_path / "b").glob("kernels-*.csv"))
     assert "loaded []" in r.stdout
     assert "triton" in r.stdout  # `ofmu info` ran and listed the triton backend (unavailable here)
     without = torch.load(out, weights_only=True)
