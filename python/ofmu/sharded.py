@@ -142,6 +142,7 @@ class ShardedFlatBuffer(FlatBuffer):
         self.group = self.mesh.get_group()
         super().__init__([s.clone() for s in shards], names)  # our copies, re-viewed
         self.params = list(params)
+        self._grad_views: dict[Slot, list[Tensor]] = {}
         self.bind_grads(Slot.GRAD_R)
 
     def views(self, flat: Tensor) -> list[Tensor]:
@@ -199,8 +200,14 @@ class ShardedFlatBuffer(FlatBuffer):
     # ----------------------------------------------------------------- FlatBuffer interface
 
     def bind_grads(self, slot: Slot | str) -> None:
-        for pi, (p, v) in enumerate(zip(self.params, self.buffer(slot)[1])):
-            p.grad = self.dtensor(v, pi)
+        """``p.grad`` = buffer ``slot`` as DTensors (made once per slot: ``DTensor.from_local``
+        costs tens of microseconds a parameter, and every outer step rebinds ``GRAD_R``)."""
+        slot = Slot(slot)
+        if slot not in self._grad_views:
+            self._grad_views[slot] = [self.dtensor(v, pi)
+                                      for pi, v in enumerate(self.buffer(slot)[1])]
+        for p, g in zip(self.params, self._grad_views[slot]):
+            p.grad = g
 
     def check_aliasing(self) -> None:
         self.refresh()
