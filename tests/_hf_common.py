@@ -47,7 +47,7 @@ def records(ids: torch.Tensor) -> list[dict]:
 
 
 @functools.cache
-def _memorised_state(arch: str, steps: int = 300) -> dict:
+def _memorised_state(arch: str, steps: int = 120) -> dict:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config(arch))
     forget, retain = sequences()

@@ -53,7 +53,7 @@ def test_lora_moves_only_the_adapters(tmp_path):
               if not p.requires_grad}
     lora = [p for p in model.parameters() if p.requires_grad]
     tr = trainer(model, tmp_path, dict(FIRST_ORDER, inner_lr=1e-2), learning_rate=1e-2,
-                 max_steps=40)
+                 max_steps=20)
     tr.train()
     for n, p in model.named_parameters():
         if n in frozen:
