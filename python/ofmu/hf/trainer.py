@@ -199,7 +199,9 @@ class OFMUTrainer(Trainer):
                 self._last_batches = (self._to_device(self._streams["forget"].draw()),
                                       self._to_device(self._streams["retain"].draw()))
             fb, rb = self._last_batches
-            loss_f, loss_r = self.compute_losses(model, fb if need_forget else None, rb)
+            if not need_forget and self.compute_losses is causal_lm_losses:
+                fb = None  # a custom compute_losses always gets both batches
+            loss_f, loss_r = self.compute_losses(model, fb, rb)
             if self._first_call and not same_batch and loss_f is not None:
                 self._first_call = False
                 row = torch.stack([loss_f.detach().float(), loss_r.detach().float(),
