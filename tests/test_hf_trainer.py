@@ -148,3 +148,25 @@ def test_trainer_rejects_what_it_cannot_run(tmp_path):
         OFMUTrainer(model, None, forget_dataset=[1], retain_dataset=[1], train_dataset=[1])
     with pytest.raises(ValueError, match="forget_dataset is empty"):
         OFMUTrainer(model, None, forget_dataset=[], retain_dataset=[1])
+
+
+def test_trainer_closure_streams_and_batch_reuse(tmp_path):
+    model = memorised("llama")
+    tr = trainer(model, tmp_path, per_device_train_batch_size=3)
+    closure = tr._closure_for(model)
+    lf, lr = closure()
+    forget, retain = sequences()
+    # the first minibatches are the first 3 entries of each stream's epoch-0 permutation
+    fi, ri = tr._streams["forget"].indices(0), tr._streams["retain"].indices(0)
+    ref_f, ref_r = causal_lm_losses(model, {"input_ids": forget[fi]}, {"input_ids": retain[ri]})
+    assert lf.item() == ref_f.item() and lr.item() == ref_r.item()
+    lf2, lr2 = closure(same_batch=True)  # outer_hvp="fd" probes: the same minibatches
+    assert (lf2.item(), lr2.item()) == (lf.item(), lr.item())
+    none_f, lr3 = closure(need_forget=False)  # fresh batches, forget forward skipped
+    assert none_f is None and tr._streams["forget"].count == tr._streams["retain"].count == 2
+    assert lr3.item() == causal_lm_losses(model, None, {"input_ids": retain[
+        tr._streams["retain"].indices(1)]})[1].item()
+    # every example appears once per pass: 8 forget examples, batches of 3, wrap into epoch 1
+    stream = tr._streams["forget"]
+    seen = [i for k in range(8) for i in stream.indices(k)]
+    assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:16]) == list(range(8))
