@@ -111,8 +111,9 @@ def test_constructor_defaults_step_on_sdpa_models(arch):
     assert nll(model, forget) > f0
 
 
-def test_core_package_imports_without_transformers():
-    code = ("import sys; sys.modules['transformers'] = None\n"
+@pytest.mark.parametrize("missing", ["transformers", "accelerate"])
+def test_core_package_imports_without_the_hf_extra(missing):
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
             "import ofmu\n"
             "try:\n    import ofmu.hf\nexcept ImportError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

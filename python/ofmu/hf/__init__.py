@@ -11,6 +11,11 @@ except ImportError as e:  # pragma: no cover - exercised in a process without tr
                       'pip install "ofmu[hf]"') from e
 
 from .losses import IGNORE_INDEX, causal_lm_labels, causal_lm_losses, token_nll
-from .trainer import OFMUTrainer
+
+try:
+    from .trainer import OFMUTrainer
+except ImportError as e:  # transformers.Trainer needs accelerate
+    raise ImportError(f'ofmu.hf.OFMUTrainer needs transformers.Trainer, which failed to import ({e}); '
+                      'install the extra: pip install "ofmu[hf]"') from e
 
 __all__ = ["IGNORE_INDEX", "OFMUTrainer", "causal_lm_labels", "causal_lm_losses", "token_nll"]
