@@ -70,10 +70,12 @@ def build(kind):
     return m
 
 
-def shard(m, kind, mp_policy=None):
+def shard(m, kind, mp_policy=None, mesh=None):
     from torch.distributed.fsdp import fully_shard
 
     kw = {} if mp_policy is None else dict(mp_policy=mp_policy)
+    if mesh is not None:
+        kw["mesh"] = mesh
     for sub in ([m[0], m[2]] if kind == "mlp" else [m.layer]):
         fully_shard(sub, **kw)
     fully_shard(m, **kw)
@@ -129,15 +131,20 @@ def mixed_precision():
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def run(name, rank, world, sharded, fp32=False, mp=False):
+def run(name, rank, world, sharded, fp32=False, mp=False, hsdp=False):
     """``fp32``: the model in float32 (default float64); ``mp``: FSDP2 mixed precision
-    (bf16 parameters in forward and backward, float32 reductions, float32 shards)."""
+    (bf16 parameters in forward and backward, float32 reductions, float32 shards); ``hsdp``:
+    a 2-D mesh, 2 replicas of a model sharded over ``world // 2`` ranks."""
     kind, cfg = CONFIGS[name]
     m = build(kind)
     if fp32 or mp:
         m = m.float()
     if sharded:
-        shard(m, kind, mixed_precision() if mp else None)
+        mesh = None
+        if hsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        shard(m, kind, mixed_precision() if mp else None, mesh)
     opt = optimizer(m, cfg)
     closure = Slices(m, kind, rank, world, torch.float32 if fp32 or mp else torch.float64)
     losses = [float(opt.step(closure)) for _ in range(STEPS)]
@@ -271,6 +278,8 @@ def worker(rank, world, out_dir, port, parts):
             results["load_model_only"] = checkpoint(rank, world, ckpt_dir, save=False, optim=False)
         if "mp" in parts:
             results["mp"] = {n: run(n, rank, world, sharded=True, mp=True) for n in MP_CONFIGS}
+        if "hsdp" in parts:
+            results["hsdp"] = {n: run(n, rank, world, sharded=True, hsdp=True) for n in CONFIGS4}
         if "configs4" in parts:  # a short list for 4 ranks
             results["configs"] = {n: run(n, rank, world, sharded=True) for n in CONFIGS4}
         if "measure" in parts:

@@ -70,7 +70,7 @@ def four_ranks(two_ranks_dir, tmp_path_factory):
     """4 ranks: a few configs, and the 2-rank checkpoint loaded on 4 ranks."""
     out = tmp_path_factory.mktemp("fsdp2_4")
     shutil.copytree(two_ranks_dir[0] / "ckpt", out / "ckpt")
-    return spawn(out, 4, "configs4,load")
+    return spawn(out, 4, "configs4,load,hsdp")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,17 @@ def test_four_ranks_equal_one_process(four_ranks, single, config):
     runs = [r["configs"][config][0] for r in four_ranks]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     assert (runs[0] - ref).norm() <= 1e-11 * ref.norm()
+
+
+@pytest.mark.parametrize("config", CONFIGS4)
+def test_hsdp_two_replicas_of_two_shards_equal_one_process(four_ranks, single, config):
+    """HSDP (a 2 x 2 mesh, placements (Replicate(), Shard(0))): the reductions sum over the
+    shards of one replica, the losses are averaged over all 4 ranks."""
+    ref = single[config][0]
+    runs = [r["hsdp"][config][0] for r in four_ranks]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert (runs[0] - ref).norm() <= 1e-11 * ref.norm()
+    assert max(abs(a - b) for a, b in zip(four_ranks[0]["hsdp"][config][1], single[config][1])) <= 1e-12
 
 
 @pytest.mark.parametrize("config", MP_CONFIGS)

@@ -141,7 +141,7 @@ class Autodiff:
     def loss_group(self):
         """The group the losses are averaged over (None: no torch.distributed)."""
         if self.sharded:
-            return self.buffers[0].group
+            return self.buffers[0].loss_group
         return self.process_group
 
     def _watch(self) -> None:

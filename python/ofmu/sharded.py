@@ -1,7 +1,8 @@
 """OFMU on FSDP2-sharded models (``torch.distributed.fsdp.fully_shard``): the sharded part.
 
 FSDP2 turns every parameter into a ``DTensor`` sharded on one dimension over a 1-D device
-mesh, owns its storage, and leaves after ``loss.backward()`` a sharded ``DTensor`` gradient
+mesh (HSDP: replicated over the first dimension of a 2-D mesh, sharded over the second), owns
+its storage, and leaves after ``loss.backward()`` a sharded ``DTensor`` gradient
 that is already reduce-scattered and averaged over the ranks. OFMU's kernels run on flat
 buffers, and FSDP2's storage cannot be re-viewed into one. So a :class:`ShardedFlatBuffer`
 keeps OFMU's own flat buffers over *copies* of this rank's local shards, and every kernel runs
@@ -56,6 +57,12 @@ def _local(t: Tensor) -> Tensor:
     return local if isinstance(local, Tensor) else t.detach().to_local()
 
 
+def _world():
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
 def is_sharded(buf) -> bool:
     return isinstance(buf, ShardedFlatBuffer)
 
@@ -82,17 +89,29 @@ def check_modes(sim, hvp, rho: float, name: str) -> None:
 
 
 def check_placements(p: Tensor, name: str) -> None:
-    """FSDP2's layout only: one ``Shard(dim)`` placement on a 1-D mesh."""
-    from torch.distributed.tensor import Shard
+    """FSDP2's layouts only: ``(Shard(dim),)`` on a 1-D mesh, or HSDP's
+    ``(Replicate(), Shard(dim))`` on a 2-D mesh (replicas of a sharded model)."""
+    from torch.distributed.tensor import Replicate, Shard
 
     mesh, placements = p.device_mesh, tuple(p.placements)
-    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard):
+    fsdp = mesh.ndim == 1 and len(placements) == 1 and isinstance(placements[0], Shard)
+    hsdp = (mesh.ndim == 2 and len(placements) == 2 and isinstance(placements[0], Replicate)
+            and isinstance(placements[1], Shard))
+    if not (fsdp or hsdp):
         raise ValueError(
             f"parameter {name} is a DTensor with placements {placements} on a {mesh.ndim}-D "
-            "device mesh; OFMU supports FSDP2's layout only (fully_shard on a 1-D mesh: one "
-            "Shard(dim) placement). Tensor parallelism, HSDP (2-D meshes) and replicated or "
-            "partial DTensors are not supported: shard the model with fully_shard(model) on a "
-            "1-D mesh, or pass plain (replicated) parameters and let OFMU average across ranks.")
+            "device mesh; OFMU supports FSDP2's layouts only: fully_shard on a 1-D mesh (one "
+            "Shard(dim) placement) or HSDP on a 2-D mesh ((Replicate(), Shard(dim))). Tensor "
+            "parallelism and replicated or partial DTensors are not supported: shard the model "
+            "with fully_shard(model), or pass plain (replicated) parameters and let OFMU average "
+            "across ranks.")
+    if hsdp:
+        import torch.distributed as dist
+
+        if mesh.size() != dist.get_world_size():
+            raise ValueError(f"parameter {name} is sharded (HSDP) over {mesh.size()} of the "
+                             f"{dist.get_world_size()} ranks; OFMU needs the mesh to span every "
+                             "rank (the losses are averaged over the default group)")
 
 
 def flat_buffer(opt, gi: int, params: list[Tensor], names: list[str]):
@@ -139,7 +158,11 @@ class ShardedFlatBuffer(FlatBuffer):
         shards = [_local(p) for p in params]
         self._shapes = [s.shape for s in shards]
         self.mesh, self.placements = params[0].device_mesh, tuple(params[0].placements)
-        self.group = self.mesh.get_group()
+        # the shards of one replica: their reduce3 sums are the global ones (HSDP's replicas
+        # hold the same shards and, after FSDP2's all-reduce, the same gradients)
+        self.group = self.mesh.get_group(self.mesh.ndim - 1)
+        # the ranks whose minibatches make one global batch: the losses are averaged over them
+        self.loss_group = self.group if self.mesh.ndim == 1 else _world()
         super().__init__([s.clone() for s in shards], names)  # our copies, re-viewed
         self.params = list(params)
         self._grad_views: dict[Slot, list[Tensor]] = {}
