@@ -37,7 +37,12 @@ CONFIGS = {
     "tf-project-none-adam": ("tf", dict(similarity="project", outer_hvp="none",
                                         preconditioner="adam")),
     "tf-project-fd-sgd": ("tf", dict(similarity="project", outer_hvp="fd")),
+    # a frozen base (embedding, attention projections), as with adapters: FSDP2 shards the
+    # frozen parameters too; OFMU updates the others
+    "tf-frozen-project-fd-adam": ("tf", dict(similarity="project", outer_hvp="fd",
+                                             preconditioner="adam", frozen=True)),
 }
+FROZEN = ("emb.weight", "layer.self_attn.in_proj_weight")
 
 
 def mlp():
@@ -107,6 +112,7 @@ class Slices:
 
 def optimizer(m, cfg):
     cfg = dict(COMMON, **cfg)
+    cfg.pop("frozen", None)
     if cfg.pop("groups", False):  # weights and biases apart, each with its own decay
         named = list(m.named_parameters())
         params = [dict(params=[p for n, p in named if n.endswith("weight")], weight_decay=1e-2),
@@ -139,6 +145,9 @@ def run(name, rank, world, sharded, fp32=False, mp=False, hsdp=False):
     m = build(kind)
     if fp32 or mp:
         m = m.float()
+    if cfg.get("frozen"):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n not in FROZEN)
     if sharded:
         mesh = None
         if hsdp:
@@ -284,6 +293,9 @@ def worker(rank, world, out_dir, port, parts):
             results["configs"] = {n: run(n, rank, world, sharded=True) for n in CONFIGS4}
         if "measure" in parts:
             results["measure"] = measure(rank, world)
+            if rank == 0:
+                import json
+                print(json.dumps({"world": world, **results["measure"]}, indent=1))
         if "misuse" in parts:
             results["misuse"] = misuse(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
