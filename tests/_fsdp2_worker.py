@@ -1,9 +1,11 @@
 """Worker for tests/test_fsdp2.py: OFMU on FSDP2-sharded models (``fully_shard``), gloo ranks on
 CPU, each rank on its slice of every batch.
 
-Run as ``python _fsdp2_worker.py OUT_DIR PORT WORLD [PARTS]``; every rank saves
-``rank{r}.pt``: the full parameters after every config (``DTensor.full_tensor()``), the messages
-of the misuse cases and the checkpoint round trip. ``run_single`` is the single-process
+Run as ``python _fsdp2_worker.py OUT WORLD PARTS [WORLD PARTS ...]``: one job per pair (new
+processes, forked from this one), one after the other, sharing the checkpoint directory
+``OUT/ckpt``; every rank of job i saves ``OUT/job{i}/rank{r}.pt``: the full parameters after
+every config (``DTensor.full_tensor()``), the messages of the misuse cases, the checkpoint
+round trip, the measurements. ``run_single`` is the single-process
 reference on the whole batches (plain parameters, OFMU's replicated path with no ranks).
 """
 
@@ -278,7 +280,7 @@ def worker(rank, world, out_dir, port, parts):
         results = {}
         if "configs" in parts:
             results["configs"] = {n: run(n, rank, world, sharded=True) for n in CONFIGS}
-        ckpt_dir = os.path.join(out_dir, "ckpt")
+        ckpt_dir = os.path.join(os.path.dirname(out_dir), "ckpt")
         if "save" in parts:
             results["save"] = checkpoint(rank, world, ckpt_dir, save=True)
         if "load" in parts:
@@ -304,7 +306,7 @@ def worker(rank, world, out_dir, port, parts):
 
 
 # ----------------------------------------------------------------------------- measurements
-# ``python tests/_fsdp2_worker.py OUT PORT WORLD measure``: the collectives of one step (ops and
+# ``python tests/_fsdp2_worker.py OUT WORLD measure``: the collectives of one step (ops and
 # bytes, counted by wrapping torch.distributed's entry points) and the per-rank memory of the
 # optimizer state, for OFMU under FSDP2, OFMU replicated, and GradDiff + AdamW under FSDP2.
 # docs/scaling.md reports them.
@@ -444,6 +446,14 @@ def measure(rank, world):
     return out
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 if __name__ == "__main__":
     # Imported once here and inherited by the forked ranks: torch._dynamo alone (pulled in by
     # fully_shard's first DTensor) costs about 5 s per process on a 2-core machine.
@@ -451,8 +461,12 @@ if __name__ == "__main__":
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 
-    world = int(sys.argv[3])
-    parts = sys.argv[4].split(",") if len(sys.argv) > 4 else ["configs", "misuse", "save", "load",
-                                                               "load_model_only", "mp"]
-    mp.start_processes(worker, args=(world, sys.argv[1], int(sys.argv[2]), parts), nprocs=world,
-                       start_method="fork")
+    # OUT WORLD PARTS [WORLD PARTS ...]: one job (new processes, a new process group) per pair,
+    # one after the other; job i writes OUT/job{i}/rank{r}.pt, all share OUT/ckpt.
+    out, stages = sys.argv[1], sys.argv[2:]
+    for i in range(0, len(stages), 2):
+        job_dir = os.path.join(out, f"job{i // 2}")
+        os.makedirs(job_dir, exist_ok=True)
+        world, parts = int(stages[i]), stages[i + 1].split(",")
+        mp.start_processes(worker, args=(world, job_dir, free_port(), parts), nprocs=world,
+                           start_method="fork")

@@ -1,13 +1,12 @@
 """OFMU on FSDP2-sharded models (gloo, CPU processes): every rank updates its own shard, and
 the result equals the single-process run on the union of the minibatches; misuse fails clearly.
 
-One spawn per rank count (tests/_fsdp2_worker.py runs every config there); the single-process
-reference runs here, on plain parameters and whole batches.
+One worker process runs three jobs of forked gloo ranks (tests/_fsdp2_worker.py: every config,
+the misuse cases, checkpoints, measurements); the single-process reference runs here, on plain
+parameters and whole batches.
 """
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 
@@ -32,45 +31,35 @@ from ofmu import OFMU
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(out, world, parts):
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Three jobs from one worker process (each job: new forked ranks, a new process group):
+    2 ranks (configs, misuse, checkpoint save, mixed precision, measurements); 2 ranks that
+    restart from the checkpoint; 4 ranks (configs, HSDP, the 2-rank checkpoint resharded)."""
+    out = tmp_path_factory.mktemp("fsdp2")
     worker = os.path.join(os.path.dirname(__file__), "_fsdp2_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, worker, str(out), str(free_port()), str(world), parts],
+    stages = [(2, "configs,misuse,save,mp,measure"), (2, "load,load_model_only"),
+              (4, "configs4,load,hsdp")]
+    subprocess.run([sys.executable, worker, str(out), *[str(x) for st in stages for x in st]],
                    check=True, timeout=300, env=env)
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    return [[torch.load(out / f"job{i}" / f"rank{r}.pt") for r in range(world)]
+            for i, (world, _) in enumerate(stages)]
 
 
 @pytest.fixture(scope="module")
-def two_ranks_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp2")
-    return out, spawn(out, 2, "configs,misuse,save,mp,measure")
+def two_ranks(jobs):
+    return jobs[0]
 
 
 @pytest.fixture(scope="module")
-def restarted(two_ranks_dir, tmp_path_factory):
-    """A new 2-rank job (new processes) that loads the first job's checkpoint."""
-    out = tmp_path_factory.mktemp("fsdp2_restart")
-    shutil.copytree(two_ranks_dir[0] / "ckpt", out / "ckpt")
-    return spawn(out, 2, "load,load_model_only")
+def restarted(jobs):
+    return jobs[1]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(two_ranks_dir):
-    return two_ranks_dir[1]
-
-
-@pytest.fixture(scope="module")
-def four_ranks(two_ranks_dir, tmp_path_factory):
-    """4 ranks: a few configs, and the 2-rank checkpoint loaded on 4 ranks."""
-    out = tmp_path_factory.mktemp("fsdp2_4")
-    shutil.copytree(two_ranks_dir[0] / "ckpt", out / "ckpt")
-    return spawn(out, 4, "configs4,load,hsdp")
+def four_ranks(jobs):
+    return jobs[2]
 
 
 @pytest.fixture(scope="module")
