@@ -44,7 +44,7 @@ def jobs(tmp_path_factory):
     subprocess.run([sys.executable, worker, str(out), *[str(x) for st in stages for x in st]],
                    check=True, timeout=300, env=env)
     return [[torch.load(out / f"job{i}" / f"rank{r}.pt") for r in range(world)]
-            for i, (world, _) in enumerate(stages)]
+            for i, (world, _) in enumerate(stages)] + [out / "ckpt"]
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +216,27 @@ def test_each_rank_holds_half_of_every_buffer(two_ranks):
     assert m["fsdp2/ofmu-first-order"]["state_bytes"] == 8 * grad // 2
     assert m["fsdp2/ofmu-fd"]["state_bytes"] == 12 * grad // 2
     assert m["replicated/ofmu-fd"]["state_bytes"] == 12 * grad
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_two_rank_checkpoint_loads_into_one_unsharded_process(jobs, two_ranks):
+    """DCP gathers the shards into plain tensors: a single process without torch.distributed
+    resumes the 2-rank run (to float rounding: the reductions run in another order)."""
+    import torch.distributed.checkpoint as dcp
+    from _fsdp2_worker import ckpt_run, optimizer, steps_batches
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    m = mlp()
+    opt = optimizer(m, CKPT)
+    model_sd, optim_sd = get_state_dict(m, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(jobs[-1]))
+    set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    closure = Slices(m, "mlp", 0, 1)
+    closure.i = steps_batches(opt) * CKPT_STEPS
+    losses = ckpt_run(opt, closure, CKPT_STEPS)
+    a, la, rho_a = two_ranks[0]["save"]
+    got = torch.cat([p.detach().flatten() for p in m.parameters()])
+    assert (got - a).norm() <= 1e-11 * a.norm()
+    assert max(abs(x - y) for x, y in zip(losses, la)) <= 1e-12
+    assert opt.param_groups[0]["rho_k"] == rho_a
