@@ -5,6 +5,7 @@ checkpoints by parameter (shape-checked, nothing but optimizer state written), m
 import copy
 import math
 
+import ofmu
 import pytest
 import torch
 from _reference import PaperOFMU as OFMU  # the paper-form defaults these tests assume
@@ -170,3 +171,66 @@ def test_last_stats_has_the_same_keys_whatever_the_configuration():
         assert set(st) == keys
     assert math.isnan(st["inner_cosine"]) and math.isnan(st["cosine"])  # the last config
     assert st["retain_grad_norm"] > 0
+
+
+def test_sign_inner_preconditioner_is_stateless_adam():
+    """inner_preconditioner='sign' equals one step of torch.optim.Adam(betas=(0, 0), maximize)
+    on u (= g_f with beta = 0), weight decay as Adam's L2 term, whatever the step count."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, dtype=torch.float64, generator=g)
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64, generator=g))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = OFMU([p], lr=0.05, inner_steps=1, beta=0.0, rho=0.0, weight_decay=0.1,
+               preconditioner="adam", inner_preconditioner="sign", adam_eps=1e-3)
+    ref = torch.optim.Adam([q], lr=0.05, betas=(0.0, 0.0), eps=1e-3, weight_decay=0.1,
+                           maximize=True)
+    for _ in range(3):
+        opt.inner_step(lambda: ((a * p).sum() + 0.5 * (p * p).sum(), (p - 1).pow(2).sum()))
+        ref.zero_grad()
+        ((a * q).sum() + 0.5 * (q * q).sum()).backward()
+        ref.step()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-15)
+    assert set(opt.state[p]) == {"outer_exp_avg", "outer_exp_avg_sq", "outer_step"}
+
+
+def test_adam_state_bytes_per_parameter():
+    """Optimizer-side storage per fp32 parameter: g_f, g_r and the moments of each Adam loop;
+    the direction is formed in place (no extra buffer)."""
+    def bytes_per_param(**kw):
+        m = torch.nn.Linear(64, 64)
+        opt = ofmu.OFMU(m.parameters(), lr=1e-3, **kw)  # the defaults: Adam, rho = 0
+        x = torch.randn(8, 64)
+        opt.step(lambda: (m(x).pow(2).mean(), (m(x) - 1).pow(2).mean()))
+        buf = opt._parts[0].buf
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for slot in buf._slots if slot.value != "param" for t in [buf.flat(slot)]}
+        return sum(storages.values()) / buf.numel
+    assert bytes_per_param() == 24  # 2 gradients + 2 loops x (m, v)
+    assert bytes_per_param(inner_preconditioner="sign") == 16
+    assert bytes_per_param(preconditioner="sgd") == 8
+
+
+def test_closure_told_to_skip_the_unused_forget_forward():
+    """Without the penalty the outer step does not use the forget loss: a closure that accepts
+    ``need_forget`` is called with False and may return None for it; the step is unchanged."""
+    torch.manual_seed(0)
+    m1 = torch.nn.Linear(4, 3)
+    m2 = copy.deepcopy(m1)
+    x, calls = torch.randn(5, 4), []
+
+    def plain():
+        return m1(x).pow(2).mean(), (m1(x) - 1).pow(2).mean()
+
+    def lazy(need_forget=True):
+        calls.append(need_forget)
+        return (m2(x).pow(2).mean() if need_forget else None), (m2(x) - 1).pow(2).mean()
+
+    kw = dict(lr=1e-2, inner_steps=1, outer_steps=3, rho=0.0, preconditioner="adam")
+    o1, o2 = OFMU(m1.parameters(), **kw), OFMU(m2.parameters(), **kw)
+    for _ in range(2):
+        o1.step(plain)
+        o2.step(lazy)
+    assert calls == [True, False, False, False] * 2
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    with pytest.raises(TypeError, match="forget_loss returned by the closure must be a Tensor"):
+        o2.inner_step(lambda need_forget=True: (None, (m2(x) - 1).pow(2).mean()))

@@ -41,13 +41,18 @@ def average_(flats: list[Tensor], group) -> None:
         flat.mul_(inv)
 
 
-def mean_losses(loss_f: Tensor, loss_r: Tensor, group) -> tuple[Tensor, Tensor]:
+def mean_losses(loss_f: Tensor | None, loss_r: Tensor, group) -> tuple[Tensor | None, Tensor]:
     """The two (detached) losses averaged over ``group``: one all-reduce of two scalars
-    (identity for ``group=None``)."""
+    (identity for ``group=None``; a ``None`` forget loss, not computed, stays ``None``)."""
     if group is None:
         return loss_f, loss_r
     import torch
     import torch.distributed as dist
+
+    if loss_f is None:
+        r = loss_r.clone()
+        dist.all_reduce(r, group=group)
+        return None, r.mul_(1.0 / dist.get_world_size(group))
 
     packed = torch.stack([loss_f, loss_r.to(loss_f.dtype)])
     dist.all_reduce(packed, group=group)

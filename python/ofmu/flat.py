@@ -45,7 +45,6 @@ class Slot(str, Enum):
     PHI_GRAD = "v"  # v = grad Phi at the outer evaluation
     PROBE = "probe"  # u at theta + delta v (outer_hvp="fd")
     RETAIN_SAVED = "retain_saved"  # g_r(theta) kept while fd probes overwrite GRAD_R
-    DIRECTION = "direction"  # a materialised direction (torch's fused Adam reads one buffer)
     INNER_EXP_AVG = "inner_exp_avg"  # Adam moments, one pair per loop
     INNER_EXP_AVG_SQ = "inner_exp_avg_sq"
     OUTER_EXP_AVG = "outer_exp_avg"

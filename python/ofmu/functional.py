@@ -40,6 +40,7 @@ from .sharded import all_reduce_stats, copy_out
 
 __all__ = [
     "Part", "Hyper", "StepConfig", "StepState", "inner_step", "outer_step", "adam_apply",
+    "sign_apply",
     "acc_dtype", "reduce3", "combine", "update", "similarity_scalars", "seed_coeffs",
     "direction_coeffs", "direction_sqnorm", "clip_scale", "update_coeffs",
 ]
@@ -86,6 +87,12 @@ class StepConfig:
     preconditioner: str
     forget_loss_cap: float | None
     hypers: list[Hyper]  # per param group
+    inner_preconditioner: str | None = None  # None: the same as ``preconditioner``
+
+    def preconditioner_of(self, loop: str) -> str:
+        if loop == "inner" and self.inner_preconditioner is not None:
+            return self.inner_preconditioner
+        return self.preconditioner
 
 
 @dataclass
@@ -228,28 +235,46 @@ def finite_inputs(parts: list[Part], cfg: StepConfig, losses: tuple[Tensor, ...]
 def apply(parts: list[Part], cfg: StepConfig, state: StepState, loop: str, x: Slot,
           y: Slot | None, coefs: list[Tensor], sqnorms: dict[int, Tensor], go: Tensor) -> None:
     """Apply ``coef[0]*x + coef[1]*y`` (clipped per group; skipped unless ``go``): ascent for the
-    inner loop, descent for the outer one, plain or through Adam."""
+    inner loop, descent for the outer one, as written (``"sgd"``), through Adam, or through
+    stateless Adam (``"sign"``). Adam's direction is formed in place in ``x`` (the gradient it
+    started from is no longer needed), so no buffer is added for it."""
+    kind = cfg.preconditioner_of(loop)
     for i, part in enumerate(parts):
         hp, buf = cfg.hypers[part.group], part.buf
         scale = (C.clip_scale(sqnorms[part.group], hp.max_grad_norm)
                  if hp.max_grad_norm is not None else None)
         lr = hp.inner_lr if loop == "inner" else hp.lr
-        if cfg.preconditioner == "sgd":
+        if kind == "sgd":
             c = C.update_coeffs(lr if loop == "inner" else -lr, hp.weight_decay, coefs[i], scale, go)
             part.backend.update(buf.param, buf.flat(x), buf.flat(y), _on(c, buf))
             continue
         direction = buf.flat(x)
-        if y is not None:  # torch's fused Adam reads one gradient buffer
-            direction = buf.flat(Slot.DIRECTION)
-            part.backend.combine(buf.flat(x), buf.flat(y),
+        if y is not None:  # the Adam paths read one gradient buffer: combine in place
+            part.backend.combine(direction, buf.flat(y),
                                  _on(C.pack_combine(coefs[i][0], coefs[i][1]), buf), direction)
+        kw = dict(lr=lr, eps=hp.adam_eps, weight_decay=hp.weight_decay, ascend=loop == "inner",
+                  scale=None if scale is None else _on(scale, buf).float(), ok=go.to(buf.device))
+        if kind == "sign":
+            sign_apply(buf.param, direction, **kw)
+            continue
         m, v = (buf.flat(s) for s in MOMENTS[loop])
-        adam_apply(buf.param, direction, m, v, state.adam_steps[(i, loop)], lr=lr,
-                   betas=hp.betas, eps=hp.adam_eps, weight_decay=hp.weight_decay,
-                   ascend=loop == "inner",
-                   scale=None if scale is None else _on(scale, buf).float(),
-                   ok=go.to(buf.device))
+        adam_apply(buf.param, direction, m, v, state.adam_steps[(i, loop)], betas=hp.betas, **kw)
     copy_out(parts)  # FSDP2: the updated flat copies back into the local shards
+
+
+def sign_apply(theta: Tensor, direction: Tensor, *, lr: float, eps: float, weight_decay: float,
+               ascend: bool, scale: Tensor | None, ok: Tensor) -> None:
+    """Stateless Adam (betas = (0, 0): m = g, v = g^2, no bias correction): with
+    ``g = -+direction*scale + weight_decay*theta`` (Adam's L2 term; minus for the ascent),
+    ``theta -= lr * g / (|g| + eps)``, left untouched unless ``ok``. No moment buffers."""
+    acc = acc_dtype(theta.dtype)
+    t = theta.to(acc)
+    g = direction.to(acc) * (-1.0 if ascend else 1.0)
+    if scale is not None:
+        g = g * scale.to(acc)
+    if weight_decay:
+        g = g + weight_decay * t
+    theta.copy_(torch.where(ok, t - lr * g / (g.abs() + eps), t))
 
 
 def adam_apply(theta: Tensor, direction: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,

@@ -13,6 +13,7 @@ after the optimizer was built) instead of leaving the step a silent no-op.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable
@@ -37,25 +38,40 @@ class Evaluation:
     gr: list[Tensor | None] | None = None
 
 
-def call_closure(closure: Callable, same_batch: bool = False) -> tuple[Tensor, Tensor]:
-    """``closure()`` checked: two scalar losses that require grad."""
-    out = closure(same_batch=True) if same_batch else closure()
+def call_closure(closure: Callable, same_batch: bool = False,
+                 need_forget: bool = True) -> tuple[Tensor | None, Tensor]:
+    """``closure()`` checked: two scalar losses that require grad. A closure that accepts the
+    keywords is told ``same_batch=True`` (reuse the last minibatches) and ``need_forget=False``
+    (the forget loss is not used: it may return ``(None, retain_loss)`` and skip that forward)."""
+    kwargs = {}
+    if same_batch:
+        kwargs["same_batch"] = True
+    skip_forget = not need_forget and "need_forget" in inspect.signature(closure).parameters
+    if skip_forget:
+        kwargs["need_forget"] = False
+    out = closure(**kwargs)
+    if skip_forget and isinstance(out, (tuple, list)) and len(out) == 2 and out[0] is None:
+        return None, _checked_loss("retain_loss", out[1]).reshape(())
     if isinstance(out, Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
         got = "a single Tensor" if isinstance(out, Tensor) else repr(type(out).__name__)
         if isinstance(out, (tuple, list)):
             got = f"a sequence of {len(out)} values"
         raise TypeError(f"the closure must return (forget_loss, retain_loss); got {got}")
-    for name, loss in zip(("forget_loss", "retain_loss"), out):
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"{name} returned by the closure must be a Tensor, got "
-                            f"{type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(f"{name} returned by the closure must be a scalar, got shape "
-                             f"{tuple(loss.shape)} (reduce it, e.g. with .mean())")
-        if not loss.requires_grad:
-            raise ValueError(f"{name} returned by the closure does not require grad (was "
-                             "it computed under torch.no_grad() or from detached outputs?)")
-    return out[0].reshape(()), out[1].reshape(())
+    return (_checked_loss("forget_loss", out[0]).reshape(()),
+            _checked_loss("retain_loss", out[1]).reshape(()))
+
+
+def _checked_loss(name: str, loss) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} returned by the closure must be a Tensor, got "
+                        f"{type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} returned by the closure must be a scalar, got shape "
+                         f"{tuple(loss.shape)} (reduce it, e.g. with .mean())")
+    if not loss.requires_grad:
+        raise ValueError(f"{name} returned by the closure does not require grad (was "
+                         "it computed under torch.no_grad() or from detached outputs?)")
+    return loss
 
 
 class NoDoubleBackwardError(RuntimeError):
@@ -114,7 +130,7 @@ class Autodiff:
             raise _sharded_mode_error(why, self.buffers[0].names[0])
         self._watch()
         with torch.enable_grad():
-            loss_f, loss_r = call_closure(closure, same_batch)
+            loss_f, loss_r = call_closure(closure, same_batch, need_forget=forget)
             ev = Evaluation(loss_f, loss_r)
             if graph_f or graph_r:
                 with _naming_double_backward(why):
@@ -124,8 +140,8 @@ class Autodiff:
         if forget:
             self.average(Slot.GRAD_F)
         self.average(Slot.GRAD_R)
-        ev.loss_f, ev.loss_r = mean_losses(ev.loss_f.detach(), ev.loss_r.detach(),
-                                           self.loss_group)
+        ev.loss_f, ev.loss_r = mean_losses(None if ev.loss_f is None else ev.loss_f.detach(),
+                                           ev.loss_r.detach(), self.loss_group)
         # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
         # once one backward pass went through, the per-parameter check hooks can go.
         for h in self.hooks:

@@ -11,10 +11,10 @@ import threading
 from . import backends
 from .modes import OUTER_HVP, SIMILARITY
 
-PRECONDITIONERS = ("sgd", "adam")
+PRECONDITIONERS = ("sgd", "adam", "sign")
 # Settings of the whole optimizer: they decide which backward passes run.
 GLOBAL_KEYS = ("similarity", "outer_hvp", "inner_steps", "outer_steps", "preconditioner", "eps",
-               "fd_delta", "backend", "process_group", "forget_loss_cap")
+               "fd_delta", "backend", "process_group", "forget_loss_cap", "inner_preconditioner")
 # Numeric hyperparameters any param group may override.
 GROUP_KEYS = ("lr", "inner_lr", "beta", "rho", "rho_growth", "rho_max", "weight_decay",
               "max_grad_norm", "betas", "adam_eps")
@@ -39,13 +39,15 @@ def _check_count(name: str, value, minimum: int) -> None:
 
 
 def validate_options(similarity, outer_hvp, inner_steps, outer_steps, preconditioner, eps,
-                     fd_delta, backend, forget_loss_cap) -> None:
+                     fd_delta, backend, forget_loss_cap, inner_preconditioner=None) -> None:
     """The per-optimizer settings (see :data:`GLOBAL_KEYS`)."""
     _check_choice("similarity mode", similarity, SIMILARITY)
     _check_choice("outer_hvp mode", outer_hvp, OUTER_HVP)
     _check_count("inner_steps", inner_steps, 0)
     _check_count("outer_steps", outer_steps, 1)
     _check_choice("preconditioner", preconditioner, PRECONDITIONERS)
+    if inner_preconditioner is not None:
+        _check_choice("inner_preconditioner", inner_preconditioner, PRECONDITIONERS)
     check_number("eps", eps, positive=True)
     check_number("fd_delta", fd_delta, positive=True)
     _check_choice("backend", backend, ("auto",) + backends.NAMES)
