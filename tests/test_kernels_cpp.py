@@ -24,12 +24,12 @@ def restore_threads():
 
 
 # ---------------------------------------------------------------------------------------------
-# bf16/fp16 fast path (AVX2 + F16C, chosen at run time) against the portable loops
+# The fast path (AVX2 + F16C, chosen at run time) against the portable loops, every dtype
 # ---------------------------------------------------------------------------------------------
 
-# Sizes around the vector width (8), the reduction block (1024) and the fp16 reduction's groups
-# of 8 blocks, plus a multi-threaded one.
-FAST_SIZES = [1, 7, 8, 9, 17, 1023, 1025, 8 * 1024, 8 * 1024 + 3, 9 * 1024 + 5, 2**17 + 8 * 1024 + 1]
+# Sizes around the vector width (8), the reduction lanes (16), the reduction block (1024) and
+# the fp16 reduction's groups of 8 blocks, plus a multi-threaded one.
+FAST_SIZES = [1, 7, 8, 9, 15, 16, 17, 1023, 1025, 8 * 1024, 8 * 1024 + 3, 9 * 1024 + 5, 2**17 + 8 * 1024 + 1]
 
 
 def _has_fast_path() -> bool:
@@ -64,9 +64,11 @@ def nasty(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     t[sub] = (fi.tiny * torch.rand(int(sub.sum()), generator=g, dtype=torch.float64)).to(dtype)
     t[(m >= 0.05) & (m < 0.06)] = -0.0
     t[(m >= 0.06) & (m < 0.07)] = fi.max * 0.75
-    b = t.view(torch.int16)
-    b[(m >= 0.07) & (m < 0.08)] = 0x7C01 if dtype == torch.float16 else 0x7F81  # signalling
-    b[(m >= 0.08) & (m < 0.09)] = -1  # 0xFFFF: negative NaN, full payload
+    b = bits(t)
+    signalling = {torch.float16: 0x7C01, torch.bfloat16: 0x7F81, torch.float32: 0x7F800001,
+                  torch.float64: 0x7FF0000000000001}[dtype]
+    b[(m >= 0.07) & (m < 0.08)] = signalling
+    b[(m >= 0.08) & (m < 0.09)] = -1  # all ones: negative NaN, full payload
     return t
 
 
@@ -109,7 +111,8 @@ FAST_COEFFS = {
 
 
 @needs_fast
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64],
+                         ids=str)
 @pytest.mark.parametrize("n", FAST_SIZES)
 def test_fast_path_matches_portable(n, dtype, portable_and_fast, restore_threads):
     torch.set_num_threads(1)
@@ -124,7 +127,7 @@ def test_fast_path_matches_portable(n, dtype, portable_and_fast, restore_threads
     s, f = portable_and_fast(lambda: ops.reduce3(xf, yf))
     assert_bitwise_equal(s, f)
     for _name, cl in FAST_COEFFS.items():
-        c = torch.tensor(cl)
+        c = torch.tensor(cl, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
         def run():
             outs = []

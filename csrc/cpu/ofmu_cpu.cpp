@@ -2,20 +2,24 @@
 //
 // NOTE: [Deterministic CPU reduction]
 // reduce3 splits the buffer into fixed blocks of kBlock elements, independent of the thread
-// count. Inside a block, an `omp simd` reduction keeps one accumulator per vector lane (so the
-// loop vectorises without -ffast-math; the lane count is fixed at compile time); the per-block
-// partials are then summed in block order, in double (3 doubles per kBlock elements: 0.6% of an
-// fp32 buffer). Threads only decide *who* computes a block, never how the sums are grouped, so
-// results are bitwise identical across runs and across torch.set_num_threads().
+// count. Inside a block, fp32/fp64/bf16 are summed in a fixed number of explicit lanes (NOTE:
+// [Reduction lanes]; the grouping does not depend on the instruction set), fp16 sequentially;
+// the per-block partials are then summed in block order, in double (3 doubles per kBlock
+// elements: 0.6% of an fp32 buffer). Threads only decide *who* computes a block, never how the
+// sums are grouped, so results are bitwise identical across runs, across
+// torch.set_num_threads() and between the portable and the AVX2 code.
 //
-// `#pragma omp` cannot sit inside an AT_DISPATCH lambda, hence the templated functions.
+// With one thread (torch.set_num_threads(1)) no OpenMP parallel region is opened at all
+// (parallel_ranges); `#pragma omp` cannot sit inside an AT_DISPATCH lambda, hence the templated
+// functions.
 //
 // NOTE: [16-bit fast path]
 // The loops below are compiled for baseline x86-64 (SSE2) so that the extension runs on any
-// x86-64 CPU. For fp16 that means c10's software half<->float conversion (no F16C), and for
-// bf16 4-lane SSE2 arithmetic. bf16/fp16 buffers therefore get a second implementation in
-// namespace `avx2` (AVX2 + F16C intrinsics in functions marked `target("avx2,f16c")`, not a
-// global -mavx2), chosen at run time by `fast16()` — the one place of the dispatch. It computes
+// x86-64 CPU. For fp16 that means c10's software half<->float conversion (no F16C), for bf16 and
+// fp32 4-lane SSE2 arithmetic. Every dtype therefore gets a second implementation in namespace
+// `avx2` (functions marked `target("avx2,f16c")`, not a global -mavx2: AVX2 + F16C intrinsics
+// for bf16/fp16 and for reduce3, the portable elementwise loops recompiled for AVX2 for
+// fp32/fp64), chosen at run time by `fast<T>()` — the one place of the dispatch. It computes
 // exactly what the portable loops compute, bit for bit:
 //   * the same IEEE operations in the same order per element (no FMA: `fma` is deliberately not
 //     in the target list, so the compiler cannot contract a*b + c);
@@ -23,10 +27,11 @@
 //     even of `to_buf` (NaN -> 0x7FC0); fp16 loads are F16C's exact widening (NaN payloads kept
 //     and quieted, like c10's software path), fp16 stores F16C's round-to-nearest-even with NaN
 //     mapped to sign|0x7E00 as c10 does (F16C would keep part of the payload);
-//   * reduce3 with the grouping that the compiler gave the portable `block_sums` (see
-//     avx2::block_sums below).
-// fp32/fp64 buffers never take it. OFMU_CPU_PORTABLE=1 in the environment, or
-// torch.ops.ofmu._cpu_fast_path(False), forces the portable loops (tests compare the two).
+//   * reduce3 with the portable code's grouping (explicit lanes for fp32/fp64/bf16, see
+//     avx2::block_sums; one sequential sum per block for fp16, see avx2::block_sums8), plus a
+//     software prefetch (NOTE: [Prefetch]).
+// OFMU_CPU_PORTABLE=1 in the environment, or torch.ops.ofmu._cpu_fast_path(False), forces the
+// portable loops (tests compare the two, every dtype).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,10 +39,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -71,19 +79,95 @@ inline c10::BFloat16 to_buf<c10::BFloat16>(float v) {
 
 constexpr int64_t kBlock = 1024;             // elements per reduction partial (fixed)
 constexpr int64_t kParallelMin = 1 << 16;    // below this, one thread beats the fork/join
+constexpr int64_t kChunk = 1 << 14;          // elementwise work per task (a multiple of 16)
+constexpr int64_t kBlocksPerTask = 16;       // reduce3 blocks per task
 
-// Sums of one block: out = [<x,y>, <x,x>, <y,y>]. The simd reduction keeps one partial sum per
-// vector lane; how many lanes is fixed when the extension is compiled, never at run time.
+// NOTE: [Prefetch]
+// One core streaming from memory is limited by how many cache-line misses it keeps in flight;
+// the hardware prefetchers stop at 4 KB page boundaries, where reduce3's 1024-element blocks
+// (4 KB of fp32) also end. A software prefetch of every line kPrefetchBytes ahead keeps the
+// misses flowing across pages: reduce3 (fp32) went from 11.4 to 14-15 GB/s at 2^24-2^26
+// elements on an Intel Xeon (1 thread; torch.compile's reduction: 12.1-12.7 GB/s); 256 B to 4 KB
+// ahead all helped, 2 KB was best for fp32 and bf16. A prefetch changes no result. (Tried and
+// dropped: the same prefetch in update, within noise; visiting reduce3's blocks last-first so
+// that update starts on data still in cache: ~10% slower reduce3, since the hardware
+// prefetchers do not follow a descending sequence of pages.)
+constexpr int64_t kPrefetchBytes = 2048;
+
+#define OFMU_INLINE inline __attribute__((always_inline))
+
+// Runs f(lo, hi) over [0, n) in pieces of `chunk` across the OpenMP threads; with one thread
+// (or a small n) one call covers everything and no parallel region is opened at all.
+template <typename F>
+void parallel_ranges(int64_t n, int64_t chunk, int64_t work, const F& f) {
+  const int64_t nc = (n + chunk - 1) / chunk;
+  if (nc <= 1 || work < kParallelMin || omp_get_max_threads() == 1) {
+    if (n > 0) f(0, n);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nc; ++c) f(c * chunk, std::min(n, (c + 1) * chunk));
+}
+
+// NOTE: [Reduction lanes]
+// fp32, fp64 and bf16 blocks are summed in kLanes explicit lanes: lane l accumulates the
+// elements i = l (mod kLanes) of the block in order, and the lanes are then added in order
+// l = 0, 1, ... . The grouping is written out, not left to the vectoriser, so the portable loops
+// (any CPU) and the AVX2 kernels (avx2::block_sums: 16 fp32 lanes are 2 registers per sum, so
+// two independent add chains per statistic keep the loop well ahead of memory) give the same
+// bits. The AVX2 code runs the last n % kLanes elements through a zero-padded copy: adding +0
+// to a lane changes nothing (a lane starts at +0 and cannot become -0).
+template <typename A>
+constexpr int kLanes = std::is_same_v<A, double> ? 8 : 16;
+
 template <typename T, bool HAS_Y>
-inline void block_sums(const T* x, const T* y, int64_t n, double* out) {
+OFMU_INLINE void block_sums_lanes(const T* x, const T* y, int64_t n, double* out) {
   using A = acc_t<T>;
-  A sxy = 0, sxx = 0, syy = 0;
+  constexpr int L = kLanes<A>;
+  A sxy[L] = {}, sxx[L] = {}, syy[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) {
+      const A a = static_cast<A>(x[i + l]);
+      sxx[l] += a * a;
+      if constexpr (HAS_Y) {
+        const A b = static_cast<A>(y[i + l]);
+        sxy[l] += a * b;
+        syy[l] += b * b;
+      }
+    }
+  }
+  for (int l = 0; i + l < n; ++l) {
+    const A a = static_cast<A>(x[i + l]);
+    sxx[l] += a * a;
+    if constexpr (HAS_Y) {
+      const A b = static_cast<A>(y[i + l]);
+      sxy[l] += a * b;
+      syy[l] += b * b;
+    }
+  }
+  A rxy = sxy[0], rxx = sxx[0], ryy = syy[0];
+  for (int l = 1; l < L; ++l) {
+    rxy += sxy[l];
+    rxx += sxx[l];
+    ryy += syy[l];
+  }
+  out[0] = static_cast<double>(rxy);
+  out[1] = static_cast<double>(rxx);
+  out[2] = static_cast<double>(ryy);
+}
+
+// fp16 blocks: one sequential sum per block (c10's branchy software conversion keeps the
+// compiler from vectorising this loop; avx2::block_sums8 reproduces it bit for bit).
+template <bool HAS_Y>
+inline void block_sums_seq(const c10::Half* x, const c10::Half* y, int64_t n, double* out) {
+  float sxy = 0, sxx = 0, syy = 0;
 #pragma omp simd reduction(+ : sxy, sxx, syy)
   for (int64_t i = 0; i < n; ++i) {
-    const A a = static_cast<A>(x[i]);
+    const float a = static_cast<float>(x[i]);
     sxx += a * a;
     if constexpr (HAS_Y) {
-      const A b = static_cast<A>(y[i]);
+      const float b = static_cast<float>(y[i]);
       sxy += a * b;
       syy += b * b;
     }
@@ -93,16 +177,32 @@ inline void block_sums(const T* x, const T* y, int64_t n, double* out) {
   out[2] = static_cast<double>(syy);
 }
 
-// out_a = c0*x + c1*y, out_b = c2*x + c3*y. Loads precede stores per element, so out_a/out_b may
-// alias x or y (the whole buffer, as the contract allows). With y absent the reference multiplies
-// c1 and c3 by zeros; z1/z3 keep that exactly (a non-finite c1 still poisons out_a).
+// Partials of blocks [b_lo, b_hi) (3 doubles each, see NOTE: [Deterministic CPU reduction]).
+template <typename T, bool HAS_Y>
+OFMU_INLINE void partials_range(const T* x, const T* y, int64_t n, int64_t b_lo, int64_t b_hi,
+                                double* p) {
+  for (int64_t b = b_lo; b < b_hi; ++b) {
+    const int64_t lo = b * kBlock;
+    const int64_t len = std::min(kBlock, n - lo);
+    if constexpr (std::is_same_v<T, c10::Half>)
+      block_sums_seq<HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, len, p + 3 * b);
+    else
+      block_sums_lanes<T, HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, len, p + 3 * b);
+  }
+}
+
+// out_a = c0*x + c1*y, out_b = c2*x + c3*y on [lo, hi). Loads precede stores per element, so
+// out_a/out_b may be x or y (the whole buffer, as the contract allows). With y absent the
+// reference multiplies c1 and c3 by zeros; z1/z3 keep that exactly (a non-finite c1 still
+// poisons out_a).
 template <typename T, bool HAS_Y, bool HAS_B>
-void combine_kernel(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_b, int64_t n) {
+OFMU_INLINE void combine_range_portable(const T* x, const T* y, const acc_t<T>* c, T* out_a,
+                                        T* out_b, int64_t lo, int64_t hi) {
   using A = acc_t<T>;
   const A c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
   const A z1 = c1 * A(0), z3 = c3 * A(0);
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
     const A a = static_cast<A>(x[i]);
     const A b = HAS_Y ? static_cast<A>(y[i]) : A(0);
     const A ra = c0 * a + (HAS_Y ? c1 * b : z1);
@@ -113,13 +213,14 @@ void combine_kernel(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_
   }
 }
 
-// theta = (c0*theta + c1*x) + c2*y, computed in the accumulation dtype and rounded once.
+// theta = (c0*theta + c1*x) + c2*y on [lo, hi), in the accumulation dtype, rounded once.
 template <typename T, bool HAS_Y>
-void update_kernel(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t n) {
+OFMU_INLINE void update_range_portable(T* theta, const T* x, const T* y, const acc_t<T>* c,
+                                       int64_t lo, int64_t hi) {
   using A = acc_t<T>;
   const A c0 = c[0], c1 = c[1], c2 = c[2];
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
     A r = c0 * static_cast<A>(theta[i]) + c1 * static_cast<A>(x[i]);
     if constexpr (HAS_Y) r = r + c2 * static_cast<A>(y[i]);
     theta[i] = to_buf<T>(r);
@@ -133,7 +234,7 @@ void update_kernel(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t 
 template <typename T>
 constexpr bool is16 = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
-// Whether bf16/fp16 buffers take the avx2 kernels: the CPU has AVX2 and F16C, and neither
+// Whether buffers take the avx2 kernels: the CPU has AVX2 and F16C, and neither
 // OFMU_CPU_PORTABLE nor _cpu_fast_path(False) asked for the portable loops. Decided once at
 // load time; the atomic only serves the test switch.
 bool fast16_supported() {
@@ -155,23 +256,12 @@ std::atomic<bool>& fast16_flag() {
 }
 
 template <typename T>
-inline bool fast16() {
-  if constexpr (is16<T>) {
+inline bool fast() {
 #ifdef OFMU_HAS_AVX2_PATH
-    return fast16_flag().load(std::memory_order_relaxed);
-#endif
-  }
+  return fast16_flag().load(std::memory_order_relaxed);
+#else
   return false;
-}
-
-// Runs f(lo, hi) over [0, n) in chunks, across threads like the portable loops (elementwise
-// ops: how the range is cut does not change any result).
-template <typename F>
-void for_chunks(int64_t n, const F& f) {
-  constexpr int64_t kChunk = 1 << 14;  // a multiple of 8 (one AVX2 vector of floats)
-  const int64_t nc = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t c = 0; c < nc; ++c) f(c * kChunk, std::min(n, (c + 1) * kChunk));
+#endif
 }
 
 #ifdef OFMU_HAS_AVX2_PATH
@@ -270,46 +360,123 @@ OFMU_AVX2 void update_range(T* theta, const T* x, const T* y, const float* c, in
   });
 }
 
-// reduce3, bf16: the compiler vectorised the portable block_sums<BFloat16> with 8 lanes per sum
-// (two SSE2 registers): lane l accumulates elements i = l (mod 8) of the first len & ~7, the
-// remaining len % 8 go into lane 0 one by one, and the lanes are summed 0 + l0 + l1 + ... + l7.
-// One AVX2 register holds those 8 lanes, so the same grouping is reproduced here exactly.
+// fp32/fp64/bf16 partials (the lanes of NOTE: [Reduction lanes] in AVX2 registers) and fp32/fp64
+// elementwise ops (the portable loops, always_inline, compiled here for AVX2). Same operations
+// in the same order, no FMA: the same bits as the portable code, only wider registers.
+OFMU_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// block_sums_lanes for fp32/bf16 (16 fp32 lanes = 2 registers per statistic) and fp64 (8 lanes
+// = 2 registers of 4 doubles), see NOTE: [Reduction lanes].
+template <typename T, bool HAS_Y>
+OFMU_AVX2 inline void block_sums(const T* x, const T* y, int64_t n, double* out) {
+  __m256 xy0 = _mm256_setzero_ps(), xy1 = xy0, xx0 = xy0, xx1 = xy0, yy0 = xy0, yy1 = xy0;
+  auto step = [&](const T* xp, const T* yp) OFMU_AVX2 {
+    const __m256 a0 = load8(xp), a1 = load8(xp + 8);
+    xx0 = _mm256_add_ps(xx0, _mm256_mul_ps(a0, a0));
+    xx1 = _mm256_add_ps(xx1, _mm256_mul_ps(a1, a1));
+    if constexpr (HAS_Y) {
+      const __m256 b0 = load8(yp), b1 = load8(yp + 8);
+      xy0 = _mm256_add_ps(xy0, _mm256_mul_ps(a0, b0));
+      xy1 = _mm256_add_ps(xy1, _mm256_mul_ps(a1, b1));
+      yy0 = _mm256_add_ps(yy0, _mm256_mul_ps(b0, b0));
+      yy1 = _mm256_add_ps(yy1, _mm256_mul_ps(b1, b1));
+    }
+  };
+  // Software prefetch kPrefetchBytes ahead (NOTE: [Prefetch]); past the buffer's end it is a
+  // hint to a line that may not be mapped, which prefetch instructions tolerate.
+  constexpr int64_t pf = kPrefetchBytes / sizeof(T);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(x + i + pf), _MM_HINT_T0);
+    if constexpr (HAS_Y) _mm_prefetch(reinterpret_cast<const char*>(y + i + pf), _MM_HINT_T0);
+    step(x + i, HAS_Y ? y + i : nullptr);
+  }
+  if (i < n) {
+    T px[16], py[16];
+    std::memset(static_cast<void*>(px), 0, sizeof(px));
+    std::memset(static_cast<void*>(py), 0, sizeof(py));
+    std::memcpy(static_cast<void*>(px), x + i, (n - i) * sizeof(T));
+    if constexpr (HAS_Y) std::memcpy(static_cast<void*>(py), y + i, (n - i) * sizeof(T));
+    step(px, py);
+  }
+  alignas(32) float l[3][16];
+  _mm256_store_ps(l[0], xy0);
+  _mm256_store_ps(l[0] + 8, xy1);
+  _mm256_store_ps(l[1], xx0);
+  _mm256_store_ps(l[1] + 8, xx1);
+  _mm256_store_ps(l[2], yy0);
+  _mm256_store_ps(l[2] + 8, yy1);
+  for (int k = 0; k < 3; ++k) {
+    float r = l[k][0];
+    for (int j = 1; j < 16; ++j) r += l[k][j];
+    out[k] = static_cast<double>(r);
+  }
+}
+
 template <bool HAS_Y>
-OFMU_AVX2 void block_sums(const c10::BFloat16* x, const c10::BFloat16* y, int64_t n,
-                          double* out) {
-  __m256 vxy = _mm256_setzero_ps(), vxx = _mm256_setzero_ps(), vyy = _mm256_setzero_ps();
-  const int64_t m = n & ~int64_t(7);
-  for (int64_t i = 0; i < m; i += 8) {
-    const __m256 a = load8(x + i);
-    vxx = _mm256_add_ps(vxx, _mm256_mul_ps(a, a));
+OFMU_AVX2 inline void block_sums(const double* x, const double* y, int64_t n, double* out) {
+  __m256d xy0 = _mm256_setzero_pd(), xy1 = xy0, xx0 = xy0, xx1 = xy0, yy0 = xy0, yy1 = xy0;
+  auto step = [&](const double* xp, const double* yp) OFMU_AVX2 {
+    const __m256d a0 = _mm256_loadu_pd(xp), a1 = _mm256_loadu_pd(xp + 4);
+    xx0 = _mm256_add_pd(xx0, _mm256_mul_pd(a0, a0));
+    xx1 = _mm256_add_pd(xx1, _mm256_mul_pd(a1, a1));
     if constexpr (HAS_Y) {
-      const __m256 b = load8(y + i);
-      vxy = _mm256_add_ps(vxy, _mm256_mul_ps(a, b));
-      vyy = _mm256_add_ps(vyy, _mm256_mul_ps(b, b));
+      const __m256d b0 = _mm256_loadu_pd(yp), b1 = _mm256_loadu_pd(yp + 4);
+      xy0 = _mm256_add_pd(xy0, _mm256_mul_pd(a0, b0));
+      xy1 = _mm256_add_pd(xy1, _mm256_mul_pd(a1, b1));
+      yy0 = _mm256_add_pd(yy0, _mm256_mul_pd(b0, b0));
+      yy1 = _mm256_add_pd(yy1, _mm256_mul_pd(b1, b1));
     }
+  };
+  constexpr int64_t pf = kPrefetchBytes / sizeof(double);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(x + i + pf), _MM_HINT_T0);
+    if constexpr (HAS_Y) _mm_prefetch(reinterpret_cast<const char*>(y + i + pf), _MM_HINT_T0);
+    step(x + i, HAS_Y ? y + i : nullptr);
   }
-  alignas(32) float lxy[8], lxx[8], lyy[8];
-  _mm256_store_ps(lxy, vxy);
-  _mm256_store_ps(lxx, vxx);
-  _mm256_store_ps(lyy, vyy);
-  for (int64_t i = m; i < n; ++i) {
-    const float a = static_cast<float>(x[i]);
-    lxx[0] += a * a;
-    if constexpr (HAS_Y) {
-      const float b = static_cast<float>(y[i]);
-      lxy[0] += a * b;
-      lyy[0] += b * b;
-    }
+  if (i < n) {
+    double px[8] = {}, py[8] = {};
+    std::memcpy(px, x + i, (n - i) * sizeof(double));
+    if constexpr (HAS_Y) std::memcpy(py, y + i, (n - i) * sizeof(double));
+    step(px, py);
   }
-  float sxy = 0.0f, sxx = 0.0f, syy = 0.0f;
-  for (int l = 0; l < 8; ++l) {
-    sxy += lxy[l];
-    sxx += lxx[l];
-    syy += lyy[l];
+  alignas(32) double l[3][8];
+  _mm256_store_pd(l[0], xy0);
+  _mm256_store_pd(l[0] + 4, xy1);
+  _mm256_store_pd(l[1], xx0);
+  _mm256_store_pd(l[1] + 4, xx1);
+  _mm256_store_pd(l[2], yy0);
+  _mm256_store_pd(l[2] + 4, yy1);
+  for (int k = 0; k < 3; ++k) {
+    double r = l[k][0];
+    for (int j = 1; j < 8; ++j) r += l[k][j];
+    out[k] = r;
   }
-  out[0] = static_cast<double>(sxy);
-  out[1] = static_cast<double>(sxx);
-  out[2] = static_cast<double>(syy);
+}
+
+template <typename T, bool HAS_Y>
+OFMU_AVX2 void partials(const T* x, const T* y, int64_t n, int64_t b_lo, int64_t b_hi,
+                        double* p) {
+  for (int64_t b = b_lo; b < b_hi; ++b) {
+    const int64_t lo = b * kBlock;
+    const int64_t len = std::min(kBlock, n - lo);
+    if constexpr (std::is_same_v<T, double>)
+      block_sums<HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, len, p + 3 * b);
+    else
+      block_sums<T, HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, len, p + 3 * b);
+  }
+}
+
+template <typename T, bool HAS_Y, bool HAS_B>
+OFMU_AVX2 void combine_wide(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_b,
+                            int64_t lo, int64_t hi) {
+  combine_range_portable<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
+}
+template <typename T, bool HAS_Y>
+OFMU_AVX2 void update_wide(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t lo,
+                           int64_t hi) {
+  update_range_portable<T, HAS_Y>(theta, x, y, c, lo, hi);
 }
 
 // reduce3, fp16: the portable block_sums<Half> is not vectorised (c10's branchy conversion), so
@@ -369,52 +536,47 @@ OFMU_AVX2 void block_sums8(const c10::Half* x, const c10::Half* y, double* out) 
 }  // namespace avx2
 #endif  // OFMU_HAS_AVX2_PATH
 
+// Portable (baseline x86-64 / any CPU) instantiations of the same range code.
+template <typename T, bool HAS_Y>
+void partials_portable(const T* x, const T* y, int64_t n, int64_t b_lo, int64_t b_hi, double* p) {
+  partials_range<T, HAS_Y>(x, y, n, b_lo, b_hi, p);
+}
+
 // The per-block partials of reduce3 (3 doubles per block, see NOTE: [Deterministic CPU
-// reduction]), through the fast path where it applies.
+// reduction]), through the fast path where it applies. Tasks are runs of whole blocks, so the
+// thread count decides only who computes a block.
 template <typename T, bool HAS_Y>
 void block_partials(const T* x, const T* y, int64_t n, double* p) {
   const int64_t nb = (n + kBlock - 1) / kBlock;
+  auto run = [&](auto&& blocks) {
+    parallel_ranges(nb, kBlocksPerTask, n, [&](int64_t lo, int64_t hi) { blocks(lo, hi); });
+  };
 #ifdef OFMU_HAS_AVX2_PATH
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    if (fast16<T>()) {
+  if (fast<T>()) {
+    if constexpr (std::is_same_v<T, c10::Half>) {
       const int64_t groups = (n / kBlock) / 8;  // groups of 8 full blocks
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t lo = g * 8 * kBlock;
-        avx2::block_sums8<HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, p + 3 * 8 * g);
-      }
-      for (int64_t b = 8 * groups; b < nb; ++b) {  // at most 8 blocks: the portable code
-        const int64_t lo = b * kBlock;
-        block_sums<T, HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, std::min(kBlock, n - lo),
-                             p + 3 * b);
-      }
-      return;
+      parallel_ranges(groups, 2, n, [&](int64_t g_lo, int64_t g_hi) {
+        for (int64_t g = g_lo; g < g_hi; ++g) {
+          const int64_t lo = g * 8 * kBlock;
+          avx2::block_sums8<HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, p + 3 * 8 * g);
+        }
+      });
+      // at most 8 blocks left: the portable code
+      partials_portable<T, HAS_Y>(x, y, n, 8 * groups, nb, p);
+    } else {
+      run([&](int64_t lo, int64_t hi) { avx2::partials<T, HAS_Y>(x, y, n, lo, hi, p); });
     }
-  }
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (fast16<T>()) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t lo = b * kBlock;
-        avx2::block_sums<HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, std::min(kBlock, n - lo),
-                                p + 3 * b);
-      }
-      return;
-    }
+    return;
   }
 #endif
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t lo = b * kBlock;
-    block_sums<T, HAS_Y>(x + lo, HAS_Y ? y + lo : nullptr, std::min(kBlock, n - lo), p + 3 * b);
-  }
+  run([&](int64_t lo, int64_t hi) { partials_portable<T, HAS_Y>(x, y, n, lo, hi, p); });
 }
 
 template <typename T, bool HAS_Y>
 void reduce3_kernel(const T* x, const T* y, int64_t n, acc_t<T>* stats) {
   const int64_t nb = (n + kBlock - 1) / kBlock;
-  std::vector<double> part(static_cast<size_t>(3 * nb));
-  double* p = part.data();
+  std::unique_ptr<double[]> part(new double[static_cast<size_t>(3 * nb)]);  // no zero-fill
+  double* p = part.get();
   block_partials<T, HAS_Y>(x, y, n, p);
   double s[3] = {0.0, 0.0, 0.0};
   for (int64_t b = 0; b < nb; ++b)  // fixed block order (see NOTE above)
@@ -422,33 +584,48 @@ void reduce3_kernel(const T* x, const T* y, int64_t n, acc_t<T>* stats) {
   for (int k = 0; k < 3; ++k) stats[k] = static_cast<acc_t<T>>(s[k]);
 }
 
-// The elementwise ops: avx2 kernels for 16-bit buffers on a capable CPU, else the portable ones.
+template <typename T, bool HAS_Y, bool HAS_B>
+void combine_portable(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_b, int64_t lo,
+                      int64_t hi) {
+  combine_range_portable<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
+}
+
+template <typename T, bool HAS_Y>
+void update_portable(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t lo,
+                     int64_t hi) {
+  update_range_portable<T, HAS_Y>(theta, x, y, c, lo, hi);
+}
+
+// The elementwise ops: AVX2 kernels on a capable CPU (intrinsics for bf16/fp16, the portable
+// loops compiled for AVX2 for fp32/fp64), else the portable ones.
 template <typename T, bool HAS_Y, bool HAS_B>
 void combine_any(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_b, int64_t n) {
+  parallel_ranges(n, kChunk, n, [&](int64_t lo, int64_t hi) {
 #ifdef OFMU_HAS_AVX2_PATH
-  if constexpr (is16<T>) {
-    if (fast16<T>()) {
-      return for_chunks(n, [&](int64_t lo, int64_t hi) {
-        avx2::combine_range<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
-      });
+    if (fast<T>()) {
+      if constexpr (is16<T>)
+        return avx2::combine_range<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
+      else
+        return avx2::combine_wide<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
     }
-  }
 #endif
-  combine_kernel<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, n);
+    combine_portable<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
+  });
 }
 
 template <typename T, bool HAS_Y>
 void update_any(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t n) {
+  parallel_ranges(n, kChunk, n, [&](int64_t lo, int64_t hi) {
 #ifdef OFMU_HAS_AVX2_PATH
-  if constexpr (is16<T>) {
-    if (fast16<T>()) {
-      return for_chunks(n, [&](int64_t lo, int64_t hi) {
-        avx2::update_range<T, HAS_Y>(theta, x, y, c, lo, hi);
-      });
+    if (fast<T>()) {
+      if constexpr (is16<T>)
+        return avx2::update_range<T, HAS_Y>(theta, x, y, c, lo, hi);
+      else
+        return avx2::update_wide<T, HAS_Y>(theta, x, y, c, lo, hi);
     }
-  }
 #endif
-  update_kernel<T, HAS_Y>(theta, x, y, c, n);
+    update_portable<T, HAS_Y>(theta, x, y, c, lo, hi);
+  });
 }
 
 // Test/diagnostic switch: `_cpu_fast_path(None)` reports whether bf16/fp16 use the fast path,

@@ -141,8 +141,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sample(fn: Callable[[], object], calls: int, device: torch.device) -> float:
-    """Seconds for ``calls`` back-to-back calls (CUDA events on a GPU, perf_counter on a CPU)."""
+# CPU clocks: "wall" (perf_counter) or "thread" (the calling thread's CPU time: on a shared
+# machine it leaves out the time the process waits for a core; valid for single-threaded ops,
+# which run on the calling thread).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def _sample(fn: Callable[[], object], calls: int, device: torch.device,
+            clock: str = "wall") -> float:
+    """Seconds for ``calls`` back-to-back calls (CUDA events on a GPU, ``CLOCKS[clock]`` on a
+    CPU)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -151,10 +159,11 @@ def _sample(fn: Callable[[], object], calls: int, device: torch.device) -> float
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    now = CLOCKS[clock]
+    t0 = now()
     for _ in range(calls):
         fn()
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 2,
@@ -165,7 +174,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int = 10, w
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
                      repeats: int = 10, warmup: int = 2, min_sample_s: float = 2e-3,
-                     max_calls: int = 10_000) -> dict[str, tuple[list[float], int]]:
+                     max_calls: int = 10_000, clock: str = "wall"
+                     ) -> dict[str, tuple[list[float], int]]:
     """Like :func:`time_fn` for several functions, sampled round-robin (sample r of every
     function before sample r+1 of any), so that a slow drift of the machine — other load,
     clock changes — biases none of them against the others."""
@@ -174,12 +184,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-        one = max(_sample(fn, 1, device), 1e-9)
+        one = max(_sample(fn, 1, device, clock), 1e-9)
         calls[name] = max(1, min(max_calls, math.ceil(min_sample_s / one)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(_sample(fn, calls[name], device) / calls[name])
+            samples[name].append(_sample(fn, calls[name], device, clock) / calls[name])
     return {name: (samples[name], calls[name]) for name in fns}
 
 

@@ -59,7 +59,7 @@ LR, BETA, EPS = 0.3, 0.9, 1e-12  # large lr/beta so that a wrong coefficient fai
 COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "dtype", "n", "provider", "n_tensors",
            "bytes_per_elem", "median_s", "q25_s", "q75_s", "iqr_s", "gbps", "gbps_q25", "gbps_q75",
            "ceiling_gbps", "pct_ceiling", "working_set_bytes", "cache_bytes", "cache_resident",
-           "repeats", "calls_per_sample", "check_elem_ratio", "check_coef_ratio", "check_dc1_rel",
+           "repeats", "calls_per_sample", "clock", "check_elem_ratio", "check_coef_ratio", "check_dc1_rel",
            "check_dc2_rel", "status"]
 
 
@@ -328,6 +328,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-sample-ms", type=float, default=5.0,
                    help="batch calls so that one sample lasts at least this long")
     p.add_argument("--threads", default="1", help="CPU threads; comma list runs each in turn")
+    p.add_argument("--clock", default="wall", choices=sorted(C.CLOCKS),
+                   help="CPU timer: wall, or thread (CPU time of the calling thread: leaves out "
+                        "waiting for a core on a shared machine; --threads 1 only)")
     p.add_argument("--out", default=str(C.RESULTS_DIR), help="output folder for CSV and PNG")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -391,12 +394,13 @@ def bench_point(b: Buffers, dtype, device, providers: dict, args, meta: dict, ca
                        dict(check, n_tensors=len(b.sizes) if name == "foreach" else 1))
 
     results = C.time_interleaved({k: (lambda f=f: f(b)) for k, (f, _, _) in timed.items()},
-                                 device, args.repeats, args.warmup, args.min_sample_ms / 1e3)
+                                 device, args.repeats, args.warmup, args.min_sample_ms / 1e3,
+                                 clock=args.clock)
     for name, (samples, calls) in results.items():
         _, accesses, extra = timed[name]
         st = C.summarize(samples)
         bpe = accesses * es
-        row = dict(base, provider=name, bytes_per_elem=bpe, repeats=args.repeats,
+        row = dict(base, provider=name, bytes_per_elem=bpe, repeats=args.repeats, clock=args.clock,
                    calls_per_sample=calls, status="ok", **st, **extra)
         row["gbps"] = bpe * n / st["median_s"] / 1e9
         row["gbps_q25"] = bpe * n / st["q75_s"] / 1e9  # slower quartile -> lower bandwidth
@@ -525,6 +529,8 @@ def main(argv=None) -> list[dict]:
     """Entry point of ``python benchmarks/bench_kernels.py`` and ``ofmu bench``; returns rows."""
     args = parse_args(argv)
     C.parse_dtypes(args.dtypes)  # a bad name fails before anything runs
+    if args.clock == "thread" and (str(args.threads) != "1" or C.resolve_device(args.device).type != "cpu"):
+        raise SystemExit("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
     print(f"# results go to {os.path.abspath(args.out)}")
     rows = run(args)
     stem = C.output_stem("kernels", args)
