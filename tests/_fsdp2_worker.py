@@ -129,6 +129,7 @@ def full(m):
 
 
 CONFIGS4 = ("mlp-project-fd-sgd", "tf-project-none-adam")
+GRADS_CONFIG = "tf-project-fd-sgd"
 # also run with bf16 parameters
 MP_CONFIGS = ("mlp-project-none-sgd", "tf-project-none-adam", "mlp-project-fd-sgd-wide")
 
@@ -160,6 +161,21 @@ def run(name, rank, world, sharded, fp32=False, mp=False, hsdp=False):
     closure = Slices(m, kind, rank, world, torch.float32 if fp32 or mp else torch.float64)
     losses = [float(opt.step(closure)) for _ in range(STEPS)]
     return full(m), losses
+
+
+def grads_after(name, rank, world, sharded):
+    """``p.grad`` after the steps: the last retain gradient (sharded: a DTensor over OFMU's
+    buffer), gathered."""
+    kind, cfg = CONFIGS[name]
+    m = build(kind)
+    if sharded:
+        shard(m, kind)
+    opt = optimizer(m, cfg)
+    closure = Slices(m, kind, rank, world)
+    for _ in range(STEPS):
+        opt.step(closure)
+    return torch.cat([(p.grad.full_tensor() if sharded else p.grad).flatten()
+                      for p in m.parameters()])
 
 
 def run_single(names=None, fp32=False):
@@ -223,6 +239,12 @@ def misuse(rank, world):
         m2 = shard(mlp(), "mlp")  # a new wrapped model, say after reloading
         opt.step(Slices(m2, "mlp", rank, world))
     out["replaced"] = _message(replaced_after)
+
+    def dcp_state_dict_before_any_step():  # DCP's init would call step() without a closure
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        m = shard(mlp(), "mlp")
+        get_optimizer_state_dict(m, OFMU(m.parameters(), **COMMON))
+    out["dcp_before_step"] = _message(dcp_state_dict_before_any_step)
     return out
 
 
@@ -287,6 +309,8 @@ def worker(rank, world, out_dir, port, parts):
             results["load"] = checkpoint(rank, world, ckpt_dir, save=False)
         if "load_model_only" in parts:
             results["load_model_only"] = checkpoint(rank, world, ckpt_dir, save=False, optim=False)
+        if "grads" in parts:
+            results["grads"] = grads_after(GRADS_CONFIG, rank, world, sharded=True)
         if "mp" in parts:
             results["mp"] = {n: run(n, rank, world, sharded=True, mp=True) for n in MP_CONFIGS}
         if "hsdp" in parts:

@@ -19,10 +19,12 @@ from _fsdp2_worker import (
     COMMON,
     CONFIGS,
     CONFIGS4,
+    GRADS_CONFIG,
     LM,
     MP_CONFIGS,
     Slices,
     build,
+    grads_after,
     mlp,
     run_single,
 )
@@ -39,7 +41,7 @@ def jobs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     worker = os.path.join(os.path.dirname(__file__), "_fsdp2_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    stages = [(2, "configs,misuse,save,mp,measure"), (2, "load,load_model_only"),
+    stages = [(2, "configs,misuse,save,mp,measure,grads"), (2, "load,load_model_only"),
               (4, "configs4,load,hsdp")]
     subprocess.run([sys.executable, worker, str(out), *[str(x) for st in stages for x in st]],
                    check=True, timeout=300, env=env)
@@ -243,3 +245,14 @@ def test_a_two_rank_checkpoint_loads_into_one_unsharded_process(jobs, two_ranks)
     assert (got - a).norm() <= 1e-11 * a.norm()
     assert max(abs(x - y) for x, y in zip(losses, la)) <= 1e-12
     assert opt.param_groups[0]["rho_k"] == rho_a
+
+
+def test_p_grad_shows_the_last_retain_gradient_as_on_one_process(two_ranks):
+    ref = grads_after(GRADS_CONFIG, 0, 1, sharded=False)
+    assert ref.norm() > 0
+    for r in two_ranks:
+        assert (r["grads"] - ref).norm() <= 1e-11 * ref.norm()
+
+
+def test_checkpoint_state_dict_before_the_first_step_needs_no_step(two_ranks):
+    assert two_ranks[0]["misuse"]["dcp_before_step"] == ""  # p.grad is bound at construction
