@@ -295,7 +295,28 @@ def steps_batches(opt):
     return opt.inner_steps + opt.outer_steps
 
 
+def doc_example(rank, world, out_dir, port):
+    """The torchrun example of docs/scaling.md, run as torchrun would (environment variables),
+    in ``out_dir``; its retain-loss line goes to ``example.txt``."""
+    import contextlib
+    import io
+    import re
+
+    doc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "scaling.md")
+    code = re.findall(r"```python\n(.*?)```", open(doc).read(), re.S)[0]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.chdir(out_dir)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "docs/scaling.md", "exec"), {"__name__": "__main__"})
+    with open(f"example{rank}.txt", "w") as f:
+        f.write(printed.getvalue())
+
+
 def worker(rank, world, out_dir, port, parts):
+    if parts == ["example"]:
+        return doc_example(rank, world, out_dir, port)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

@@ -42,11 +42,11 @@ def jobs(tmp_path_factory):
     worker = os.path.join(os.path.dirname(__file__), "_fsdp2_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     stages = [(2, "configs,misuse,save,mp,measure,grads"), (2, "load,load_model_only"),
-              (4, "configs4,load,hsdp")]
+              (4, "configs4,load,hsdp"), (2, "example")]
     subprocess.run([sys.executable, worker, str(out), *[str(x) for st in stages for x in st]],
                    check=True, timeout=300, env=env)
     return [[torch.load(out / f"job{i}" / f"rank{r}.pt") for r in range(world)]
-            for i, (world, _) in enumerate(stages)] + [out / "ckpt"]
+            for i, (world, _) in enumerate(stages[:-1])] + [out / "ckpt", out / "job3"]
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_a_two_rank_checkpoint_loads_into_one_unsharded_process(jobs, two_ranks)
     opt = optimizer(m, CKPT)
     model_sd, optim_sd = get_state_dict(m, opt)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(jobs[-1]))
+    dcp.load(state, checkpoint_id=str(jobs[3]))
     set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     closure = Slices(m, "mlp", 0, 1)
     closure.i = steps_batches(opt) * CKPT_STEPS
@@ -256,3 +256,17 @@ def test_p_grad_shows_the_last_retain_gradient_as_on_one_process(two_ranks):
 
 def test_checkpoint_state_dict_before_the_first_step_needs_no_step(two_ranks):
     assert two_ranks[0]["misuse"]["dcp_before_step"] == ""  # p.grad is bound at construction
+
+
+def test_the_torchrun_example_in_docs_scaling_runs(jobs):
+    """docs/scaling.md's example, as torchrun runs it on 2 ranks: it prints the retain loss and
+    the cosine on rank 0 and writes a distributed checkpoint (one file per rank)."""
+    import re
+
+    printed = (jobs[4] / "example0.txt").read_text()
+    m = re.fullmatch(r"retain loss ([\d.]+), cosine ([+-][\d.]+)\n", printed)
+    assert m, printed
+    assert 0.5 < float(m.group(1)) < 5.0 and abs(float(m.group(2))) <= 1.0
+    assert (jobs[4] / "example1.txt").read_text() == ""
+    assert sorted(p.name for p in (jobs[4] / "ckpt" / "step5").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
