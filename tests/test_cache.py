@@ -157,3 +157,44 @@ def test_directory_in_place_of_entry_is_a_clear_error(tmp_path):
     (tmp_path / "e.pt").mkdir()
     with pytest.raises(IsADirectoryError, match="e.pt"):
         load_or_build(tmp_path / "e.pt", _builder([]))
+
+
+def test_sigkill_during_write_keeps_old_entry_and_next_run_cleans_up(tmp_path):
+    """A run killed (SIGKILL) in the middle of writing leaves the previous entry intact and only its
+    temporary file, which the next load_or_build removes."""
+    import signal
+    import time
+
+    path = tmp_path / "entry.pt"
+    save_atomic({"v": torch.tensor([1.0])}, path)
+    ready = tmp_path / "writing"
+    script = f"""
+import time, torch
+from ofmu.studies import cache
+def slow_save(obj, f, *a, **k):
+    f.write(b"PK partial zip header")
+    f.flush()
+    open({str(ready)!r}, "w").close()
+    time.sleep(120)
+torch.save = slow_save
+cache.save_atomic({{"v": torch.tensor([2.0])}}, {str(path)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, "writer exited early"
+            assert time.monotonic() < deadline, "writer never started writing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    orphans = [p for p in tmp_path.iterdir() if p.name.startswith(".entry.pt.tmp-")]
+    assert len(orphans) == 1 and str(proc.pid) in orphans[0].name
+    assert torch.load(path, weights_only=True)["v"].item() == 1.0  # old entry intact
+    with pytest.warns(CacheWarning, match="orphan"):
+        out = load_or_build(path, _builder([]))
+    assert out["v"].item() == 1.0  # read the intact entry, did not rebuild
+    assert not orphans[0].exists()
