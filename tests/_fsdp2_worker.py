@@ -132,6 +132,7 @@ def full(m):
 # rows as 3+3+3+0 and 1+1+1+0)
 CONFIGS4 = ("mlp-project-fd-sgd", "tf-project-none-adam", "mlp-project-fd-adam-clip-groups")
 GRADS_CONFIG = "tf-project-fd-sgd"
+SWITCHED = ("mlp-project-fd-adam-clip-groups", "tf-frozen-project-fd-adam")
 # also run with bf16 parameters
 MP_CONFIGS = ("mlp-project-none-sgd", "tf-project-none-adam", "mlp-project-fd-sgd-wide")
 
@@ -161,6 +162,24 @@ def run(name, rank, world, sharded, fp32=False, mp=False, hsdp=False):
         shard(m, kind, mixed_precision() if mp else None, mesh)
     opt = optimizer(m, cfg)
     closure = Slices(m, kind, rank, world, torch.float32 if fp32 or mp else torch.float64)
+    losses = [float(opt.step(closure)) for _ in range(STEPS)]
+    return full(m), losses
+
+
+def run_switched(name, rank, world):
+    """As accelerate's FSDP2 ``prepare(model, optimizer)`` does: OFMU built on the plain model,
+    then ``fully_shard``, then the sharded parameters put into ``param_groups`` in place."""
+    kind, cfg = CONFIGS[name]
+    m = build(kind)
+    for n, p in m.named_parameters():
+        p.requires_grad_(not (cfg.get("frozen") and n in FROZEN))
+    opt = optimizer(m, cfg)
+    names = {id(p): n for n, p in m.named_parameters()}
+    shard(m, kind)
+    new = dict(m.named_parameters())
+    for g in opt.param_groups:
+        g["params"] = [new[names[id(p)]] for p in g["params"]]
+    closure = Slices(m, kind, rank, world)
     losses = [float(opt.step(closure)) for _ in range(STEPS)]
     return full(m), losses
 
@@ -247,6 +266,15 @@ def misuse(rank, world):
         m = shard(mlp(), "mlp")
         get_optimizer_state_dict(m, OFMU(m.parameters(), **COMMON))
     out["dcp_before_step"] = _message(dcp_state_dict_before_any_step)
+
+    def switched_after_steps():
+        m = shard(mlp(), "mlp")
+        opt = OFMU(m.parameters(), **COMMON)
+        opt.step(Slices(m, "mlp", rank, world))
+        m2 = shard(mlp(), "mlp")
+        opt.param_groups[0]["params"] = list(m2.parameters())
+        opt.step(Slices(m2, "mlp", rank, world))
+    out["switched_late"] = _message(switched_after_steps)
     return out
 
 
@@ -332,6 +360,8 @@ def worker(rank, world, out_dir, port, parts):
             results["load"] = checkpoint(rank, world, ckpt_dir, save=False)
         if "load_model_only" in parts:
             results["load_model_only"] = checkpoint(rank, world, ckpt_dir, save=False, optim=False)
+        if "switched" in parts:
+            results["switched"] = {n: run_switched(n, rank, world) for n in SWITCHED}
         if "grads" in parts:
             results["grads"] = grads_after(GRADS_CONFIG, rank, world, sharded=True)
         if "mp" in parts:

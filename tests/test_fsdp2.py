@@ -22,6 +22,7 @@ from _fsdp2_worker import (
     GRADS_CONFIG,
     LM,
     MP_CONFIGS,
+    SWITCHED,
     Slices,
     build,
     grads_after,
@@ -41,7 +42,7 @@ def jobs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     worker = os.path.join(os.path.dirname(__file__), "_fsdp2_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    stages = [(2, "configs,misuse,save,mp,measure,grads"), (2, "load,load_model_only"),
+    stages = [(2, "configs,misuse,save,mp,measure,grads,switched"), (2, "load,load_model_only"),
               (4, "configs4,load,hsdp"), (2, "example")]
     subprocess.run([sys.executable, worker, str(out), *[str(x) for st in stages for x in st]],
                    check=True, timeout=300, env=env)
@@ -140,6 +141,23 @@ def test_a_two_rank_checkpoint_loads_on_four_ranks(two_ranks, four_ranks):
     b, lb, rho_b = four_ranks[0]["load"]
     assert (a - b).norm() <= 1e-11 * a.norm()  # resharded by DCP; reductions in another order
     assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-12 and rho_b == rho_a
+
+
+@pytest.mark.parametrize("config", SWITCHED)
+def test_param_groups_switched_to_sharded_parameters_before_the_first_step_are_followed(
+        two_ranks, single, config):
+    """accelerate's FSDP2 prepare builds nothing new: it shards the model under the optimizer
+    and puts the DTensors into param_groups. OFMU rebuilds its buffers at the first step."""
+    ref = single[config][0]
+    got = two_ranks[0]["switched"][config][0]
+    assert torch.equal(got, two_ranks[1]["switched"][config][0])
+    assert (got - ref).norm() <= 1e-11 * ref.norm()
+
+
+def test_param_groups_switched_after_steps_fail_clearly(two_ranks):
+    msg = two_ranks[0]["misuse"]["switched_late"]
+    assert msg.startswith("RuntimeError: the tensors in param_groups were replaced after OFMU "
+                          "took steps") and "Build a new optimizer" in msg
 
 
 def test_fully_shard_after_the_optimizer_was_built_fails_naming_the_parameter(two_ranks):

@@ -271,6 +271,7 @@ class OFMU(Optimizer):
 
     def _config(self) -> F.StepConfig:
         """This step's settings; validates every group (host floats, no device sync)."""
+        sharded.follow_switched_params(self)  # accelerate's FSDP2 prepare switches param_groups
         self._check_buffers()
         for gi, g in enumerate(self.param_groups):
             validate_group(g, gi, self.similarity)

@@ -236,6 +236,41 @@ class ShardedFlatBuffer(FlatBuffer):
         self.refresh()
 
 
+# ----------------------------------------------------------------- hooks for the optimizer
+
+
+def follow_switched_params(opt) -> None:
+    """Rebuild the optimizer's buffers when the tensors in ``param_groups`` were switched before
+    the first step. accelerate's FSDP2 ``prepare(model, optimizer)`` (which insists on getting
+    both) applies ``fully_shard`` after the optimizer was built and then puts the sharded
+    ``DTensor`` parameters into ``param_groups`` in place (``fsdp2_switch_optimizer_parameters``),
+    as torch's optimizers, which keep no state before their first step, allow. Called at every
+    inner and outer step: one pass over the parameter ids."""
+    held = {id(p) for part in opt._parts for p in part.buf.params}
+    held.update(id(p) for p, _ in opt._frozen)
+    current = [p for g in opt.param_groups for p in g["params"]]
+    if len(current) == len(held) and all(id(p) in held for p in current):
+        return
+    taken = any(g.get("k", 0) > 0 for g in opt.param_groups) or any(
+        bool(t) for t in opt._state.adam_steps.values())
+    if taken:
+        raise RuntimeError(
+            "the tensors in param_groups were replaced after OFMU took steps; its gradients, "
+            "moments and the parameters it updates live in buffers built from the original "
+            "ones. Build a new optimizer on the new parameters (and load its state from a "
+            "checkpoint if needed).")
+    groups = list(opt.param_groups)  # the same dicts: schedulers and wrappers keep theirs
+    opt.param_groups.clear()
+    opt.state.clear()
+    opt._parts.clear()
+    opt._autodiff.buffers.clear()
+    opt.backend_reasons.clear()
+    opt._frozen.clear()
+    opt._state.adam_steps.clear()
+    for g in groups:
+        opt.add_param_group(g)
+
+
 # ------------------------------------------------------------------- hooks for functional.py
 
 
