@@ -191,6 +191,9 @@ def test_sign_inner_preconditioner_is_stateless_adam():
         ref.step()
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-15)
     assert set(opt.state[p]) == {"outer_exp_avg", "outer_exp_avg_sq", "outer_step"}
+    before = p.detach().clone()  # a non-finite step leaves theta untouched, and is counted
+    opt.inner_step(lambda: ((a * p).sum() * float("nan"), (p - 1).pow(2).sum()))
+    assert torch.equal(p.detach(), before) and opt.last_stats()["skipped_steps"] == 1
 
 
 def test_adam_state_bytes_per_parameter():

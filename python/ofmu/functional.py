@@ -266,15 +266,22 @@ def sign_apply(theta: Tensor, direction: Tensor, *, lr: float, eps: float, weigh
                ascend: bool, scale: Tensor | None, ok: Tensor) -> None:
     """Stateless Adam (betas = (0, 0): m = g, v = g^2, no bias correction): with
     ``g = -+direction*scale + weight_decay*theta`` (Adam's L2 term; minus for the ascent),
-    ``theta -= lr * g / (|g| + eps)``, left untouched unless ``ok``. No moment buffers."""
+    ``theta -= lr * g / (|g| + eps)``; a zero step unless ``ok``. No moment buffers; two
+    transient buffers of the accumulation dtype (the step and its denominator)."""
     acc = acc_dtype(theta.dtype)
-    t = theta.to(acc)
-    g = direction.to(acc) * (-1.0 if ascend else 1.0)
+    g = direction.to(acc, copy=True)
+    g.mul_(-1.0 if ascend else 1.0)
     if scale is not None:
-        g = g * scale.to(acc)
+        g.mul_(scale.to(acc))
     if weight_decay:
-        g = g + weight_decay * t
-    theta.copy_(torch.where(ok, t - lr * g / (g.abs() + eps), t))
+        g.add_(theta.to(acc), alpha=weight_decay)
+    denom = g.abs().add_(eps)
+    g.div_(denom).mul_(-lr).masked_fill_(~ok, 0.0)  # where, not a product: g may be NaN
+    del denom
+    if theta.dtype == acc:
+        theta.add_(g)
+    else:
+        theta.copy_(theta.to(acc).add_(g))
 
 
 def adam_apply(theta: Tensor, direction: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,

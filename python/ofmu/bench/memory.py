@@ -40,6 +40,10 @@ METHODS = {
     # OFMU's measured LM recipe: first order (no HVP, no double backward), Adam per loop
     "ofmu-adam": dict(preconditioner="adam", similarity="project", rho=0.0, outer_hvp="none",
                       inner_steps=1, outer_steps=1, beta=1.0),
+    # the same with a stateless inner step (no inner moments)
+    "ofmu-adam-sign": dict(preconditioner="adam", inner_preconditioner="sign",
+                           similarity="project", rho=0.0, outer_hvp="none", inner_steps=1,
+                           outer_steps=1, beta=1.0),
     "ofmu-sgd": dict(preconditioner="sgd", similarity="project", rho=0.0, outer_hvp="none",
                      inner_steps=1, outer_steps=1, beta=1.0),
     "graddiff-adamw": None,
