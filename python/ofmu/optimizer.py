@@ -79,6 +79,7 @@ class OFMU(Optimizer):
         backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (``OFMU_BACKEND`` overrides auto).
         process_group: "auto" averages the flat gradients across ranks when torch.distributed
             runs (every rank takes the single-process step); None keeps ranks apart.
+            FSDP2-sharded (DTensor) parameters are detected: docs/scaling.md.
 
     The closure takes no arguments (optionally a keyword ``same_batch``, then reused for
     ``outer_hvp="fd"``'s probes) and returns ``(forget_loss, retain_loss)`` from separate
@@ -190,6 +191,7 @@ class OFMU(Optimizer):
                     st[_STEP_KEYS[loop]] = step
 
     def state_dict(self) -> dict:
+        sharded.follow_switched_params(self)  # DCP may ask before the first step
         sd = super().state_dict()
         sd["ofmu"] = {f"{k}_steps": t.clone() for k, t in self._state.counters.items()}
         return sd
