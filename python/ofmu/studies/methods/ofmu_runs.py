@@ -67,3 +67,6 @@ register(Method("OFMU-beta0", "OFMU (Adam), beta=0", ofmu_run, ofmu_cost, grids=
 register(Method("OFMU-rho", "OFMU (Adam), rho=0.01", ofmu_run, ofmu_cost, grids=ADAM_GRIDS,
                 defaults={**_ADAM, "rho": 0.01, "outer_hvp": "forget"},
                 doc="ablation: with the stationarity penalty (H_f v)"))
+register(Method("OFMU-Adam-cap", "OFMU (Adam), forget-loss cap", ofmu_run, ofmu_cost,
+                grids=ADAM_GRIDS, defaults={**_ADAM, "forget_loss_cap": 20.0},
+                doc="the chosen config with the constructor's default safeguard (cap 20 nats)"))
