@@ -217,3 +217,11 @@ def test_extras_cover_every_optional_import():
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -e ".[all]" --no-build-isolation && ofmu demo' in readme
     assert 'pip install -q -e ".[all]" --no-build-isolation' in ci
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_bad_thread_count_is_a_clear_usage_error(capsys, bad):
+    with pytest.raises(SystemExit) as e:
+        main(["--threads", bad, "info"])
+    assert e.value.code == 2
+    assert f"--threads: must be a positive integer, got {bad!r}" in capsys.readouterr().err

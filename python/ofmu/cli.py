@@ -51,6 +51,16 @@ def require(command: str, *modules: str) -> None:
         raise MissingExtraError(_missing_message(command, missing))
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
 def _threads(n: int | None) -> None:
     import torch
 
@@ -206,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ofmu", description="OFMU machine unlearning: demo, "
                                 "benchmarks and backend information.")
     p.add_argument("--version", action="version", version=f"ofmu {_version()}")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
