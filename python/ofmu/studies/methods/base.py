@@ -74,7 +74,9 @@ def run(method: str | Method, model: nn.Module, data, hparams: dict | None = Non
     """Unlearn a *copy* of ``model`` with ``method``; returns ``(unlearned model, info)``.
 
     ``info`` holds ``steps``, ``budget`` (gradient evaluations) and ``time_s`` (wall clock of
-    the unlearning loop alone). For a fixed seed the result is bit-identical on one machine.
+    the unlearning loop alone) and ``cpu_time_s`` (this thread's CPU time over it: comparable
+    across runs on a busy machine, where wall clock is not). For a fixed seed the result is
+    bit-identical on one machine.
     """
     m = method if isinstance(method, Method) else get(method)
     hp = {**m.defaults, **(hparams or {})}
@@ -83,9 +85,9 @@ def run(method: str | Method, model: nn.Module, data, hparams: dict | None = Non
     model.train()
     torch.manual_seed(seed)
     streams = Streams.build(data, batch_size, seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     m.fn(model, data, hp, streams, steps)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
     model.eval()
     return model, {"method": m.name, "hparams": hp, "steps": steps, "budget": budget,
-                   "time_s": elapsed}
+                   "time_s": elapsed, "cpu_time_s": cpu}

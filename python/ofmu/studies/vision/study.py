@@ -83,7 +83,8 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print) -> dict:
             gap_val, model, info, val = best
             test = evaluate(model, data, on="test", seed=seed)
             seed_rows[m.name] = {**test, "gap": avg_gap(test, ref_test), "val_gap": gap_val,
-                                 "time_s": info["time_s"], "steps": info["steps"],
+                                 "time_s": info["time_s"], "cpu_time_s": info["cpu_time_s"],
+                                 "steps": info["steps"],
                                  "hparams": info["hparams"]}
         runs.append({"seed": seed, "forget_class": data.forget_class, "data": data.describe(),
                      "retrain_time_s": retr_t,
