@@ -13,7 +13,7 @@ COLS = (("forget_quality", "FQ", "{:.2g}"), ("model_utility", "MU", "{:.3f}"),
 
 def _fmt(v, f, std=None):
     s = f.format(v)
-    return s if std is None or std == 0 else f"{s} ± {f.format(std)}"
+    return s if std is None or std <= 1e-9 * max(abs(v), 1e-300) else f"{s} ± {f.format(std)}"
 
 
 def markdown_table(result: dict) -> str:
