@@ -655,7 +655,7 @@ void update_any(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t n) 
   });
 }
 
-// Test/diagnostic switch: `_cpu_fast_path(None)` reports whether bf16/fp16 use the fast path,
+// Test/diagnostic switch: `_cpu_fast_path(None)` reports whether the AVX2 fast path is used,
 // `_cpu_fast_path(b)` sets it (True only where the CPU supports it) and returns the old value.
 bool cpu_fast_path(std::optional<bool> enable) {
   const bool old = fast16_flag().load();
