@@ -334,7 +334,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(C.RESULTS_DIR), help="output folder for CSV and PNG")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Bad values are argparse errors (usage and message on stderr, exit status 2), so that a
+    # caller that catches SystemExit (the `ofmu bench` command) still shows them.
+    try:
+        C.parse_dtypes(args.dtypes)
+    except SystemExit as e:
+        p.error(str(e))
+    if args.clock == "thread" and (str(args.threads) != "1" or args.device.startswith("cuda")):
+        p.error("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
+    return args
 
 
 def sizes_from(args, device: torch.device) -> list[int]:
@@ -528,9 +537,6 @@ def plot(rows: list[dict], path) -> None:
 def main(argv=None) -> list[dict]:
     """Entry point of ``python benchmarks/bench_kernels.py`` and ``ofmu bench``; returns rows."""
     args = parse_args(argv)
-    C.parse_dtypes(args.dtypes)  # a bad name fails before anything runs
-    if args.clock == "thread" and (str(args.threads) != "1" or C.resolve_device(args.device).type != "cpu"):
-        raise SystemExit("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
     print(f"# results go to {os.path.abspath(args.out)}")
     rows = run(args)
     stem = C.output_stem("kernels", args)
