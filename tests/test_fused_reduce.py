@@ -114,8 +114,10 @@ def test_folded_stats_are_bitwise_deterministic(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "tied"])
-@pytest.mark.parametrize("pre", ["sgd", "adam"])
+# Not Adam on the transformer: the key bias of attention has an exactly-zero gradient in exact
+# arithmetic (softmax is shift-invariant), so its float gradient is rounding noise that Adam
+# normalises into full-size steps; any change of summation order moves it by O(lr).
+@pytest.mark.parametrize("kind,pre", [("mlp", "sgd"), ("mlp", "adam"), ("tied", "sgd")])
 def test_optimizer_folded_equals_two_pass(kind, pre, monkeypatch):
     """Several steps (inner ascent, outer descent with the fd penalty: every plain-backward
     evaluation folded) give the two-pass trajectory to rounding."""
