@@ -97,6 +97,15 @@ constexpr int64_t kPrefetchBytes = 2048;
 
 #define OFMU_INLINE inline __attribute__((always_inline))
 
+// A hint for the cache line kPrefetchBytes past p, for reading (RW = 0) or writing (RW = 1).
+// The address is computed as an integer: near the end of a buffer it points past the
+// allocation, which a prefetch tolerates (it never faults) but C++ pointer arithmetic does not.
+template <int RW>
+OFMU_INLINE void prefetch_ahead(const void* p) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes),
+                     RW, 3);
+}
+
 // Runs f(lo, hi) over [0, n) in pieces of `chunk` across the OpenMP threads; with one thread
 // (or a small n) one call covers everything and no parallel region is opened at all.
 template <typename F>
@@ -222,14 +231,13 @@ OFMU_INLINE void update_range_portable(T* theta, const T* x, const T* y, const a
   const A c0 = c[0], c1 = c[1], c2 = c[2];
   // Runs of 256 B per stream, each line of them prefetched kPrefetchBytes ahead (NOTE: [Prefetch]).
   {
-    constexpr int64_t pf = kPrefetchBytes / sizeof(T);
     constexpr int64_t step = 256 / sizeof(T), line = 64 / sizeof(T);
     int64_t j = lo;
     for (; j + step <= hi; j += step) {
       for (int64_t q = 0; q < step; q += line) {
-        __builtin_prefetch(theta + j + q + pf, 1);
-        __builtin_prefetch(x + j + q + pf, 0);
-        if constexpr (HAS_Y) __builtin_prefetch(y + j + q + pf, 0);
+        prefetch_ahead<1>(theta + j + q);
+        prefetch_ahead<0>(x + j + q);
+        if constexpr (HAS_Y) prefetch_ahead<0>(y + j + q);
       }
 #pragma omp simd
       for (int64_t i = j; i < j + step; ++i) {
@@ -372,12 +380,11 @@ template <typename T, bool HAS_Y>
 OFMU_AVX2 void update_range(T* theta, const T* x, const T* y, const float* c, int64_t lo,
                             int64_t hi) {
   const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]), c2 = _mm256_set1_ps(c[2]);
-  constexpr int64_t pf = kPrefetchBytes / sizeof(T);
   for_vectors<T>(lo, hi, [&](int64_t i, int k) OFMU_AVX2 {
     if ((i & 31) == 0) {  // every 64 B of a 16-bit buffer (NOTE: [Prefetch])
-      _mm_prefetch(reinterpret_cast<const char*>(theta + i + pf), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(x + i + pf), _MM_HINT_T0);
-      if constexpr (HAS_Y) _mm_prefetch(reinterpret_cast<const char*>(y + i + pf), _MM_HINT_T0);
+      prefetch_ahead<0>(theta + i);
+      prefetch_ahead<0>(x + i);
+      if constexpr (HAS_Y) prefetch_ahead<0>(y + i);
     }
     T pt[8], px[8], py[8];
     __m256 r = _mm256_add_ps(_mm256_mul_ps(c0, load8(in8<T>(theta, i, k, pt))),
@@ -409,13 +416,11 @@ OFMU_AVX2 inline void block_sums(const T* x, const T* y, int64_t n, double* out)
       yy1 = _mm256_add_ps(yy1, _mm256_mul_ps(b1, b1));
     }
   };
-  // Software prefetch kPrefetchBytes ahead (NOTE: [Prefetch]); past the buffer's end it is a
-  // hint to a line that may not be mapped, which prefetch instructions tolerate.
-  constexpr int64_t pf = kPrefetchBytes / sizeof(T);
+  // Software prefetch kPrefetchBytes ahead (NOTE: [Prefetch]).
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(x + i + pf), _MM_HINT_T0);
-    if constexpr (HAS_Y) _mm_prefetch(reinterpret_cast<const char*>(y + i + pf), _MM_HINT_T0);
+    prefetch_ahead<0>(x + i);
+    if constexpr (HAS_Y) prefetch_ahead<0>(y + i);
     step(x + i, HAS_Y ? y + i : nullptr);
   }
   if (i < n) {
@@ -455,11 +460,10 @@ OFMU_AVX2 inline void block_sums(const double* x, const double* y, int64_t n, do
       yy1 = _mm256_add_pd(yy1, _mm256_mul_pd(b1, b1));
     }
   };
-  constexpr int64_t pf = kPrefetchBytes / sizeof(double);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    _mm_prefetch(reinterpret_cast<const char*>(x + i + pf), _MM_HINT_T0);
-    if constexpr (HAS_Y) _mm_prefetch(reinterpret_cast<const char*>(y + i + pf), _MM_HINT_T0);
+    prefetch_ahead<0>(x + i);
+    if constexpr (HAS_Y) prefetch_ahead<0>(y + i);
     step(x + i, HAS_Y ? y + i : nullptr);
   }
   if (i < n) {
