@@ -36,11 +36,13 @@ def markdown_table(result: dict) -> str:
             cells = [_fmt(m[k][0], f, m[k][1]) for k, _, f in COLS]
             out.append(f"| {name} | " + " | ".join(cells)
                        + f" | {m['steps'][0]:.0f} | {m['time_s'][0]:.1f} | {m['peak_mem_mb'][0]:.0f} |")
-    out += ["", "Chosen on the validation split:"]
+    out += ["", "Hyperparameters (chosen on the validation split, or set beforehand where a method's "
+            "grid has one configuration):"]
     for pct, split in result["splits"].items():
         for name, e in split["methods"].items():
             hp = {k: v for k, v in e["chosen"].items() if k in ("lr", "inner_lr")}
-            out.append(f"- forget {pct}%, {name}: {hp}")
+            how = f"chosen from {len(e['validation'])}" if e["validation"] else "set beforehand"
+            out.append(f"- forget {pct}%, {name}: {hp} ({how})")
     return "\n".join(out)
 
 
