@@ -206,7 +206,10 @@ def cmd_bench(args, rest: list[str]) -> int:
     try:
         bench_main(rest)
     except SystemExit as e:  # --help, or an argument error already reported by argparse
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if isinstance(e.code, str):  # sys.exit("message"): say it, do not swallow it
+            print(e.code, file=sys.stderr)
+            return 2
+        return e.code if isinstance(e.code, int) else 0
     finally:
         sys.argv[0] = argv0
     return 0
