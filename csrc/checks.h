@@ -1,6 +1,6 @@
 // Argument checks shared by the CPU, CUDA and Meta implementations of the ofmu ops.
 //
-// Every op of the kernel contract (python/ofmu/functional.py) takes 1-D contiguous buffers of
+// Every op of the kernel contract (docs/design.md, "Kernel contract") takes 1-D contiguous buffers of
 // one dtype and one device, plus a 4-element `coeffs` tensor in the accumulation dtype
 // (float64 for float64 buffers, float32 otherwise). The messages name the offending argument
 // so that a user of the optimizer can tell which buffer is wrong. Outputs may be exactly an input

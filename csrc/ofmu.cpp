@@ -1,6 +1,6 @@
 // ofmu._C: op schemas, Meta (fake-tensor) implementations and the Python module entry point.
 //
-// The three ops implement the kernel contract of python/ofmu/functional.py. They are registered
+// The three ops implement the kernel contract (docs/design.md, "Kernel contract"). They are registered
 // with TORCH_LIBRARY so that torch.compile and FakeTensorMode see them as ordinary ops:
 // the Meta kernels below only validate arguments and describe outputs. The CPU kernels live in
 // csrc/cpu/, the CUDA kernels (when built) in csrc/cuda/.

@@ -1,10 +1,8 @@
 """Triton kernels for the OFMU step math (the ``triton`` backend of :mod:`ofmu.backends`).
 
-Same contract as :mod:`ofmu.functional` (the torch reference every kernel is tested against):
-
-* ``reduce3(x, y) -> [<x, y>, |x|^2, |y|^2]``: two-stage, fixed-order, no atomics.
-* ``combine(x, y, coeffs, out_a, out_b=None)``: ``out_a = c0*x + c1*y``, ``out_b = c2*x + c3*y``.
-* ``update(theta, x, y, coeffs)``: ``theta = c0*theta + c1*x + c2*y`` unless ``c3 == 0``.
+The kernel contract (``reduce3``, ``combine``, ``update``) is stated once, in docs/design.md
+("Kernel contract"); :mod:`ofmu.reference` is the torch reference every kernel is tested
+against. Here ``reduce3`` is two-stage and fixed-order (no atomics).
 
 Coefficients are read from device memory by the kernels, never passed as Python floats.
 On a GPU the kernels are compiled; without one they run on CPU tensors under

@@ -4,7 +4,7 @@ Coefficients are read by the kernels from a 4-element device tensor (never passe
 floats: those are fp64 in the interpreter but fp32 when compiled, and reading them on the host
 would sync). The arithmetic runs in the coefficients' dtype (the stats dtype: fp32, or fp64
 for fp64 buffers) and is rounded once to the buffer dtype on the store, in the same operation
-order as the torch reference in :mod:`ofmu.functional`.
+order as the torch reference in :mod:`ofmu.reference`.
 """
 
 from __future__ import annotations

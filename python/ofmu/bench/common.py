@@ -7,7 +7,7 @@ One job: make every benchmark measure and record the same way.
   ``min_sample_s`` (timer resolution and Python overhead stay below ~1%); the per-call time is
   the sample divided by the batch size. Warm-up calls are never recorded.
 * Results are summarised as median and inter-quartile range over samples (robust to the
-  stalls a shared machine produces; FIELD_NOTES.md: "quote medians").
+  stalls a shared machine produces: quote medians).
 * Every CSV row carries the device name and the library versions it was measured with.
 """
 

@@ -1,7 +1,7 @@
 """Microbenchmark of OFMU's fused inner-step math against a measured bandwidth ceiling.
 
 What is timed (one inner step of ``similarity="project"`` over flat buffers, as the optimizer runs
-it; ARCHITECTURE.md "Kernel contract")::
+it; docs/design.md, "Kernel contract")::
 
     stats = reduce3(g_f, g_r)                           # <g_f,g_r>, |g_f|^2, |g_r|^2   8 B/elem
     coeffs = f(stats)                                   # ofmu.functional, on the device
@@ -138,7 +138,8 @@ _COMPILED: dict[str, Callable] = {}
 
 def _compiled_reference() -> Callable:
     # One compiled function, dynamic shapes: sizes and dtypes do not exhaust the recompile
-    # limit (FIELD_NOTES.md). Reset by main() when the thread count changes.
+    # limit (torch.compile falls back badly after 8 recompiles). Reset by main() when the
+    # thread count changes.
     if "fn" not in _COMPILED:
         def ref_step(theta, gf, gr):
             ofmu_step(F.reduce3, F.update, theta, gf, gr)
@@ -439,7 +440,7 @@ def run(args) -> list[dict]:
     rows: list[dict] = []
     for threads in [int(t) for t in str(args.threads).split(",")]:
         C.set_threads(threads)
-        torch._dynamo.reset()  # a new thread count would recompile anyway (FIELD_NOTES.md)
+        torch._dynamo.reset()  # a new thread count would recompile anyway
         _COMPILED.clear()
         meta = C.metadata(device)
         providers = {nm: make_provider(nm, device) for nm in names}
