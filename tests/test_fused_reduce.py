@@ -8,6 +8,9 @@ import torch
 from ofmu import OFMU
 from ofmu import functional as F
 from ofmu.fused_reduce import ENV, FusedReduce, setting, use_fused
+
+# TiedLM's unused parameter is deliberate (its share is computed after the pass)
+pytestmark = pytest.mark.filterwarnings("ignore:1 parameter received no gradient")
 from torch import nn
 
 
@@ -175,7 +178,10 @@ def test_switch(monkeypatch):
         setting()
     monkeypatch.delenv(ENV)
     assert setting() == "auto"
+    monkeypatch.setattr("ofmu.fused_reduce.FUSED_MIN_MEAN_NUMEL", 1 << 16)
     assert use_fused("cpp", 1 << 22, 4, "auto") and not use_fused("cpp", 1 << 12, 4, "auto")
+    monkeypatch.setattr("ofmu.fused_reduce.FUSED_MIN_MEAN_NUMEL", None)  # the shipped setting
+    assert not use_fused("cpp", 1 << 30, 1, "auto") and use_fused("cpp", 64, 1, "on")
     assert not use_fused("triton", 1 << 22, 4, "auto") and use_fused("triton", 64, 1, "on")
     assert not use_fused("cpp", 1 << 22, 4, "off")
 

@@ -14,7 +14,6 @@ step reads a device value on the host.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from .coefficients import (  # noqa: F401  (the kernels' tests use them from her
     update_coeffs,
 )
 from .flat import MOMENTS, FlatBuffer, Slot
-from .gradients import Autodiff, Evaluation
+from .gradients import Autodiff, Evaluation, accepts
 from .modes import OuterHvpMode, SimilarityMode
 from .reference import acc_dtype, combine, reduce3, update  # noqa: F401  (reference kernels)
 from .sharded import all_reduce_stats, copy_out
@@ -106,8 +105,8 @@ class StepState:
     counters: dict[str, Tensor] = field(default_factory=dict)
 
     def count(self, name: str, flag: Tensor) -> None:
-        inc = flag.to(torch.int64)
-        self.counters[name] = self.counters[name] + inc if name in self.counters else inc
+        c = self.counters.get(name)  # int64 + bool promotes to int64: one op
+        self.counters[name] = flag.to(torch.int64) if c is None else c + flag
 
 
 _STATS = ("inner_cosine", "cosine", "forget_grad_norm", "retain_grad_norm", "grad_phi_sq", "rho")
@@ -235,7 +234,12 @@ def finite_inputs(parts: list[Part], cfg: StepConfig, losses: tuple[Tensor, ...]
     parameters (an Inf there becomes Inf/NaN in the decay term and the Adam moments). On the
     device: one sum per decayed buffer, no host sync (FSDP2: summed over the shards, so that
     every rank decides alike)."""
-    flags = [torch.isfinite(loss.detach()).to(ok.device, non_blocking=True) for loss in losses]
+    dev = losses[0].device
+    if all(loss.device == dev and loss.dtype == losses[0].dtype for loss in losses):  # one isfinite
+        flags = [torch.isfinite(torch.stack([loss.detach() for loss in losses])).all().to(
+            ok.device, non_blocking=True)]
+    else:
+        flags = [torch.isfinite(loss.detach()).to(ok.device, non_blocking=True) for loss in losses]
     if any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
         sums = [p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)).to(ok.device, torch.float64)
                 if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
@@ -445,7 +449,7 @@ def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> None:
     """Central difference of ``u`` along ``v``: ``h = (u(+) - u(-)) |v| / (2 delta)``, from
     gradients already averaged across ranks. theta moves with the update kernel and is
     restored arithmetically (to rounding)."""
-    accepts = "same_batch" in inspect.signature(closure).parameters
+    same = accepts(closure, "same_batch")
     vnorm = torch.sqrt(phi_sq)
     ok = torch.isfinite(vnorm) & (vnorm > 0)
     step = torch.where(ok, cfg.fd_delta / vnorm, torch.zeros_like(vnorm))
@@ -461,7 +465,7 @@ def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> None:
 
     def u_here(out: Slot) -> None:
         second = cfg.sim.second_order
-        probe = ad.evaluate(closure, graph_f=second, graph_r=second, same_batch=accepts,
+        probe = ad.evaluate(closure, graph_f=second, graph_r=second, same_batch=same,
                             why="similarity='hvp'", fold=fold(parts))
         stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R, probe.stats)
         combine_direction(parts, cfg, ad, probe, stats, gstats, out)

@@ -16,9 +16,13 @@ so a parameter whose gradient arrives in several accumulations ends with the sha
 complete gradient (autograd sums a tied weight's uses before accumulating: one call). A
 parameter the pass did not reach gets its share computed by ``finish``.
 
-The switch: ``OFMU_FUSED_REDUCE`` = ``auto`` (default: per buffer, folded for buffers of the
-C++ backend with at most :data:`FUSED_MAX_NUMEL` elements per parameter on average... see
-:func:`use_fused`), ``1`` (always, where valid) or ``0`` (never).
+The switch: ``OFMU_FUSED_REDUCE`` = ``auto`` (default: per buffer, by :func:`use_fused`'s size
+rule), ``1`` (fold every buffer, where valid) or ``0`` (never). Measured on an Intel Xeon at one
+thread (docs/performance.md, "Reduction folded into the backward pass"), the folded path won at
+no size from 2^16 to 2^24 parameters: each hook's read of ``g_f`` (written by the first pass,
+long evicted) and its interruption of the backward pass cost more than the streaming pass it
+saves. So ``auto`` keeps the two-pass reduction (:data:`FUSED_MIN_MEAN_NUMEL` is None) until a
+machine shows a break-even.
 """
 
 from __future__ import annotations
@@ -30,10 +34,9 @@ import torch
 from torch import Tensor
 
 ENV = "OFMU_FUSED_REDUCE"
-# "auto" folds a buffer whose mean parameter size is at least this many elements (below it the
-# per-hook cost, ~5 us of Python and dispatch per parameter, outweighs the pass it saves; see
-# docs/performance.md, "Reduction folded into the backward pass").
-FUSED_MIN_MEAN_NUMEL = 1 << 16
+# "auto" folds a C++-backend buffer whose mean parameter size is at least this many elements;
+# None: never (no break-even measured; see the module docstring).
+FUSED_MIN_MEAN_NUMEL: int | None = None
 
 
 def setting() -> str:
@@ -54,7 +57,8 @@ def use_fused(backend_name: str, numel: int, n_params: int, how: str) -> bool:
         return False
     if how == "on":
         return True
-    return backend_name == "cpp" and numel >= FUSED_MIN_MEAN_NUMEL * n_params
+    return (FUSED_MIN_MEAN_NUMEL is not None and backend_name == "cpp"
+            and numel >= FUSED_MIN_MEAN_NUMEL * n_params)
 
 
 class FusedReduce:
