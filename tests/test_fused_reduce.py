@@ -8,10 +8,10 @@ import torch
 from ofmu import OFMU
 from ofmu import functional as F
 from ofmu.fused_reduce import ENV, FusedReduce, setting, use_fused
+from torch import nn
 
 # TiedLM's unused parameter is deliberate (its share is computed after the pass)
 pytestmark = pytest.mark.filterwarnings("ignore:1 parameter received no gradient")
-from torch import nn
 
 
 class TiedLM(nn.Module):
@@ -160,14 +160,14 @@ def test_graph_modes_and_off_do_not_fold(monkeypatch):
 def test_hook_overwrites_its_slot():
     """A parameter whose gradient arrives in several accumulations: each hook call recomputes
     the share from the views, so the last one holds the complete gradient's share."""
-    x, y = torch.zeros(5), torch.zeros(5)
+    x, y, p = torch.zeros(5), torch.zeros(5), torch.zeros(5)
     st = FusedReduce()
-    st.arm([F.reduce3], [[x]], [[y]])
+    st.arm([F.reduce3], [[x]], [[y]], {id(p): (0, 0)})
     x += torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0])
     y += 1.0
-    st.hook(0, 0)
+    st.hook(p)
     x += torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0])  # a second accumulation into the same view
-    st.hook(0, 0)
+    st.hook(p)
     (got,) = st.finish()
     torch.testing.assert_close(got, torch.tensor([6.0, 14.0, 5.0]))
 

@@ -73,12 +73,15 @@ class FusedReduce:
         self.xs: list[list[Tensor]] = []
         self.ys: list[list[Tensor] | None] = []
         self.results: list[list[Tensor | None] | None] = []
+        self.where: dict[int, tuple[int, int]] = {}
 
     def arm(self, fns: list[Callable | None], xs: list[list[Tensor]],
-            ys: list[list[Tensor] | None]) -> None:
+            ys: list[list[Tensor] | None], where: dict[int, tuple[int, int]]) -> None:
         """Fold the next backward pass: buffer ``b``'s parameter ``i`` gets
-        ``fns[b](xs[b][i], ys[b][i])`` (1-D views; ``fns[b] = None``: buffer not folded)."""
-        self.fns, self.xs, self.ys = fns, xs, ys
+        ``fns[b](xs[b][i], ys[b][i])`` (1-D views; ``fns[b] = None``: buffer not folded);
+        ``where`` maps ``id(parameter)`` to its ``(b, i)`` now (looked up at every hook call, so a
+        rebuilt layout never leaves a hook writing another parameter's slot)."""
+        self.fns, self.xs, self.ys, self.where = fns, xs, ys, where
         self.results = [None if fn is None else [None] * len(x) for fn, x in zip(fns, xs)]
         self.active = True
 
@@ -86,10 +89,12 @@ class FusedReduce:
         self.active = False
         self.results = []
 
-    def hook(self, b: int, i: int) -> None:
-        """After parameter ``i`` of buffer ``b`` accumulated its gradient (overwrites)."""
-        if not self.active or b >= len(self.results):
+    def hook(self, p: Tensor) -> None:
+        """After parameter ``p`` accumulated its gradient (overwrites its slot)."""
+        bi = self.where.get(id(p)) if self.active else None
+        if bi is None:
             return
+        b, i = bi
         res = self.results[b]
         if res is None:
             return
@@ -112,8 +117,3 @@ class FusedReduce:
         self.disarm()
         return out
 
-
-def make_hook(state: FusedReduce, b: int, i: int) -> Callable[[Tensor], None]:
-    def hook(_p: Tensor) -> None:
-        state.hook(b, i)
-    return hook

@@ -198,14 +198,14 @@ class Autodiff:
         """Count the plain parameters a backward pass reaches (post-accumulate-grad hooks, added
         once per parameter): none reached means the model no longer uses them. The same hook
         runs the folded reduction when it is armed."""
-        for b, buf in enumerate(self.buffers):
+        for buf in self.buffers:
             if is_sharded(buf):
                 continue
-            for i, p in enumerate(buf.params):
+            for p in buf.params:
                 if id(p) not in self._watched:
                     self._watched.add(id(p))
                     self._reach_hooks.append(p.register_post_accumulate_grad_hook(
-                        _counter(self._reached, self._hit, self.fused, b, i)))
+                        _counter(self._reached, self._hit, self.fused)))
 
     def _views_1d(self, b: int, slot: Slot) -> list[Tensor]:
         """Buffer ``b``'s per-parameter 1-D views of ``slot`` (cached: the buffers never move)."""
@@ -220,7 +220,8 @@ class Autodiff:
         x = Slot.GRAD_F if forget else Slot.GRAD_R
         xs = [self._views_1d(b, x) for b in range(len(self.buffers))]
         ys = [self._views_1d(b, Slot.GRAD_R) if forget else None for b in range(len(self.buffers))]
-        self.fused.arm(list(fold), xs, ys)
+        where = {id(p): (b, i) for b, buf in enumerate(self.buffers) for i, p in enumerate(buf.params)}
+        self.fused.arm(list(fold), xs, ys, where)
 
     def _check_reached(self, reached_f: int | None, reached_r: int) -> None:
         """Parameters each backward pass reached (None: not run): none at all means they were
@@ -367,10 +368,10 @@ def _remove_all(handles: list) -> None:
     handles.clear()
 
 
-def _counter(box: list, hit: set, fused: FusedReduce, b: int, i: int):
+def _counter(box: list, hit: set, fused: FusedReduce):
     def hook(p: Tensor) -> None:
         box[0] += 1
         hit.add(id(p))
         if fused.active:
-            fused.hook(b, i)
+            fused.hook(p)
     return hook
