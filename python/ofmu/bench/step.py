@@ -387,9 +387,9 @@ def print_table(rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------- folded reduction sweep
 
-SWEEP_COLUMNS = ["device", "torch", "ofmu", "threads", "model", "n_params", "rounds",
-                 "math_two_pass_us", "math_folded_us", "inner_two_pass_ms", "inner_folded_ms",
-                 "inner_speedup"]
+SWEEP_COLUMNS = ["device", "torch", "ofmu", "threads", "model", "n_params", "n_tensors", "rounds",
+                 "math_two_pass_us", "math_folded_us", "hooks_us", "inner_two_pass_ms",
+                 "inner_folded_ms", "inner_speedup"]
 
 
 def sweep_model(log2: int, device: torch.device) -> Workload:
@@ -435,7 +435,9 @@ def measure_fused(w: Workload, args, device: torch.device) -> dict:
     """Folded vs two-pass reduction on one workload, interleaved round by round. Optimizer
     math: two-pass = the ``reduce3`` pass after the backward; folded = (evaluation with the
     hooks armed - the same evaluation without) + the fixed-order sum of the shares. Whole:
-    one inner step (forward, two backward passes, reduction, coefficients, update)."""
+    one inner step (forward, two backward passes, reduction, coefficients, update).
+    ``hooks_us``: the time spent inside the hooks themselves plus the final sum (a lower bound
+    of the folded math: it leaves out what the hooks cost the rest of the backward pass)."""
     model = copy.deepcopy(w.model)
     batches = Batches(w)
     opt = OFMU(model.parameters(), lr=1e-4, inner_lr=1e-4, beta=0.5, similarity="project",
@@ -450,6 +452,19 @@ def measure_fused(w: Workload, args, device: torch.device) -> dict:
     folds = {"0": [None] * len(parts), "1": None}
     with fused_setting("1"):
         folds["1"] = F.fold(parts)
+    in_hooks = [0.0]
+    hook, finish = ad.fused.hook, ad.fused.finish
+
+    def timed(fn):
+        def run(*a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                in_hooks[0] += time.perf_counter() - t0
+        return run
+
+    ad.fused.hook, ad.fused.finish = timed(hook), timed(finish)  # instance attributes
 
     @torch.no_grad()
     def evaluate(flag):
@@ -473,7 +488,11 @@ def measure_fused(w: Workload, args, device: torch.device) -> dict:
     for flag in "01":  # warm-up
         inner(flag)
         evaluate(flag)
+    hooks = []
     for _ in range(args.rounds):
+        in_hooks[0] = 0.0
+        evaluate("1")
+        hooks.append(in_hooks[0])
         for flag in "01":
             got[f"ev{flag}"].append(_clock(lambda f=flag: evaluate(f), device, n))
             got[f"red{flag}"].append(statistics.median(reduce_after(flag) for _ in range(n)))
@@ -482,8 +501,9 @@ def measure_fused(w: Workload, args, device: torch.device) -> dict:
     math_two = med["red0"]
     math_fold = max(0.0, med["ev1"] - med["ev0"]) + med["red1"]
     return dict(model=w.name, n_params=sum(p.numel() for p in w.model.parameters()),
-                rounds=args.rounds, math_two_pass_us=1e6 * math_two,
-                math_folded_us=1e6 * math_fold, inner_two_pass_ms=1e3 * med["in0"],
+                n_tensors=len(list(w.model.parameters())), rounds=args.rounds,
+                math_two_pass_us=1e6 * math_two, math_folded_us=1e6 * math_fold,
+                hooks_us=1e6 * statistics.median(hooks), inner_two_pass_ms=1e3 * med["in0"],
                 inner_folded_ms=1e3 * med["in1"], inner_speedup=med["in0"] / med["in1"])
 
 
@@ -502,7 +522,8 @@ def fused_sweep(args) -> list[dict]:
         rows.append(dict(meta, **measure_fused(w, args, device)))
         r = rows[-1]
         print(f"  {r['model']:14s} {r['n_params']:>9d} params: math {r['math_two_pass_us']:8.1f} -> "
-              f"{r['math_folded_us']:8.1f} us, inner {r['inner_two_pass_ms']:8.2f} -> "
+              f"{r['math_folded_us']:8.1f} us (in hooks {r['hooks_us']:7.1f}), "
+              f"inner {r['inner_two_pass_ms']:8.2f} -> "
               f"{r['inner_folded_ms']:8.2f} ms ({r['inner_speedup']:.2f}x)", flush=True)
     return rows
 
