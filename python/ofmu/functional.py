@@ -136,13 +136,14 @@ def diagnostics(state: StepState, eps: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------- reductions
 
 
-def fold(parts: list[Part]) -> list:
-    """Per buffer, the ``reduce3`` to fold into the backward pass, or None (two passes):
-    ``OFMU_FUSED_REDUCE`` and the size rule of :func:`ofmu.fused_reduce.use_fused`. The C++
-    kernel takes any 1-D view; other backends fold through the torch reference."""
+def fold(parts: list[Part]) -> list | None:
+    """Per buffer, the ``reduce3`` to fold into the backward pass or None (that buffer reduced
+    in its own pass); None overall: nothing folded. ``OFMU_FUSED_REDUCE`` and the size rule of
+    :func:`ofmu.fused_reduce.use_fused` decide. The C++ kernel takes any 1-D view; other
+    backends fold through the torch reference."""
     how = fused_reduce.setting()
-    if how == "off":
-        return [None] * len(parts)
+    if how == "off" or how == "auto" and fused_reduce.FUSED_MIN_MEAN_NUMEL is None:
+        return None  # nothing folded (the default): evaluate() skips the folding entirely
     return [(p.backend.reduce3 if p.backend.name in ("cpp", "torch") else reduce3)
             if fused_reduce.use_fused(p.backend.name, p.buf.numel, len(p.buf.params), how)
             else None for p in parts]
