@@ -185,3 +185,17 @@ def test_switch(monkeypatch):
     assert not use_fused("triton", 1 << 22, 4, "auto") and use_fused("triton", 64, 1, "on")
     assert not use_fused("cpp", 1 << 22, 4, "off")
 
+
+
+def test_fused_sweep_smoke(tmp_path):
+    """The benchmark's sweep runs end to end (seconds) on a 2^12-parameter MLP."""
+    from ofmu.bench import step
+
+    rows = step.main(["--fused-sweep", "--device", "cpu", "--sweep-sizes", "12", "--models", "",
+                      "--rounds", "1", "--repeats", "1", "--out", str(tmp_path)])
+    (row,) = rows
+    width = 32  # sqrt(2^12 / 4): four width x width layers and a 10-way head
+    assert row["n_params"] == 4 * (width * width + width) + width * 10 + 10
+    assert row["n_tensors"] == 10
+    assert row["math_two_pass_us"] > 0 and row["inner_two_pass_ms"] > 0
+    assert list(tmp_path.glob("fused_reduce*.csv"))
