@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
+from ...bench.common import device_name
 from . import evaluate, metrics
 from .data import AuthorData, generate
 from .methods import build_methods, unlearn
@@ -278,7 +279,7 @@ def run(cfg: LMConfig, progress: bool = True, on_update=None) -> dict:
 
     result = {"config": {**{k: v for k, v in asdict(cfg).items() if k != "notes"},
                          "device": str(device), "threads": torch.get_num_threads(),
-                         "cpu": _cpu_name(), "torch": torch.__version__},
+                         "cpu": device_name(torch.device("cpu")), "torch": torch.__version__},
               "data": {**data.describe(), "world_answered": len(world),
                        "world_questions": [qa.question for qa in world]},
               "setup_time_s": round(setup_s, 1), "splits": {}}
@@ -381,16 +382,6 @@ def _mean_std(rows: list[dict]) -> dict:
             out[k] = [float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0]
     return out
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def config_from_args(args) -> LMConfig:
