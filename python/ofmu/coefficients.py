@@ -58,10 +58,10 @@ def direction_coeffs(mode: SimilarityMode | str, stats: Tensor, beta: float, eps
     """``(alpha, gamma)`` with ``u = alpha*g_f + gamma*y`` (``y`` as ``mode.operand`` says)."""
     if isinstance(mode, str):
         mode = SIMILARITY[mode]
+    if mode.operand == "retain":  # the projection alone (the cosine is not needed here)
+        k = stats[0] / _safe(stats[2], eps)
+        return torch.stack([torch.ones_like(k), -beta * k])
     one = torch.ones((), dtype=stats.dtype, device=stats.device)
-    if mode.operand == "retain":
-        _, k = similarity_scalars(stats, eps)
-        return torch.stack([one, -beta * k])
     if mode.operand == "grad_cos":
         return torch.stack([one, -beta * one])
     return torch.stack([one, 0.0 * one])
@@ -84,5 +84,5 @@ def update_coeffs(lr: float, weight_decay: float, coef: Tensor, scale: Tensor | 
     (``scale=None``: no clipping). ``lr`` is signed: positive for the inner ascent, negative
     for the outer descent; weight decay always shrinks ``theta``."""
     step = coef * lr if scale is None else coef * (lr * scale)
-    decay = torch.full_like(step[0], 1.0 - abs(lr) * weight_decay)
-    return pack_update(decay, step[0], step[1], ok)
+    return torch.cat([step.new_full((1,), 1.0 - abs(lr) * weight_decay), step,
+                      ok.to(step.dtype).reshape(1)])  # pack_update's layout, in one op
