@@ -8,9 +8,9 @@
 #   OUT=/tmp/o bash benchmarks/gpu_check.sh
 #
 # Time estimate on an H100 machine (16 cores), from parts measured on a 2-core CPU machine:
-#   build, one architecture: 239 s here for two (sm_80, sm_90 + PTX) with 2 jobs on a loaded
-#     2-core machine, of which the torch-header C++ files take most; with 16 jobs the three
-#     sources compile in parallel: ~60-90 s                                        limit 180 s
+#   build, one architecture: 237 s on a loaded 2-core machine with 2 jobs, of which nvcc on the
+#     .cu file 16-24 s; the rest is three host C++ files with torch's headers, which 16 jobs
+#     compile side by side: ~60-90 s                                              limit 180 s
 #   GPU tests: 562 collected with -m gpu in the four files below (kernel contract per dtype,
 #     Triton compiles, 40 optimizer tests of a few steps each): ~60-120 s            limit 200 s
 #   compute-sanitizer: 210 cases x 5 launches (benchmarks/sanitize_kernels.py, 34 s on this CPU
