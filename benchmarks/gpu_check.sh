@@ -138,7 +138,7 @@ if [ -n "$SAN" ]; then
   "$SAN" --help 2>/dev/null | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=ofmu)
   for tool in memcheck racecheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitize_$tool" 90 "$SAN" --tool "$tool" \
-      --error-exitcode 1 --print-limit 20 "${FILTER[@]}" "$PY" benchmarks/sanitize_kernels.py \
+      --error-exitcode 1 --print-limit 20 ${FILTER[@]+"${FILTER[@]}"} "$PY" benchmarks/sanitize_kernels.py \
       $([ "$tool" = memcheck ] && echo --big)
   done
 else
