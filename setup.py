@@ -13,15 +13,20 @@ Build knobs (environment variables, in the style of flash-attention's setup.py):
 * ``OFMU_SKIP_CUDA_BUILD=TRUE`` build the CPU kernels only, even where CUDA could be built.
 * ``OFMU_FORCE_CUDA=TRUE``      fail the build if the CUDA kernels cannot be built, instead of
   silently building CPU-only (use it on GPU machines and in GPU CI).
-* ``OFMU_CUDA_ARCHS="90"``      semicolon/comma-separated SM architectures to compile for
-  (e.g. "80;90"); each gets SASS plus PTX of the newest one. Default: "90" (H100/H200).
+* ``TORCH_CUDA_ARCH_LIST``      the GPU architectures to compile for, torch's convention
+  ("8.0;8.6;9.0+PTX", names such as "Ampere", or "native" for the visible GPUs). Default:
+  ofmu.cuda_arch.DEFAULT_ARCH_LIST (7.5 to 12.0, PTX of 12.0). ``OFMU_CUDA_ARCHS="80;90"`` is a
+  deprecated alias (SM numbers, PTX of the newest), read only when TORCH_CUDA_ARCH_LIST is unset.
+* ``NVCC_THREADS``              nvcc threads compiling the architectures in parallel (default 4).
 * ``MAX_JOBS``                  parallel compile jobs for ninja (read by torch's BuildExtension).
 * ``CUDA_HOME``                 the CUDA toolkit; when unset, the toolkit of the ``nvcc`` on PATH
   (or /usr/local/cuda) that actually has ``include/cuda_runtime.h`` (see _default_cuda_home).
 """
 
+import importlib.util
 import os
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -38,7 +43,7 @@ def _flag(name: str) -> bool:
 SKIP_CPP_BUILD = _flag("OFMU_SKIP_CPP_BUILD")
 SKIP_CUDA_BUILD = _flag("OFMU_SKIP_CUDA_BUILD")
 FORCE_CUDA = _flag("OFMU_FORCE_CUDA")
-CUDA_ARCHS = os.environ.get("OFMU_CUDA_ARCHS", "90")
+NVCC_THREADS = os.environ.get("NVCC_THREADS", "4")
 
 
 def _rel(*parts: str) -> str:
@@ -79,17 +84,27 @@ def _cuda_build_possible() -> tuple[bool, str]:
     return True, ""
 
 
-def _gencode_flags(archs: str) -> list[str]:
-    sms = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
-    if not sms:
-        raise RuntimeError("OFMU_CUDA_ARCHS is empty")
-    flags = []
-    for sm in sms:
-        flags += ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
-    # PTX of the newest arch so a newer GPU can still JIT the kernels.
-    newest = max(sms, key=lambda s: int("".join(ch for ch in s if ch.isdigit())))
-    flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
-    return flags
+def _cuda_arch_module():
+    """python/ofmu/cuda_arch.py, loaded by path: ofmu is not installed yet while this runs."""
+    spec = importlib.util.spec_from_file_location(
+        "_ofmu_cuda_arch", os.path.join(HERE, "python", "ofmu", "cuda_arch.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cuda_targets(arch, home: str) -> tuple[tuple[str, ...], str]:
+    """The architectures to build for (TORCH_CUDA_ARCH_LIST, see the top), checked against what
+    this nvcc can compile before any work starts."""
+    import torch
+
+    visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    targets, source = arch.build_targets(os.environ, visible)
+    listed = subprocess.run([os.path.join(home, "bin", "nvcc"), "--list-gpu-code"],
+                            capture_output=True, text=True)
+    if listed.returncode == 0:
+        arch.check_supported(targets, listed.stdout.split())
+    return targets, source
 
 
 def _extensions() -> tuple[list, dict]:
@@ -111,19 +126,26 @@ def _extensions() -> tuple[list, dict]:
         raise RuntimeError(f"OFMU_FORCE_CUDA is set but the CUDA kernels cannot be built: {why}")
 
     if build_cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        arch = _cuda_arch_module()
+        targets, source = _cuda_targets(arch, CUDA_HOME)
         cuda_sources = [_rel("csrc", "cuda", "ofmu_cuda.cpp"),
                         _rel("csrc", "cuda", "ofmu_kernels.cu")]
         ext = CUDAExtension(
             name="ofmu._C",
             sources=cpu_sources + cuda_sources,
             extra_compile_args={
-                "cxx": cxx_flags,
+                # The built targets, recorded as ofmu._C.cuda_archs (checked at run time).
+                "cxx": cxx_flags + [f"-DOFMU_CUDA_TARGETS={arch.encode(targets)}"],
                 # The .cu files include no torch headers: C++17 is enough and compiles fastest.
-                "nvcc": ["-O3", "-std=c++17"] + _gencode_flags(CUDA_ARCHS),
+                "nvcc": ["-O3", "-std=c++17", f"--threads={NVCC_THREADS}"]
+                + arch.gencode_flags(targets),
             },
             extra_link_args=link_flags,
         )
-        print(f"ofmu: building ofmu._C with CPU and CUDA kernels (sm {CUDA_ARCHS})")
+        print(f"ofmu: building ofmu._C with CPU and CUDA kernels for {', '.join(targets)} "
+              f"(from {source})")
     else:
         ext = CppExtension(
             name="ofmu._C",

@@ -52,12 +52,30 @@ TORCH_LIBRARY_IMPL(ofmu, Meta, m) {
   m.impl("update", &ofmu::update_meta);
 }
 
+// The GPU targets the CUDA kernels were compiled for, e.g. "sm_80,sm_90,compute_90" (setup.py
+// passes them as a token list; "" in a CPU-only build). ofmu.backends refuses the cuda backend
+// on a GPU that none of them runs on, instead of failing at the first launch.
+#define OFMU_STRINGIFY_(...) #__VA_ARGS__
+#define OFMU_STRINGIFY(...) OFMU_STRINGIFY_(__VA_ARGS__)
+#ifdef OFMU_CUDA_TARGETS
+static const char kCudaTargets[] = OFMU_STRINGIFY(OFMU_CUDA_TARGETS);
+#else
+static const char kCudaTargets[] = "";
+#endif
+
 // A minimal Python module: importing ofmu._C loads this library, whose static initialisers
 // above register the ops with the dispatcher (torch must be imported first, which
-// ofmu.backends does).
+// ofmu.backends does). Its one attribute, cuda_archs, is kCudaTargets.
 static PyModuleDef ofmu_module = {
     PyModuleDef_HEAD_INIT, "_C",
     "Compiled ofmu kernels; the ops live under torch.ops.ofmu (reduce3, combine, update).", -1,
     nullptr};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ofmu_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&ofmu_module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "cuda_archs", kCudaTargets) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,4 +1,5 @@
-"""Every CUDA source under csrc/cuda compiles with a bare ``nvcc -c`` for sm_90.
+"""Every CUDA source under csrc/cuda compiles with a bare ``nvcc -c`` for sm_90, and for the
+oldest architecture of the default build list (sm_75: Turing, CUDA 13's lowest).
 
 The kernels are torch-free (plain pointers and sizes), so this takes seconds and runs on a
 machine without a GPU or a CUDA build of torch; the torch glue is linked only by setup.py.
@@ -54,3 +55,18 @@ def test_nvcc_compiles(src, flagset, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
     assert (tmp_path / (src.stem + ".o")).stat().st_size > 0
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
+def test_nvcc_compiles_for_the_oldest_default_architecture(src, tmp_path):
+    """The default list starts at 7.5; bf16/fp16 code that needs a newer GPU fails here."""
+    from ofmu import cuda_arch
+
+    oldest = min((t for t in cuda_arch.build_targets({})[0] if t.startswith("sm_")),
+                 key=lambda t: cuda_arch.split_target(t)[1:3])
+    assert oldest == "sm_75"
+    cmd = [NVCC, "-c", "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, *cuda_arch.gencode_flags([oldest]),
+           "--Werror", "all-warnings", str(src), "-o", str(tmp_path / (src.stem + ".o"))]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"

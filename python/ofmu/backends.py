@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import reference
+from . import cuda_arch, reference
 
 NAMES = ("torch", "cpp", "cuda", "triton")
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -106,6 +106,30 @@ def probe(name: str) -> tuple[Backend | None, str]:
     return _CACHE[name]
 
 
+def built_cuda_targets() -> tuple[str, ...] | None:
+    """The GPU targets ``ofmu._C`` was compiled for (``ofmu._C.cuda_archs``); None when the
+    extension predates that record."""
+    from . import _C
+
+    recorded = getattr(_C, "cuda_archs", None)
+    return None if recorded is None else cuda_arch.decode(recorded)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def probe_on(name: str, device: torch.device) -> tuple[Backend | None, str]:
+    """:func:`probe`, and for ``cuda`` also whether the build covers ``device``'s architecture
+    (built for other GPUs only, the first launch would fail with "no kernel image")."""
+    b, why = probe(name)
+    if b is None or name != "cuda":
+        return b, why
+    targets = built_cuda_targets()
+    why = "" if targets is None else cuda_arch.coverage(targets, _capability(device))
+    return (None, why) if why else (b, "")
+
+
 def _device_class(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
@@ -124,14 +148,14 @@ def select(requested: str, device: torch.device) -> tuple[Backend, str]:
                              f"expected 'auto' or one of {NAMES}")
         if requested == "cpp" and cls != "cpu" or requested in ("cuda",) and cls != "cuda":
             raise ValueError(f"backend {requested!r} (from {source}) cannot run on {device}")
-        b, why = probe(requested)
+        b, why = probe_on(requested, device)
         if b is None:
             raise RuntimeError(f"backend {requested!r} requested via {source} is unavailable: "
                                f"{why}")
         return b, f"{requested} requested via {source}"
     skipped = []
     for name in _PREFERENCE[cls]:
-        b, why = probe(name)
+        b, why = probe_on(name, device)
         if b is not None:
             reason = f"first available for {cls}"
             if skipped:
@@ -143,7 +167,11 @@ def select(requested: str, device: torch.device) -> tuple[Backend, str]:
 
 def backend_info() -> SimpleNamespace:
     """What exists here and which backend each device class gets (``ofmu info`` prints it)."""
-    avail = {n: (probe(n)[0] is not None, probe(n)[1]) for n in NAMES}
+    gpu = torch.cuda.is_available()
+    avail = {}
+    for n in NAMES:  # cuda: on the current GPU, whose architecture the build may not cover
+        b, why = probe_on(n, torch.device("cuda")) if n == "cuda" and gpu else probe(n)
+        avail[n] = (b is not None, why)
     chosen = {}
     for cls, dev in (("cpu", torch.device("cpu")), ("cuda", torch.device("cuda"))):
         if cls == "cuda" and not torch.cuda.is_available():

@@ -32,6 +32,7 @@ from .coefficients import (  # noqa: F401  (the kernels' tests use them from her
     similarity_scalars,
     update_coeffs,
 )
+from .devices import move, reduction_device
 from .flat import MOMENTS, FlatBuffer, Slot
 from .gradients import Autodiff, Evaluation, accepts
 from .modes import OuterHvpMode, SimilarityMode
@@ -151,21 +152,21 @@ def fold(parts: list[Part]) -> list | None:
 
 def reduce(parts: list[Part], x: Slot, y: Slot | None,
            folded: list[Tensor | None] | None = None) -> tuple[list[Tensor], Tensor]:
-    """Per-buffer ``reduce3(x, y)`` and their sum (on the first buffer's device; float64 if any
+    """Per-buffer ``reduce3(x, y)`` and their sum (on :func:`reduction_device`; float64 if any
     buffer is float64, else float32). ``folded``: per buffer, the result already computed in
     the backward pass (``Evaluation.stats``; None entries are reduced here)."""
-    dev = parts[0].buf.device
+    dev = reduction_device([p.buf.device for p in parts])
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
     folded = folded or [None] * len(parts)
-    stats = [(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)) if f is None else f).to(
-        device=dev, dtype=dt, non_blocking=True) for p, f in zip(parts, folded)]
+    stats = [move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)) if f is None else f, dev, dt)
+             for p, f in zip(parts, folded)]
     stats = all_reduce_stats(parts, stats)  # FSDP2: per-shard sums made global
     return stats, stats[0] if len(stats) == 1 else torch.stack(stats).sum(0)
 
 
 def _on(t: Tensor, buf: FlatBuffer) -> Tensor:
     """Coefficients onto a buffer's device, in its accumulation dtype."""
-    return t.to(device=buf.device, dtype=acc_dtype(buf.dtype), non_blocking=True)
+    return move(t, buf.device, acc_dtype(buf.dtype))
 
 
 def group_sqnorms(parts: list[Part], cfg: StepConfig, coefs: list[Tensor], stats: list[Tensor],
@@ -237,10 +238,10 @@ def finite_inputs(parts: list[Part], cfg: StepConfig, losses: tuple[Tensor, ...]
     every rank decides alike)."""
     dev = losses[0].device
     if all(loss.device == dev and loss.dtype == losses[0].dtype for loss in losses):  # one isfinite
-        flags = [torch.isfinite(torch.stack([loss.detach() for loss in losses])).all().to(
-            ok.device, non_blocking=True)]
+        flags = [move(torch.isfinite(torch.stack([loss.detach() for loss in losses])).all(),
+                      ok.device)]
     else:
-        flags = [torch.isfinite(loss.detach()).to(ok.device, non_blocking=True) for loss in losses]
+        flags = [move(torch.isfinite(loss.detach()), ok.device) for loss in losses]
     if any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
         sums = [p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)).to(ok.device, torch.float64)
                 if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
