@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from . import coefficients as C
-from . import fused_reduce
 from .backends import Backend
 from .coefficients import (  # noqa: F401  (the kernels' tests use them from here)
     clip_scale,
@@ -136,29 +135,13 @@ def diagnostics(state: StepState, eps: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------- reductions
 
 
-def fold(parts: list[Part]) -> list | None:
-    """Per buffer, the ``reduce3`` to fold into the backward pass or None (that buffer reduced
-    in its own pass); None overall: nothing folded. ``OFMU_FUSED_REDUCE`` and the size rule of
-    :func:`ofmu.fused_reduce.use_fused` decide. The C++ kernel takes any 1-D view; other
-    backends fold through the torch reference."""
-    how = fused_reduce.setting()
-    if how == "off" or how == "auto" and fused_reduce.FUSED_MIN_MEAN_NUMEL is None:
-        return None  # nothing folded (the default): evaluate() skips the folding entirely
-    return [(p.backend.reduce3 if p.backend.name in ("cpp", "torch") else reduce3)
-            if fused_reduce.use_fused(p.backend.name, p.buf.numel, len(p.buf.params), how)
-            else None for p in parts]
-
-
-def reduce(parts: list[Part], x: Slot, y: Slot | None,
-           folded: list[Tensor | None] | None = None) -> tuple[list[Tensor], Tensor]:
+def reduce(parts: list[Part], x: Slot, y: Slot | None) -> tuple[list[Tensor], Tensor]:
     """Per-buffer ``reduce3(x, y)`` and their sum (on the first buffer's device; float64 if any
-    buffer is float64, else float32). ``folded``: per buffer, the result already computed in
-    the backward pass (``Evaluation.stats``; None entries are reduced here)."""
+    buffer is float64, else float32)."""
     dev = parts[0].buf.device
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
-    folded = folded or [None] * len(parts)
-    stats = [(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)) if f is None else f).to(
-        device=dev, dtype=dt, non_blocking=True) for p, f in zip(parts, folded)]
+    stats = [p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)).to(
+        device=dev, dtype=dt, non_blocking=True) for p in parts]
     stats = all_reduce_stats(parts, stats)  # FSDP2: per-shard sums made global
     return stats, stats[0] if len(stats) == 1 else torch.stack(stats).sum(0)
 
@@ -330,9 +313,8 @@ def inner_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodif
     """One ascent step on ``Phi = L_f - beta*cos``: ``theta += inner_lr * u``. Returns the
     forget loss (detached)."""
     second = cfg.sim.second_order
-    ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'",
-                     fold=fold(parts))
-    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R, ev.stats)
+    ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'")
+    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
     state.diag["inner_stats"] = gstats
     with torch.enable_grad():
         y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
@@ -359,8 +341,8 @@ def outer_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodif
     if penalised:
         ev, stats, ok = _penalty(parts, cfg, state, ad, closure)
     else:  # retain descent: the forget gradient would only feed diagnostics, so it is skipped
-        ev = ad.evaluate(closure, forget=False, fold=fold(parts))
-        stats, gstats = reduce(parts, Slot.GRAD_R, None, ev.stats)  # [0, |g_r|^2, 0]
+        ev = ad.evaluate(closure, forget=False)
+        stats, gstats = reduce(parts, Slot.GRAD_R, None)  # [0, |g_r|^2, 0]
         for key in ("outer_stats", "grad_phi_sq"):
             state.diag.pop(key, None)
         state.diag["retain_stats"] = gstats
@@ -383,9 +365,8 @@ def _penalty(parts, cfg, state, ad, closure):
     ``HVP``; returns the evaluation, per-buffer ``reduce3(g_r, h)`` and the finite flag."""
     graph_f, graph_r = cfg.hvp.graphs(cfg.sim)
     ev = ad.evaluate(closure, graph_f=graph_f, graph_r=graph_r,
-                     why=f"similarity={cfg.sim.name!r} with outer_hvp={cfg.hvp.name!r} and rho > 0",
-                     fold=fold(parts))
-    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R, ev.stats)
+                     why=f"similarity={cfg.sim.name!r} with outer_hvp={cfg.hvp.name!r} and rho > 0")
+    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
     state.diag.pop("retain_stats", None)
     state.diag["outer_stats"] = gstats
     with torch.enable_grad():
@@ -467,8 +448,8 @@ def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> None:
     def u_here(out: Slot) -> None:
         second = cfg.sim.second_order
         probe = ad.evaluate(closure, graph_f=second, graph_r=second, same_batch=same,
-                            why="similarity='hvp'", fold=fold(parts))
-        stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R, probe.stats)
+                            why="similarity='hvp'")
+        stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
         combine_direction(parts, cfg, ad, probe, stats, gstats, out)
 
     move(+1.0)

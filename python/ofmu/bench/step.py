@@ -22,13 +22,6 @@ Ratios: ``inner_vs_ga`` = one inner step / one GA step; ``step_vs_ga`` = one ``s
 GA step; ``step_per_update_vs_ga`` = ``step_vs_ga / (T + 1)`` (both loops update theta); and
 the same against GradDiff. Headline times are medians over steps; the split is the mean.
 
-With a reduction folded into the backward pass (``OFMU_FUSED_REDUCE``), the hooks' ``reduce3``
-calls run inside ``backward`` and are counted there, not under ``kernels``.
-
-``--fused-sweep`` measures that folded reduction against the two-pass one instead: MLPs of
-2^16-2^24 parameters and the two models above, the two paths interleaved round by round,
-medians over rounds (optimizer-math time and whole inner-step time).
-
 Run ``python benchmarks/bench_step.py --help``; results go to ``benchmarks/results/``.
 """
 
@@ -38,9 +31,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,11 +39,8 @@ import torch
 from torch import nn
 
 from ofmu import OFMU
-from ofmu import functional as F
 from ofmu.backends import Backend
 from ofmu.bench import common as C
-from ofmu.flat import Slot
-from ofmu.fused_reduce import ENV as FUSED_ENV
 
 MODES = {  # label -> (similarity, outer_hvp)
     "project": ("project", "forget"),
@@ -156,25 +144,12 @@ class Profile:
         self.sw = C.Stopwatch(device)
         self.phase = "step"
         self._saved: dict = {}
-        self.in_backward = False
 
     def label(self, category: str) -> Callable[[], str]:
-        # kernels called from autograd hooks (the folded reduction) are part of ``backward``:
-        # a label outside CATEGORIES, so that they are not counted twice
-        return lambda: (f"{self.phase}/folded" if category == "kernels" and self.in_backward
-                        else f"{self.phase}/{category}")
+        return lambda: f"{self.phase}/{category}"
 
     def _backward_timed(self, fn: Callable) -> Callable:
-        timed = self.sw.wrap(self.label("backward"), fn)
-
-        def run(*args, **kwargs):
-            prev, self.in_backward = self.in_backward, True
-            try:
-                return timed(*args, **kwargs)
-            finally:
-                self.in_backward = prev
-
-        return run
+        return self.sw.wrap(self.label("backward"), fn)
 
     def in_phase(self, phase: str, fn: Callable) -> Callable:
         timed = self.sw.wrap(phase, fn)
@@ -318,11 +293,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--out", default=str(C.RESULTS_DIR), help="output folder for the CSV")
     p.add_argument("--tag", default="", help="suffix of the output file name")
-    p.add_argument("--fused-sweep", action="store_true",
-                   help="folded (OFMU_FUSED_REDUCE=1) vs two-pass reduction instead")
-    p.add_argument("--sweep-sizes", default="16,18,20,22,24",
-                   help="log2 parameter counts of the sweep's MLPs")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the sweep")
     return p.parse_args(argv)
 
 
@@ -385,156 +355,8 @@ def print_table(rows: list[dict]) -> None:
                          "other", "inner/GA", "step/GA", "step/(T+1)GA", "status"]))
 
 
-# ------------------------------------------------------------------- folded reduction sweep
-
-SWEEP_COLUMNS = ["device", "torch", "ofmu", "threads", "model", "n_params", "n_tensors", "rounds",
-                 "math_two_pass_us", "math_folded_us", "hooks_us", "inner_two_pass_ms",
-                 "inner_folded_ms", "inner_speedup"]
-
-
-def sweep_model(log2: int, device: torch.device) -> Workload:
-    """An MLP of 4 square layers (``~2^log2`` parameters), batch 8: a small batch, so that the
-    reduction is a visible share of the step."""
-    width = max(8, round((2 ** log2 / 4) ** 0.5))
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(width, width), nn.Tanh())],
-                          nn.Linear(width, 10)).to(device)
-
-    def draw():
-        return torch.randn(8, width, device=device), torch.randint(0, 10, (8,), device=device)
-
-    return Workload(f"mlp-2^{log2}", model, [draw() for _ in range(4)], [draw() for _ in range(4)], 8)
-
-
-@contextlib.contextmanager
-def fused_setting(value: str):
-    old = os.environ.get(FUSED_ENV)
-    os.environ[FUSED_ENV] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(FUSED_ENV, None)
-        else:
-            os.environ[FUSED_ENV] = old
-
-
-def _clock(fn: Callable, device: torch.device, n: int) -> float:
-    """Median seconds of ``n`` calls."""
-    times = []
-    for _ in range(n):
-        C.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        C.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def measure_fused(w: Workload, args, device: torch.device) -> dict:
-    """Folded vs two-pass reduction on one workload, interleaved round by round. Optimizer
-    math: two-pass = the ``reduce3`` pass after the backward; folded = (evaluation with the
-    hooks armed - the same evaluation without) + the fixed-order sum of the shares. Whole:
-    one inner step (forward, two backward passes, reduction, coefficients, update).
-    ``hooks_us``: the time spent inside the hooks themselves plus the final sum (a lower bound
-    of the folded math: it leaves out what the hooks cost the rest of the backward pass)."""
-    model = copy.deepcopy(w.model)
-    batches = Batches(w)
-    opt = OFMU(model.parameters(), lr=1e-4, inner_lr=1e-4, beta=0.5, similarity="project",
-               outer_steps=1, preconditioner="sgd", forget_loss_cap=None, backend=args.backend)
-    parts, ad = opt._parts, opt._autodiff
-
-    def closure():
-        bf, br = batches.next()
-        with w.context():
-            return ce(model, bf), ce(model, br)
-
-    folds = {"0": [None] * len(parts), "1": None}
-    with fused_setting("1"):
-        folds["1"] = F.fold(parts)
-    in_hooks = [0.0]
-    hook, finish = ad.fused.hook, ad.fused.finish
-
-    def timed(fn):
-        def run(*a):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                in_hooks[0] += time.perf_counter() - t0
-        return run
-
-    ad.fused.hook, ad.fused.finish = timed(hook), timed(finish)  # instance attributes
-
-    @torch.no_grad()
-    def evaluate(flag):
-        ev = ad.evaluate(closure, fold=folds[flag])
-        return ev
-
-    def reduce_after(flag):
-        ev = evaluate(flag)
-        C.synchronize(device)
-        t0 = time.perf_counter()
-        F.reduce(parts, Slot.GRAD_F, Slot.GRAD_R, ev.stats)
-        C.synchronize(device)
-        return time.perf_counter() - t0
-
-    def inner(flag):
-        with fused_setting(flag):
-            opt.inner_step(closure)
-
-    n = max(3, args.repeats)
-    got: dict[str, list[float]] = {k: [] for k in ("red0", "red1", "ev0", "ev1", "in0", "in1")}
-    for flag in "01":  # warm-up
-        inner(flag)
-        evaluate(flag)
-    hooks = []
-    for _ in range(args.rounds):
-        in_hooks[0] = 0.0
-        evaluate("1")
-        hooks.append(in_hooks[0])
-        for flag in "01":
-            got[f"ev{flag}"].append(_clock(lambda f=flag: evaluate(f), device, n))
-            got[f"red{flag}"].append(statistics.median(reduce_after(flag) for _ in range(n)))
-            got[f"in{flag}"].append(_clock(lambda f=flag: inner(f), device, n))
-    med = {k: statistics.median(v) for k, v in got.items()}
-    math_two = med["red0"]
-    math_fold = max(0.0, med["ev1"] - med["ev0"]) + med["red1"]
-    return dict(model=w.name, n_params=sum(p.numel() for p in w.model.parameters()),
-                n_tensors=len(list(w.model.parameters())), rounds=args.rounds,
-                math_two_pass_us=1e6 * math_two, math_folded_us=1e6 * math_fold,
-                hooks_us=1e6 * statistics.median(hooks), inner_two_pass_ms=1e3 * med["in0"],
-                inner_folded_ms=1e3 * med["in1"], inner_speedup=med["in0"] / med["in1"])
-
-
-def fused_sweep(args) -> list[dict]:
-    device = C.resolve_device(args.device)
-    C.set_threads(args.threads)
-    meta = C.metadata(device)
-    print(f"# {meta['device']} | torch {meta['torch']} ofmu {meta['ofmu']} | "
-          f"threads {meta['threads']} | folded vs two-pass reduction, {args.rounds} rounds")
-    sizes = [int(x) for x in args.sweep_sizes.split(",") if x.strip()]
-    loads = [sweep_model(k, device) for k in sizes]
-    loads += [make_workload(m.strip(), device, args.batch)
-              for m in args.models.split(",") if m.strip()]
-    rows = []
-    for w in loads:
-        rows.append(dict(meta, **measure_fused(w, args, device)))
-        r = rows[-1]
-        print(f"  {r['model']:14s} {r['n_params']:>9d} params: math {r['math_two_pass_us']:8.1f} -> "
-              f"{r['math_folded_us']:8.1f} us (in hooks {r['hooks_us']:7.1f}), "
-              f"inner {r['inner_two_pass_ms']:8.2f} -> "
-              f"{r['inner_folded_ms']:8.2f} ms ({r['inner_speedup']:.2f}x)", flush=True)
-    return rows
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.fused_sweep:
-        rows = fused_sweep(args)
-        out = C.write_csv(C.output_stem("fused_reduce", args) + ".csv", rows, SWEEP_COLUMNS)
-        print(f"\nwrote {out}")
-        return rows
     rows = run(args)
     out = C.write_csv(C.output_stem("step", args) + ".csv", rows, COLUMNS)
     print_table(rows)
