@@ -255,13 +255,20 @@ def output_stem(kind: str, args) -> str:
 
 
 def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
+    """Written atomically: a temporary file in the same folder, renamed over ``path`` once
+    complete (an interrupted run leaves the previous results intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt_csv(r.get(k, "")) for k in columns})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: _fmt_csv(r.get(k, "")) for k in columns})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
