@@ -4,7 +4,7 @@ What is timed (one inner step of ``similarity="project"`` over flat buffers, as 
 it; docs/design.md, "Kernel contract")::
 
     stats = reduce3(g_f, g_r)                           # <g_f,g_r>, |g_f|^2, |g_r|^2   8 B/elem
-    coeffs = f(stats)                                   # ofmu.functional, on the device
+    coeffs = finalize(stats)                            # the backend's finalize op, on the device
     theta = theta + lr * (g_f - beta * k(stats) * g_r)  # update (read 3, write 1)     16 B/elem
 
 Bytes model: 6 buffer-element accesses per element, i.e. 24 B/elem in fp32 and 12 B/elem in
@@ -18,7 +18,7 @@ Providers (``--providers``):
 * ``foreach`` — ``torch._foreach_*`` over per-tensor views of the same buffers (model-like list).
 * ``compile`` — ``torch.compile(dynamic=True)`` of the ofmu.functional reference step.
 * ``cpp`` / ``cuda`` / ``triton`` — ofmu's backends (``ofmu.backends.probe``) with the
-  coefficient math of ``ofmu.functional`` in between, exactly the optimizer's call sequence.
+  backend's ``finalize`` op in between, exactly the optimizer's call sequence.
 * ``reference`` — ofmu's torch fallback backend (not in the default list).
 
 The ceiling is measured in the same process on the same buffers: a triad ``a = b + s*c``
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ofmu import backends
+from ofmu import backends, reference
 from ofmu import functional as F
 from ofmu.bench import common as C
 
@@ -115,14 +115,13 @@ def make_buffers(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0
 # -------------------------------------------------------------------------------- providers
 
 
-def ofmu_step(reduce3: Callable, update: Callable, theta, gf, gr, lr=LR, beta=BETA, eps=EPS):
+def ofmu_step(reduce3: Callable, update: Callable, theta, gf, gr, lr=LR, beta=BETA, eps=EPS,
+              finalize: Callable = reference.finalize):
     """The optimizer's inner-step call sequence (``OFMU.inner_step``, project mode, no
-    clipping): reduce, coefficients on the device, update."""
+    clipping, no cap): reduce, the coefficients on the device (``finalize``), update."""
     stats = reduce3(gf, gr)
-    ok = torch.isfinite(stats).all()
-    coef = F.direction_coeffs("project", stats, beta, eps)
-    c = F.update_coeffs(lr, 0.0, coef, None, ok)
-    update(theta, gf, gr, c)
+    c = finalize(stats, stats, stats[:0], None, True, -beta, eps, lr, 0.0, None, None)
+    update(theta, gf, gr, c[:4])
 
 
 def eager_step(theta, gf, gr, lr=LR, beta=BETA, eps=EPS):
@@ -186,7 +185,8 @@ def make_provider(name: str, device: torch.device) -> tuple[Callable | None, str
             return None, why
     else:
         raise ValueError(f"unknown provider {name!r}; expected one of {ALL_PROVIDERS}")
-    return (lambda b: ofmu_step(be.reduce3, be.update, b.theta, b.gf, b.gr)), ""
+    return (lambda b: ofmu_step(be.reduce3, be.update, b.theta, b.gf, b.gr,
+                                finalize=be.finalize)), ""
 
 
 # -------------------------------------------------------------------------------- the check
@@ -229,8 +229,10 @@ def _unit_roundoff(dtype: torch.dtype) -> float:
 
 def coefficients(stats: torch.Tensor, lr: float = LR, beta: float = BETA, eps: float = EPS):
     """``update`` coefficients ``[c0, c1, c2, ok]`` of the benchmarked step from its statistics."""
-    coef = F.direction_coeffs("project", stats, beta, eps)
-    return F.update_coeffs(lr, 0.0, coef, None, torch.isfinite(stats).all())
+    d, _, nr2 = stats.unbind()
+    k = d / (nr2 * (1.0 + eps) + torch.finfo(stats.dtype).tiny)  # docs/kernels.md, finalize
+    one = torch.ones_like(k)
+    return torch.stack([one, lr * one, (-beta * k) * lr, torch.isfinite(stats).all().to(k.dtype)])
 
 
 @dataclass

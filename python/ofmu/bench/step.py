@@ -22,6 +22,14 @@ Ratios: ``inner_vs_ga`` = one inner step / one GA step; ``step_vs_ga`` = one ``s
 GA step; ``step_per_update_vs_ga`` = ``step_vs_ga / (T + 1)`` (both loops update theta); and
 the same against GradDiff. Headline times are medians over steps; the split is the mean.
 
+``--fixed-cost`` measures instead what the optimizer adds to a step on a tiny model, where the
+passes cost least: an MLP 32-64-64-10 (6,922 parameters), batch 32, fp32, SGD, the default
+``similarity="project"``. ``bare`` = the closure's two forwards and two ``.backward()`` calls;
+``inner`` = ``OFMU.inner_step`` on the same batches; fixed cost = inner / bare - 1, per round
+(the two interleaved sample by sample, the thread's CPU clock), reported as median (min-max)
+over rounds, with the number of torch ops each runs (counted by a dispatch mode: the same on
+every machine).
+
 Run ``python benchmarks/bench_step.py --help``; results go to ``benchmarks/results/``.
 """
 
@@ -37,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ofmu import OFMU
 from ofmu.backends import Backend
@@ -179,7 +188,7 @@ class Profile:
 def timing_backend(be: Backend, prof: Profile) -> Backend:
     lab = prof.label("kernels")
     return Backend(be.name, prof.sw.wrap(lab, be.reduce3), prof.sw.wrap(lab, be.combine),
-                   prof.sw.wrap(lab, be.update))
+                   prof.sw.wrap(lab, be.update), prof.sw.wrap(lab, be.finalize))
 
 
 # ----------------------------------------------------------------------------------- methods
@@ -293,6 +302,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--out", default=str(C.RESULTS_DIR), help="output folder for the CSV")
     p.add_argument("--tag", default="", help="suffix of the output file name")
+    p.add_argument("--fixed-cost", action="store_true",
+                   help="the optimizer's fixed cost over the bare passes on a 6,922-parameter MLP")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of --fixed-cost")
     return p.parse_args(argv)
 
 
@@ -355,8 +367,89 @@ def print_table(rows: list[dict]) -> None:
                          "other", "inner/GA", "step/GA", "step/(T+1)GA", "status"]))
 
 
+# ------------------------------------------------------------------------------- fixed cost
+
+FIXED_COLUMNS = ["device", "torch", "ofmu", "threads", "backend", "round", "bare_us", "inner_us",
+                 "overhead_pct", "ops_bare", "ops_inner"]
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(fn: Callable) -> int:
+    with _OpCounter() as c:
+        fn()
+    return c.n
+
+
+def fixed_cost(args) -> list[dict]:
+    device = C.resolve_device(args.device)
+    C.set_threads(args.threads)
+    meta = C.metadata(device)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10)).to(device)
+    bare_model = copy.deepcopy(model)
+    data = [(torch.randn(32, 32, device=device), torch.randint(0, 10, (32,), device=device))
+            for _ in range(4)]
+    opt = OFMU(model.parameters(), lr=1e-4, inner_lr=1e-4, similarity="project",
+               preconditioner="sgd", backend=args.backend)
+    i = [0]
+
+    def closure_of(m):
+        def closure():
+            bf, br = data[i[0] % 4], data[(i[0] + 1) % 4]
+            i[0] += 1
+            return ce(m, bf), ce(m, br)
+        return closure
+
+    closure, bare_closure = closure_of(model), closure_of(bare_model)
+
+    def bare():
+        lf, lr = bare_closure()
+        lf.backward()
+        lr.backward()
+
+    def inner():
+        opt.inner_step(closure)
+
+    ops = {"bare": _count_ops(bare), "inner": _count_ops(inner)}
+    clock = "thread" if device.type == "cpu" and args.threads == 1 else "wall"
+    print(f"# {meta['device']} | torch {meta['torch']} ofmu {meta['ofmu']} | threads "
+          f"{meta['threads']} | backend {opt.backend_summary()[0]} | clock {clock}")
+    rows = []
+    for r in range(1, args.rounds + 1):
+        got = C.time_interleaved({"bare": bare, "inner": inner}, device, max(5, args.repeats),
+                                 warmup=20, min_sample_s=0.02, clock=clock)
+        med = {k: C.summarize(v[0])["median_s"] for k, v in got.items()}
+        rows.append(dict(meta, backend=args.backend, round=r, bare_us=1e6 * med["bare"],
+                         inner_us=1e6 * med["inner"],
+                         overhead_pct=100.0 * (med["inner"] / med["bare"] - 1.0),
+                         ops_bare=ops["bare"], ops_inner=ops["inner"]))
+        print(f"  round {r}: bare {rows[-1]['bare_us']:.0f} us, inner step "
+              f"{rows[-1]['inner_us']:.0f} us, fixed cost {rows[-1]['overhead_pct']:.0f}%",
+              flush=True)
+    pct = sorted(x["overhead_pct"] for x in rows)
+    print(f"fixed cost over the bare passes: median {statistics.median(pct):.0f}% "
+          f"(min {pct[0]:.0f}%, max {pct[-1]:.0f}%) over {len(pct)} rounds; torch ops: bare "
+          f"{ops['bare']}, inner step {ops['inner']}")
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.fixed_cost:
+        rows = fixed_cost(args)
+        out = C.write_csv(C.output_stem("fixed_cost", args) + ".csv", rows, FIXED_COLUMNS)
+        print(f"wrote {out}")
+        return rows
     rows = run(args)
     out = C.write_csv(C.output_stem("step", args) + ".csv", rows, COLUMNS)
     print_table(rows)
