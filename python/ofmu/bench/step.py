@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ofmu import OFMU
 from ofmu.backends import Backend
 from ofmu.bench import common as C
+from ofmu.modes import OUTER_HVP, SIMILARITY, step_cost
 
 MODES = {  # label -> (similarity, outer_hvp)
     "project": ("project", "forget"),
@@ -66,7 +67,9 @@ COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "model", "n_params", 
            "step_median_s", "step_q25_s", "step_q75_s", "inner_median_s", "outer_median_s",
            "forward_s", "backward_s", "kernels_s", "other_s", "kernels_pct",
            "inner_vs_ga", "inner_vs_graddiff", "step_vs_ga", "step_vs_graddiff",
-           "step_per_update_vs_ga", "skipped_steps", "status"]
+           "step_per_update_vs_ga", "grad_evals", "per_eval_vs_graddiff",
+           "per_eval_vs_graddiff_lo", "per_eval_vs_graddiff_hi", "optimizer_pct", "skipped_steps",
+           "status"]
 
 
 # ------------------------------------------------------------------------------------ models
@@ -110,12 +113,15 @@ def make_workload(name: str, device: torch.device, batch: int | None, n_batches:
             return torch.randn(b, 784, device=device), torch.randint(0, 10, (b,), device=device)
 
         ctx = contextlib.nullcontext
-    elif name == "transformer":
-        b, seq = batch or 16, 32
-        model = TinyTransformer()
+    elif name in ("transformer", "transformer-10m"):
+        b, seq = batch or (16 if name == "transformer" else 4), 32
+        # transformer-10m: 16.7M parameters (4 layers of width 512, 8 heads, vocabulary 8000)
+        model = (TinyTransformer() if name == "transformer" else
+                 TinyTransformer(vocab=8000, width=512, heads=8, layers=4))
+        vocab = model.embed.num_embeddings
 
         def draw():
-            return (torch.randint(0, 1000, (b, seq), device=device),
+            return (torch.randint(0, vocab, (b, seq), device=device),
                     torch.randint(0, 10, (b,), device=device))
 
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -123,7 +129,8 @@ def make_workload(name: str, device: torch.device, batch: int | None, n_batches:
         def ctx():
             return sdpa_kernel([SDPBackend.MATH])
     else:
-        raise ValueError(f"unknown model {name!r}; expected 'mlp' or 'transformer'")
+        raise ValueError(f"unknown model {name!r}; expected 'mlp', 'transformer' or "
+                         "'transformer-10m'")
     model.to(device)
     return Workload(name, model, [draw() for _ in range(n_batches)],
                     [draw() for _ in range(n_batches)], b, ctx)
@@ -274,6 +281,8 @@ def measure(method: str, w: Workload, args, device: torch.device) -> dict:
         row[f"{c}_s"] = cat(c)
     row["other_s"] = mean["step"] - sum(cat(c) for c in CATEGORIES)
     row["kernels_pct"] = 100.0 * cat("kernels") / mean["step"]
+    # what the optimizer adds to the model's passes: its kernels and everything else
+    row["optimizer_pct"] = 100.0 * (cat("kernels") + row["other_s"]) / mean["step"]
     # Sanity: the step ran and left finite parameters (an exploding run would time NaN paths).
     params = list(opt._autodiff.params) if opt is not None else []
     finite = all(torch.isfinite(p).all() for p in params)
@@ -290,7 +299,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--models", default="mlp,transformer", help="comma list of mlp, transformer")
+    p.add_argument("--models", default="mlp,transformer",
+                   help="comma list of mlp, transformer, transformer-10m (16.7M parameters)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma list from ga, graddiff, {', '.join(MODES)}")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 128 MLP, 16 TF)")
@@ -337,6 +347,7 @@ def run(args) -> list[dict]:
         for m, r in got.items():
             if r.get("step_median_s") is None or not ga or not gd:
                 continue
+            _per_eval(r, got["graddiff"], m, args)
             r["step_vs_ga"], r["step_vs_graddiff"] = r["step_median_s"] / ga, r["step_median_s"] / gd
             if m in MODES:
                 r["inner_vs_ga"] = r["inner_median_s"] / ga
@@ -344,6 +355,25 @@ def run(args) -> list[dict]:
                 r["step_per_update_vs_ga"] = r["step_vs_ga"] / T1
         rows += got.values()
     return rows
+
+
+def grad_evals(method: str, args) -> float:
+    """Gradient evaluations of one step (forward + backward of one minibatch), as the studies'
+    budgets charge them: GA 1, GradDiff 2, OFMU ``modes.step_cost`` (rho > 0)."""
+    if method in ("ga", "graddiff"):
+        return 1.0 if method == "ga" else 2.0
+    sim, hvp = MODES[method]
+    return step_cost(SIMILARITY[sim], OUTER_HVP[hvp], args.inner_steps, 1, penalty_on=True)
+
+
+def _per_eval(r: dict, gd: dict, method: str, args) -> None:
+    """Time per gradient evaluation against GradDiff's: median ratio, and the range the
+    quartiles of both allow (slowest OFMU quartile over fastest GradDiff one, and back)."""
+    e, eg = grad_evals(method, args), grad_evals("graddiff", args)
+    r["grad_evals"] = e
+    r["per_eval_vs_graddiff"] = (r["step_median_s"] / e) / (gd["step_median_s"] / eg)
+    r["per_eval_vs_graddiff_lo"] = (r["step_q25_s"] / e) / (gd["step_q75_s"] / eg)
+    r["per_eval_vs_graddiff_hi"] = (r["step_q75_s"] / e) / (gd["step_q25_s"] / eg)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -356,15 +386,20 @@ def print_table(rows: list[dict]) -> None:
     body = []
     for r in rows:
         if r.get("step_median_s") is None:
-            body.append([r["model"], r["method"]] + ["-"] * 10 + [r.get("status", "")])
+            body.append([r["model"], r["method"]] + ["-"] * 12 + [r.get("status", "")])
             continue
+        pe = (f"{r['per_eval_vs_graddiff']:.2f}x ({r['per_eval_vs_graddiff_lo']:.2f}-"
+              f"{r['per_eval_vs_graddiff_hi']:.2f})" if "per_eval_vs_graddiff" in r else "-")
         body.append([r["model"], r["method"], ms(r["step_median_s"]), ms(r.get("inner_median_s")),
                      ms(r.get("outer_median_s")), ms(r["forward_s"]), ms(r["backward_s"]),
                      ms(r["kernels_s"]), ms(r["other_s"]), x(r.get("inner_vs_ga")),
-                     x(r.get("step_vs_ga")), x(r.get("step_per_update_vs_ga")), r["status"]])
-    print("\ntimes in ms (step/inner/outer: median; fwd/bwd/kernels/other: mean per step)")
+                     x(r.get("step_vs_ga")), x(r.get("step_per_update_vs_ga")), pe,
+                     f"{r['optimizer_pct']:.0f}%", r["status"]])
+    print("\ntimes in ms (step/inner/outer: median; fwd/bwd/kernels/other: mean per step); "
+          "per eval = per gradient evaluation (quartile range); opt = kernels + other")
     print(C.table(body, ["model", "method", "step", "inner", "outer", "fwd", "bwd", "kernels",
-                         "other", "inner/GA", "step/GA", "step/(T+1)GA", "status"]))
+                         "other", "inner/GA", "step/GA", "step/(T+1)GA", "per eval/GradDiff",
+                         "opt", "status"]))
 
 
 # ------------------------------------------------------------------------------- fixed cost
