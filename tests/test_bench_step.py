@@ -43,3 +43,8 @@ def test_fixed_cost_mode_writes_rounds_and_op_counts(tmp_path):
         # the inner step runs the bare passes plus the optimizer's ops: a handful with the
         # finalize op (about 45 with the coefficient math as torch ops)
         assert 0 < int(r["ops_inner"]) - int(r["ops_bare"]) <= 30
+
+
+def test_thread_clock_needs_one_thread():
+    with pytest.raises(SystemExit, match="one CPU thread"):
+        S.main(["--clock", "thread", "--threads", "2", "--models", "mlp"])

@@ -156,8 +156,8 @@ class Batches:
 class Profile:
     """Attributes time to ``phase/category``; ``phase`` is set by the wrapped step entry points."""
 
-    def __init__(self, device: torch.device):
-        self.sw = C.Stopwatch(device)
+    def __init__(self, device: torch.device, clock: str = "wall"):
+        self.sw = C.Stopwatch(device, clock)
         self.phase = "step"
         self._saved: dict = {}
 
@@ -253,7 +253,7 @@ def build_method(method: str, w: Workload, args, prof: Profile):
 
 
 def measure(method: str, w: Workload, args, device: torch.device) -> dict:
-    prof = Profile(device)
+    prof = Profile(device, args.clock)
     step, opt, desc = build_method(method, w, args, prof)
     with prof.autograd():
         for _ in range(args.warmup):
@@ -310,6 +310,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backend", default="auto", help="OFMU backend (auto, cpp, torch, ...)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument("--clock", default="wall", choices=sorted(C.CLOCKS),
+                   help="CPU timer: wall, or thread (CPU time of the calling thread: leaves out "
+                        "waiting for a core on a shared machine; --threads 1 only)")
     p.add_argument("--out", default=str(C.RESULTS_DIR), help="output folder for the CSV")
     p.add_argument("--tag", default="", help="suffix of the output file name")
     p.add_argument("--fixed-cost", action="store_true",
@@ -480,6 +483,8 @@ def fixed_cost(args) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        raise SystemExit("--clock thread measures one CPU thread: use it with --threads 1")
     if args.fixed_cost:
         rows = fixed_cost(args)
         out = C.write_csv(C.output_stem("fixed_cost", args) + ".csv", rows, FIXED_COLUMNS)
