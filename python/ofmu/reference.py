@@ -3,7 +3,7 @@ and ``finalize``.
 
 The contract (arguments, dtypes, aliasing, the skip flag, determinism) is stated once, in
 ``docs/design.md`` ("Kernel contract"); the C++, CUDA and Triton kernels implement the same
-three ops and are tested against these functions, and these against float64 closed forms.
+four ops and are tested against these functions, and these against float64 closed forms.
 Readable first; speed is the fused backends' job.
 """
 
