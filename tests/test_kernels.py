@@ -470,6 +470,22 @@ def test_ops_registered(ops_kb):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", "Meta")
 
 
+def test_an_extension_without_an_op_is_refused_with_the_fix(monkeypatch):
+    """An ofmu._C built from older sources (no finalize op): the C++ backend is unavailable,
+    with a reason that says to rebuild, and the step falls back to the torch reference."""
+    from ofmu import backends
+
+    pytest.importorskip("ofmu._C")
+    assert backends._has_kernel("no_such_op", "CPU") is False
+    real = backends._has_kernel
+    monkeypatch.setattr(backends, "_has_kernel",
+                        lambda op, key: False if op == "finalize" else real(op, key))
+    monkeypatch.setattr(backends, "_CACHE", {})
+    b, why = backends.probe("cpp")
+    assert b is None and "finalize" in why and "rebuild" in why
+    assert backends.select("auto", torch.device("cpu"))[0].name == "torch"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_meta_tensors(dtype):
     ops = make_backend("cpp-cpu").ops

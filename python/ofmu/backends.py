@@ -54,7 +54,10 @@ def _load_ext() -> tuple[object | None, str]:
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", key)
+    except RuntimeError:  # no such op: an extension built from older sources
+        return False
 
 
 def _ext_backend(name: str, key: str) -> tuple[Backend | None, str]:
