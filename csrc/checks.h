@@ -121,4 +121,34 @@ inline void check_update(const at::Tensor& theta, const at::Tensor& x,
   check_overlap(theta, "theta", coeffs, "coeffs", "update", false);
 }
 
+// finalize: statistics and checks of one accumulation dtype (float32/float64) on one device.
+inline void check_finalize(const at::Tensor& g, const at::Tensor& u, const at::Tensor& checks,
+                           const std::optional<at::Tensor>& ok, bool has_cap) {
+  const auto st = g.scalar_type();
+  TORCH_CHECK(st == c10::kFloat || st == c10::kDouble,
+              "ofmu.finalize: `gstats` must be float32 or float64 (an accumulation dtype), got ", st);
+  auto shape = [&](const at::Tensor& t, const char* name, int64_t n) {
+    TORCH_CHECK(t.dim() == 1 && (n < 0 || t.numel() == n) && t.is_contiguous(), "ofmu.finalize: `",
+                name, "` must be a contiguous 1-D tensor", n < 0 ? "" : " of 3 elements",
+                ", got shape ", t.sizes());
+    TORCH_CHECK(t.device() == g.device(), "ofmu.finalize: `", name, "` is on ", t.device(),
+                " but `gstats` is on ", g.device());
+    TORCH_CHECK(t.scalar_type() == st, "ofmu.finalize: `", name, "` has dtype ", t.scalar_type(),
+                " but `gstats` has dtype ", st);
+  };
+  shape(g, "gstats", 3);
+  shape(u, "ustats", 3);
+  shape(checks, "checks", -1);
+  TORCH_CHECK(!has_cap || checks.numel() >= 1,
+              "ofmu.finalize: `cap` compares against checks[0] (the forget loss), but `checks` is "
+              "empty");
+  if (ok.has_value()) {
+    TORCH_CHECK(ok->scalar_type() == c10::kBool && ok->numel() == 1,
+                "ofmu.finalize: `ok` must be a one-element bool tensor, got ", ok->scalar_type(),
+                " of shape ", ok->sizes());
+    TORCH_CHECK(ok->device() == g.device(), "ofmu.finalize: `ok` is on ", ok->device(),
+                " but `gstats` is on ", g.device());
+  }
+}
+
 }  // namespace ofmu

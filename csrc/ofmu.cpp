@@ -1,6 +1,6 @@
 // ofmu._C: op schemas, Meta (fake-tensor) implementations and the Python module entry point.
 //
-// The three ops implement the kernel contract (docs/design.md, "Kernel contract"). They are registered
+// The four ops implement the kernel contract (docs/design.md, "Kernel contract"). They are registered
 // with TORCH_LIBRARY so that torch.compile and FakeTensorMode see them as ordinary ops:
 // the Meta kernels below only validate arguments and describe outputs. The CPU kernels live in
 // csrc/cpu/, the CUDA kernels (when built) in csrc/cuda/.
@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "finalize.h"
 
 namespace ofmu {
 namespace {
@@ -30,6 +31,14 @@ void update_meta(const at::Tensor& theta, const at::Tensor& x, const std::option
   check_update(theta, x, y, coeffs);
 }
 
+at::Tensor finalize_meta(const at::Tensor& gstats, const at::Tensor& ustats,
+                         const at::Tensor& checks, const std::optional<at::Tensor>& ok,
+                         bool project, double gamma, double eps, double lr, double weight_decay,
+                         std::optional<double> max_norm, std::optional<double> cap) {
+  check_finalize(gstats, ustats, checks, ok, cap.has_value());
+  return at::empty({kFinalizeLen}, gstats.options());
+}
+
 }  // namespace
 }  // namespace ofmu
 
@@ -44,12 +53,19 @@ TORCH_LIBRARY(ofmu, m) {
   // theta = c0*theta + c1*x + c2*y unless c3 == 0 (theta then untouched).
   m.def("update(Tensor(a!) theta, Tensor x, Tensor? y, Tensor coeffs) -> ()",
         {at::Tag::pt2_compliant_tag});
+  // The summed statistics -> the packed coefficients of a step (finalize.h has the layout).
+  m.def(
+      "finalize(Tensor gstats, Tensor ustats, Tensor checks, Tensor? ok, bool project, "
+      "float gamma, float eps, float lr, float weight_decay, float? max_norm, float? cap) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(ofmu, Meta, m) {
   m.impl("reduce3", &ofmu::reduce3_meta);
   m.impl("combine", &ofmu::combine_meta);
   m.impl("update", &ofmu::update_meta);
+  m.impl("finalize", &ofmu::finalize_meta);
 }
 
 // The GPU targets the CUDA kernels were compiled for, e.g. "sm_80,sm_90,compute_90" (setup.py
@@ -68,7 +84,8 @@ static const char kCudaTargets[] = "";
 // ofmu.backends does). Its one attribute, cuda_archs, is kCudaTargets.
 static PyModuleDef ofmu_module = {
     PyModuleDef_HEAD_INIT, "_C",
-    "Compiled ofmu kernels; the ops live under torch.ops.ofmu (reduce3, combine, update).", -1,
+    "Compiled ofmu kernels; the ops live under torch.ops.ofmu (reduce3, combine, update, "
+    "finalize).", -1,
     nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["reduce3", "combine", "update"]
+__all__ = ["reduce3", "combine", "update", "finalize"]
 
-_HOME = {"reduce3": ".reduce", "combine": ".elementwise", "update": ".elementwise"}
+_HOME = {"reduce3": ".reduce", "combine": ".elementwise", "update": ".elementwise",
+         "finalize": ".finalize"}
 
 
 def __getattr__(name: str):

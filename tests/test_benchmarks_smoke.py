@@ -65,10 +65,13 @@ def test_bench_kernels_rejects_a_wrong_kernel(tmp_path, monkeypatch):
         return real(name, device)
 
     monkeypatch.setattr(K, "make_provider", make)
-    rows = K.main(KERNEL_ARGS + ["--providers", "eager,reference", "--no-plot",
-                                 "--out", str(tmp_path)])
-    bad = [r for r in rows if r["provider"] == "reference"]
-    assert bad and all(r["status"] == "WRONG (not timed)" and "median_s" not in r for r in bad)
+    with pytest.raises(SystemExit) as e:  # recorded in the CSV, and the exit status says so
+        K.main(KERNEL_ARGS + ["--providers", "eager,reference", "--no-plot",
+                              "--out", str(tmp_path)])
+    assert e.value.code == 1
+    (path,) = tmp_path.glob("kernels-*[!e].csv")
+    bad = [r for r in _read(path)[1] if r["provider"] == "reference"]
+    assert bad and all(r["status"] == "WRONG (not timed)" and not r["median_s"] for r in bad)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The kernel contract (``reduce3``, ``combine``, ``update``; see ``ofmu.functional``), one test
-body for every backend.
+"""The kernel contract (``reduce3``, ``combine``, ``update``, ``finalize``; see ``ofmu.functional``),
+one test body for every backend.
 
 Each test runs over (backend, device): the C++ ops of ``ofmu._C`` on CPU, the Triton kernels on
 CPU tensors under ``TRITON_INTERPRET=1`` (conftest.py sets it when no GPU is visible), and the
@@ -34,6 +34,7 @@ from _kernels import (
     make_pair,
 )
 from ofmu import functional as F
+from ofmu import reference as R
 
 
 @pytest.fixture(params=BACKEND_PARAMS)
@@ -464,9 +465,25 @@ def test_overlapping_inputs_are_fine(kb):
 
 def test_ops_registered(ops_kb):
     key = "CPU" if ops_kb.device == "cpu" else "CUDA"
-    for op in ("reduce3", "combine", "update"):
+    for op in ("reduce3", "combine", "update", "finalize"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", key)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", "Meta")
+
+
+def test_an_extension_without_an_op_is_refused_with_the_fix(monkeypatch):
+    """An ofmu._C built from older sources (no finalize op): the C++ backend is unavailable,
+    with a reason that says to rebuild, and the step falls back to the torch reference."""
+    from ofmu import backends
+
+    pytest.importorskip("ofmu._C")
+    assert backends._has_kernel("no_such_op", "CPU") is False
+    real = backends._has_kernel
+    monkeypatch.setattr(backends, "_has_kernel",
+                        lambda op, key: False if op == "finalize" else real(op, key))
+    monkeypatch.setattr(backends, "_CACHE", {})
+    b, why = backends.probe("cpp")
+    assert b is None and "finalize" in why and "rebuild" in why
+    assert backends.select("auto", torch.device("cpu"))[0].name == "torch"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -480,6 +497,9 @@ def test_meta_tensors(dtype):
     assert ops.update(x, x, None, c) is None
     with pytest.raises(RuntimeError, match="`y` has 999 elements"):
         ops.reduce3(x, torch.empty(999, dtype=dtype, device="meta"))
+    st = torch.empty(3, dtype=F.acc_dtype(dtype), device="meta")
+    fin = ops.finalize(st, st, st[:2], None, True, -0.5, 1e-8, 0.1, 0.0, None, 20.0)
+    assert fin.device.type == "meta" and fin.shape == (11,) and fin.dtype == st.dtype
 
 
 def test_fake_tensor_mode():
@@ -497,14 +517,17 @@ def test_fake_tensor_mode():
             ops.update(x, x, None, c.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("op", ["reduce3", "combine", "update"])
+@pytest.mark.parametrize("op", ["reduce3", "combine", "update", "finalize"])
 def test_opcheck(ops_kb, op):
     x, y = make_pair(1027, torch.float32, "random", device=ops_kb.device)
     c = make_coeffs(torch.float32, device=ops_kb.device)
+    st = torch.tensor([0.3, 2.0, 1.5], device=ops_kb.device)
     args = {
         "reduce3": (x, y),
         "combine": (x, y, c, torch.empty_like(x), torch.empty_like(x)),
         "update": (x.clone(), x, y, c),
+        "finalize": (st, st * 2, st[:2], torch.tensor(True, device=ops_kb.device), True, -0.5,
+                     1e-8, 0.01, 0.1, 1.0, 20.0),
     }[op]
     # schema (mutations declared), fake/meta kernel, and AOT dispatch (functionalisation).
     torch.library.opcheck(getattr(ops_kb.ops, op).default, args,
@@ -534,3 +557,121 @@ def test_bits_helper_sees_signed_zero():
     # The bitwise checks above rely on this: -0.0 == 0.0 as floats, not as bits.
     z = torch.tensor([0.0, -0.0])
     assert z[0] == z[1] and not torch.equal(bits(z[:1]), bits(z[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# finalize: the summed statistics into the packed coefficients, against float64 closed forms
+# ---------------------------------------------------------------------------------------------
+
+
+def finalize_oracle(g, u, checks, ok, project, gamma, eps, lr, wd, max_norm, cap, dtype):
+    """The documented formulas (docs/kernels.md, "The finalize op") in float64 Python."""
+    fin = all(math.isfinite(v) for v in [*g, *u, *checks]) and (ok is None or ok)
+    gam = gamma * g[0] / (g[2] * (1 + eps) + torch.finfo(dtype).tiny) if project else gamma
+    scale = 1.0
+    if max_norm is not None:
+        scale = min(1.0, max_norm / (math.sqrt(u[1] + 2 * gam * u[0] + gam * gam * u[2]) + 1e-6))
+    below = cap is None or checks[0] < cap
+    return [1 - abs(lr) * wd, lr * scale, gam * lr * scale, float(fin and below), 1.0, gam, 0.0,
+            0.0, scale, float(not fin), float(fin and not below)]
+
+
+# (project, gamma, eps, lr, weight_decay, max_norm, cap): the inner step (projection, ascent,
+# cap), the hvp/none directions (fixed gamma), the outer step (descent, 2 rho), clipping on/off.
+FIN_CASES = {
+    "project": (True, -0.5, 1e-8, 0.01, 0.0, None, 20.0),
+    "project+clip+wd": (True, -0.9, 1e-6, 0.3, 0.01, 0.05, 20.0),
+    "clip-inactive": (True, -0.9, 1e-8, 0.3, 0.0, 1e6, None),
+    "hvp": (False, -0.1, 1e-8, 0.01, 0.0, None, 20.0),
+    "none": (False, 0.0, 1e-8, 0.01, 0.0, None, None),
+    "outer": (False, 0.2, 1e-8, -0.001, 0.1, 0.5, None),
+}
+STATS = {  # gstats, ustats, checks (forget loss first)
+    "typical": ([0.3, 2.0, 1.5], [0.3, 2.0, 1.5], [1.7, 0.4]),
+    "scaled": ([-3.1e5, 4.0e6, 2.5e4], [1.2e-3, 7.0e-2, 3.0e-4], [19.99, 1e-3]),
+    "zero": ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5]),
+    "tiny": ([1e-30, 3e-30, 2e-30], [1e-30, 3e-30, 2e-30], [0.1, 0.1]),
+}
+
+
+def _finalize_inputs(dtype, device, stats):
+    g, u, checks = STATS[stats]
+    return (torch.tensor(g, dtype=dtype, device=device), torch.tensor(u, dtype=dtype, device=device),
+            torch.tensor(checks, dtype=dtype, device=device))
+
+
+def _check_finalize(fn, dtype, device, case, stats, ok=None):
+    g, u, checks = _finalize_inputs(dtype, device, stats)
+    args = FIN_CASES[case]
+    okt = None if ok is None else torch.tensor(ok, device=device)
+    got = fn(g, u, checks, okt, *args)
+    assert got.shape == (11,) and got.dtype == dtype and got.device.type == device
+    # the oracle sees the inputs as the kernel does (rounded to dtype)
+    want = finalize_oracle(g.double().tolist(), u.double().tolist(), checks.double().tolist(), ok,
+                           *args, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    for i, (a, b) in enumerate(zip(got.double().tolist(), want)):
+        assert math.isclose(a, b, rel_tol=16 * eps, abs_tol=torch.finfo(dtype).tiny), (i, a, b)
+
+
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("case", FIN_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_finalize_against_float64(kb, dtype, case, stats):
+    _check_finalize(kb.ops.finalize, dtype, kb.device, case, stats)
+
+
+@pytest.mark.parametrize("case", ["project", "outer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_reference_finalize_against_float64(dtype, case):
+    for stats in STATS:
+        _check_finalize(R.finalize, dtype, "cpu", case, stats)
+
+
+def _finalize_impls(kb):
+    return {"kernel": kb.ops.finalize, "reference": R.finalize}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("where", ["gstats", "ustats", "checks", "ok"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_finalize_skips_on_any_nonfinite_input(kb, where, bad):
+    """Every input that must be finite, at every index: skipped (go 0, skipped 1, capped 0)."""
+    for impl in _finalize_impls(kb).values():
+        n = {"gstats": 3, "ustats": 3, "checks": 2, "ok": 1}[where]
+        for i in range(n):
+            g, u, checks = _finalize_inputs(torch.float32, kb.device, "typical")
+            ok = torch.tensor(True, device=kb.device)
+            if where == "ok":
+                ok = torch.tensor(False, device=kb.device)
+            else:
+                {"gstats": g, "ustats": u, "checks": checks}[where][i] = bad
+            out = impl(g, u, checks, ok, *FIN_CASES["project+clip+wd"]).tolist()
+            assert out[3] == 0.0 and out[9] == 1.0 and out[10] == 0.0, (where, i, out)
+
+
+@pytest.mark.parametrize("loss_f,capped", [(19.5, False), (20.0, True), (25.0, True)])
+def test_finalize_cap_compares_the_forget_loss(kb, loss_f, capped):
+    for impl in _finalize_impls(kb).values():
+        g, u, _ = _finalize_inputs(torch.float32, kb.device, "typical")
+        checks = torch.tensor([loss_f, 99.0], device=kb.device)  # the retain loss is not capped
+        out = impl(g, u, checks, None, *FIN_CASES["project"]).tolist()
+        assert (out[3], out[9], out[10]) == ((0.0, 0.0, 1.0) if capped else (1.0, 0.0, 0.0))
+
+
+def test_finalize_errors_name_the_argument(kb):
+    dev = kb.device
+    g = torch.tensor([0.3, 2.0, 1.5], device=dev)
+    c = torch.tensor([1.0, 2.0], device=dev)
+    args = FIN_CASES["project"]
+    cases = [
+        ((g.half(), g.half(), c.half(), None), "gstats"),
+        ((g, g[:2], c, None), "ustats"),
+        ((g, g.double(), c, None), "ustats"),
+        ((g, g, c.double(), None), "checks"),
+        ((g, g, c[:0], None), "checks"),  # the cap needs the forget loss
+        ((g, g, c, torch.tensor(1.0, device=dev)), "ok"),
+    ]
+    for call, name in cases:
+        with pytest.raises(kb.error, match=name):
+            kb.ops.finalize(*call, *args)

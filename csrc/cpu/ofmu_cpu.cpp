@@ -45,11 +45,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "../checks.h"
+#include "../finalize.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define OFMU_HAS_AVX2_PATH 1
@@ -720,6 +722,23 @@ void update_cpu(const at::Tensor& theta, const at::Tensor& x, const std::optiona
   });
 }
 
+at::Tensor finalize_cpu(const at::Tensor& gstats, const at::Tensor& ustats, const at::Tensor& checks,
+                        const std::optional<at::Tensor>& ok, bool project, double gamma,
+                        double eps, double lr, double weight_decay,
+                        std::optional<double> max_norm, std::optional<double> cap) {
+  check_finalize(gstats, ustats, checks, ok, cap.has_value());
+  at::Tensor out = at::empty({kFinalizeLen}, gstats.options());
+  const FinalizeArgs a{project, gamma, eps, lr, weight_decay, max_norm.has_value(),
+                       cap.has_value(), ok.has_value(), max_norm.value_or(0.0), cap.value_or(0.0)};
+  AT_DISPATCH_FLOATING_TYPES(gstats.scalar_type(), "ofmu.finalize", [&] {
+    finalize_math<scalar_t>(gstats.const_data_ptr<scalar_t>(), ustats.const_data_ptr<scalar_t>(),
+                            checks.const_data_ptr<scalar_t>(), checks.numel(),
+                            ok.has_value() ? ok->const_data_ptr<bool>() : nullptr, a,
+                            std::numeric_limits<scalar_t>::min(), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace ofmu
 
@@ -727,6 +746,7 @@ TORCH_LIBRARY_IMPL(ofmu, CPU, m) {
   m.impl("reduce3", &ofmu::reduce3_cpu);
   m.impl("combine", &ofmu::combine_cpu);
   m.impl("update", &ofmu::update_cpu);
+  m.impl("finalize", &ofmu::finalize_cpu);
 }
 
 // Internal: which implementation bf16/fp16 buffers use on CPU (NOTE: [16-bit fast path]).

@@ -75,6 +75,24 @@ void update_cuda(const at::Tensor& theta, const at::Tensor& x, const std::option
                "update");
 }
 
+at::Tensor finalize_cuda(const at::Tensor& gstats, const at::Tensor& ustats,
+                         const at::Tensor& checks, const std::optional<at::Tensor>& ok,
+                         bool project, double gamma, double eps, double lr, double weight_decay,
+                         std::optional<double> max_norm, std::optional<double> cap) {
+  check_finalize(gstats, ustats, checks, ok, cap.has_value());
+  TORCH_CHECK(gstats.is_cuda(), "ofmu.finalize: `gstats` must be a CUDA tensor, got ",
+              gstats.device());
+  const c10::cuda::CUDAGuard guard(gstats.device());
+  at::Tensor out = at::empty({kFinalizeLen}, gstats.options());
+  const FinalizeArgs a{project, gamma, eps, lr, weight_decay, max_norm.has_value(),
+                       cap.has_value(), ok.has_value(), max_norm.value_or(0.0), cap.value_or(0.0)};
+  check_launch(cuda::finalize(gstats.scalar_type() == c10::kDouble, gstats.const_data_ptr(),
+                              ustats.const_data_ptr(), checks.const_data_ptr(), checks.numel(),
+                              opt_ptr(ok), a, out.data_ptr(), current_stream(gstats)),
+               "finalize");
+  return out;
+}
+
 }  // namespace
 }  // namespace ofmu
 
@@ -82,4 +100,5 @@ TORCH_LIBRARY_IMPL(ofmu, CUDA, m) {
   m.impl("reduce3", &ofmu::reduce3_cuda);
   m.impl("combine", &ofmu::combine_cuda);
   m.impl("update", &ofmu::update_cuda);
+  m.impl("finalize", &ofmu::finalize_cuda);
 }

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../finalize.h"
 #include "ofmu_kernels.cuh"
 
 namespace ofmu {
@@ -253,6 +254,13 @@ inline unsigned grid_for(int64_t n, int pack, int64_t cap) {
   return static_cast<unsigned>(blocks);
 }
 
+// One thread: a handful of scalar operations, launched in place of ~40 tiny torch ops.
+template <typename A>
+__global__ void finalize_kernel(const A* g, const A* u, const A* checks, int64_t n_checks,
+                                const bool* ok, FinalizeArgs args, A tiny, A* out) {
+  finalize_math<A>(g, u, checks, n_checks, ok, args, tiny, out);
+}
+
 }  // namespace
 
 int64_t reduce3_workspace_elems(int64_t n) {
@@ -333,6 +341,25 @@ const char* update(DType dtype, void* theta, const void* x, const void* y, const
     else if (yp) update_kernel<T, true, false><<<g, kThreads, 0, s>>>(tp, xp, yp, c, n);
     else update_kernel<T, false, false><<<g, kThreads, 0, s>>>(tp, xp, yp, c, n);
   });
+  return last_error();
+}
+
+const char* finalize(bool float64, const void* gstats, const void* ustats, const void* checks,
+                     int64_t n_checks, const void* ok, const FinalizeArgs& args, void* out,
+                     void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool* okp = static_cast<const bool*>(ok);
+  if (float64) {
+    finalize_kernel<double><<<1, 1, 0, s>>>(
+        static_cast<const double*>(gstats), static_cast<const double*>(ustats),
+        static_cast<const double*>(checks), n_checks, okp, args, 2.2250738585072014e-308,
+        static_cast<double*>(out));
+  } else {
+    finalize_kernel<float><<<1, 1, 0, s>>>(
+        static_cast<const float*>(gstats), static_cast<const float*>(ustats),
+        static_cast<const float*>(checks), n_checks, okp, args, 1.17549435e-38f,
+        static_cast<float*>(out));
+  }
   return last_error();
 }
 

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "../finalize.h"
+
 namespace ofmu {
 namespace cuda {
 
@@ -29,6 +31,13 @@ const char* combine(DType dtype, const void* x, const void* y, const void* coeff
 // memory (no host sync; theta is then not written). y may be null.
 const char* update(DType dtype, void* theta, const void* x, const void* y, const void* coeffs,
                    int64_t n, void* stream);
+
+// out[0..kFinalizeLen) = the packed step coefficients from the summed statistics (finalize.h),
+// in one single-thread kernel on `stream`; float64 accumulation dtype when `float64`, else
+// float32. `ok` (device bool) may be null when args.has_ok is false.
+const char* finalize(bool float64, const void* gstats, const void* ustats, const void* checks,
+                     int64_t n_checks, const void* ok, const FinalizeArgs& args, void* out,
+                     void* stream);
 
 }  // namespace cuda
 }  // namespace ofmu

@@ -8,7 +8,9 @@ here and why the rest does not.
 
 Every backend implements the kernel contract (docs/design.md, "Kernel contract"; the torch
 reference is :mod:`ofmu.reference`):
-``reduce3(x, y)``, ``combine(x, y, coeffs, out_a, out_b=None)``, ``update(theta, x, y, coeffs)``.
+``reduce3(x, y)``, ``combine(x, y, coeffs, out_a, out_b=None)``, ``update(theta, x, y, coeffs)``
+and ``finalize(gstats, ustats, checks, ok, project, gamma, eps, lr, weight_decay, max_norm, cap)``
+(the summed statistics into the packed coefficients of a step, docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -32,10 +34,15 @@ class Backend:
     reduce3: Callable
     combine: Callable
     update: Callable
+    finalize: Callable
+
+
+OPS = ("reduce3", "combine", "update", "finalize")
 
 
 def _torch_backend() -> Backend:
-    return Backend("torch", reference.reduce3, reference.combine, reference.update)
+    return Backend("torch", reference.reduce3, reference.combine, reference.update,
+                   reference.finalize)
 
 
 def _load_ext() -> tuple[object | None, str]:
@@ -47,14 +54,20 @@ def _load_ext() -> tuple[object | None, str]:
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", key)
+    except RuntimeError:  # no such op: an extension built from older sources
+        return False
 
 
 def _ext_backend(name: str, key: str) -> tuple[Backend | None, str]:
     ops, why = _load_ext()
     if ops is None:
         return None, why
-    if not all(_has_kernel(op, key) for op in ("reduce3", "combine", "update")):
+    if not all(_has_kernel(op, "Meta") for op in OPS):  # built from older sources
+        return None, ("ofmu._C lacks ops of this version (" + ", ".join(
+            op for op in OPS if not _has_kernel(op, "Meta")) + "): rebuild the extension")
+    if not all(_has_kernel(op, key) for op in OPS):
         if key == "CUDA":
             if torch.version.cuda is None:
                 return None, "cuda extension not built: torch is a CPU build"
@@ -66,7 +79,7 @@ def _ext_backend(name: str, key: str) -> tuple[Backend | None, str]:
     def combine(x, y, coeffs, out_a, out_b=None):
         ops.combine(x, y, coeffs, out_a, out_b)
 
-    return Backend(name, ops.reduce3, combine, ops.update), ""
+    return Backend(name, ops.reduce3, combine, ops.update, ops.finalize), ""
 
 
 def _triton_backend() -> tuple[Backend | None, str]:
@@ -81,7 +94,7 @@ def _triton_backend() -> tuple[Backend | None, str]:
         import ofmu_kernels as K
     except ImportError as e:
         return None, f"ofmu_kernels not importable ({e})"
-    return Backend("triton", K.reduce3, K.combine, K.update), ""
+    return Backend("triton", K.reduce3, K.combine, K.update, K.finalize), ""
 
 
 def _probe(name: str) -> tuple[Backend | None, str]:

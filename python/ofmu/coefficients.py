@@ -1,7 +1,9 @@
 """Coefficient math on the three reduced scalars ``stats = [<x, y>, |x|^2, |y|^2]``.
 
 Tiny device-tensor ops (no ``.item()``, no host sync) shared by every backend, so each formula
-exists once. The kernels take their coefficients packed in small device tensors; the packers
+exists once. The update's coefficients (projection, clipping, cap, skip flags) are not here: the
+backends' ``finalize`` op computes them in one op (``ofmu.reference.finalize`` is its torch
+form; docs/kernels.md). The kernels take their coefficients packed in small device tensors; the packers
 below name every slot, so no caller builds a 4-vector by hand.
 
 Epsilons (NOTE: [Relative epsilon]): every division adds ``eps`` times *its own* denominator,
@@ -16,8 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from .modes import SIMILARITY, SimilarityMode
 
 
 def _safe(den: Tensor, eps: float) -> Tensor:
@@ -54,35 +54,7 @@ def seed_coeffs(stats: Tensor, eps: float) -> Tensor:
     return pack_combine(-c / _safe(nf2, eps), inv, inv, -c / _safe(nr2, eps))
 
 
-def direction_coeffs(mode: SimilarityMode | str, stats: Tensor, beta: float, eps: float) -> Tensor:
-    """``(alpha, gamma)`` with ``u = alpha*g_f + gamma*y`` (``y`` as ``mode.operand`` says)."""
-    if isinstance(mode, str):
-        mode = SIMILARITY[mode]
-    if mode.operand == "retain":  # the projection alone (the cosine is not needed here)
-        k = stats[0] / _safe(stats[2], eps)
-        return torch.stack([torch.ones_like(k), -beta * k])
-    one = torch.ones((), dtype=stats.dtype, device=stats.device)
-    if mode.operand == "grad_cos":
-        return torch.stack([one, -beta * one])
-    return torch.stack([one, 0.0 * one])
-
-
 def direction_sqnorm(coef: Tensor, stats: Tensor) -> Tensor:
     """``|alpha*x + gamma*y|^2`` from ``stats = reduce3(x, y)`` (no extra pass)."""
     a, g = coef[0], coef[1]
     return a * a * stats[1] + 2.0 * a * g * stats[0] + g * g * stats[2]
-
-
-def clip_scale(sqnorm: Tensor, max_norm: float) -> Tensor:
-    """``min(1, max_norm / |u|)``. Multiplies, never branches on a device value."""
-    return torch.clamp(max_norm / (torch.sqrt(sqnorm) + 1e-6), max=1.0)
-
-
-def update_coeffs(lr: float, weight_decay: float, coef: Tensor, scale: Tensor | None,
-                  ok: Tensor) -> Tensor:
-    """``update`` coefficients for ``theta = (1 - |lr|*wd)*theta + lr*scale*(alpha*x + gamma*y)``
-    (``scale=None``: no clipping). ``lr`` is signed: positive for the inner ascent, negative
-    for the outer descent; weight decay always shrinks ``theta``."""
-    step = coef * lr if scale is None else coef * (lr * scale)
-    return torch.cat([step.new_full((1,), 1.0 - abs(lr) * weight_decay), step,
-                      ok.to(step.dtype).reshape(1)])  # pack_update's layout, in one op

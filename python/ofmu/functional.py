@@ -7,8 +7,9 @@ in ``docs/design.md`` ("One step, module by module").
 
 Per flat buffer (a :class:`Part`): gradients arrive in ``GRAD_F`` / ``GRAD_R``
 (:mod:`ofmu.gradients`), the backend's ``reduce3`` gives ``[<g_f, g_r>, |g_f|^2, |g_r|^2]``,
-these are summed over all buffers (the cosine and projection are global), the coefficients are
-computed on the device (:mod:`ofmu.coefficients`) and ``update`` / ``combine`` apply them. No
+these are summed over all buffers (the cosine and projection are global), the backend's
+``finalize`` turns them into the packed coefficients on the device (finite checks, the cap,
+clipping, the projection: one op per param group) and ``update`` / ``combine`` apply them. No
 step reads a device value on the host.
 """
 
@@ -22,15 +23,11 @@ import torch
 from torch import Tensor
 
 from . import coefficients as C
-from . import fused_reduce
 from .backends import Backend
 from .coefficients import (  # noqa: F401  (the kernels' tests use them from here)
-    clip_scale,
-    direction_coeffs,
     direction_sqnorm,
     seed_coeffs,
     similarity_scalars,
-    update_coeffs,
 )
 from .devices import move, reduction_device
 from .flat import MOMENTS, FlatBuffer, Slot
@@ -43,7 +40,7 @@ __all__ = [
     "Part", "Hyper", "StepConfig", "StepState", "inner_step", "outer_step", "adam_apply",
     "sign_apply",
     "acc_dtype", "reduce3", "combine", "update", "similarity_scalars", "seed_coeffs",
-    "direction_coeffs", "direction_sqnorm", "clip_scale", "update_coeffs",
+    "direction_sqnorm",
 ]
 
 
@@ -137,29 +134,12 @@ def diagnostics(state: StepState, eps: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------- reductions
 
 
-def fold(parts: list[Part]) -> list | None:
-    """Per buffer, the ``reduce3`` to fold into the backward pass or None (that buffer reduced
-    in its own pass); None overall: nothing folded. ``OFMU_FUSED_REDUCE`` and the size rule of
-    :func:`ofmu.fused_reduce.use_fused` decide. The C++ kernel takes any 1-D view; other
-    backends fold through the torch reference."""
-    how = fused_reduce.setting()
-    if how == "off" or how == "auto" and fused_reduce.FUSED_MIN_MEAN_NUMEL is None:
-        return None  # nothing folded (the default): evaluate() skips the folding entirely
-    return [(p.backend.reduce3 if p.backend.name in ("cpp", "torch") else reduce3)
-            if fused_reduce.use_fused(p.backend.name, p.buf.numel, len(p.buf.params), how)
-            else None for p in parts]
-
-
-def reduce(parts: list[Part], x: Slot, y: Slot | None,
-           folded: list[Tensor | None] | None = None) -> tuple[list[Tensor], Tensor]:
+def reduce(parts: list[Part], x: Slot, y: Slot | None) -> tuple[list[Tensor], Tensor]:
     """Per-buffer ``reduce3(x, y)`` and their sum (on :func:`reduction_device`; float64 if any
-    buffer is float64, else float32). ``folded``: per buffer, the result already computed in
-    the backward pass (``Evaluation.stats``; None entries are reduced here)."""
+    buffer is float64, else float32)."""
     dev = reduction_device([p.buf.device for p in parts])
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
-    folded = folded or [None] * len(parts)
-    stats = [move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)) if f is None else f, dev, dt)
-             for p, f in zip(parts, folded)]
+    stats = [move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)), dev, dt) for p in parts]
     stats = all_reduce_stats(parts, stats)  # FSDP2: per-shard sums made global
     return stats, stats[0] if len(stats) == 1 else torch.stack(stats).sum(0)
 
@@ -201,18 +181,22 @@ _OPERAND = {"retain": Slot.GRAD_R, "grad_cos": Slot.HVP, None: None}
 
 def direction_operand(parts, cfg, ad, ev, stats, gstats):
     """``y`` of ``u = alpha*g_f + gamma*y``: ``(slot, per-buffer reduce3(g_f, y), finite flag)``.
-    For ``hvp``, ``y = grad c`` is a new vector: its norm and finiteness take one more pass."""
-    ok = torch.isfinite(gstats).all()
+    For ``hvp``, ``y = grad c`` is a new vector: its norm and finiteness take one more pass.
+    The flag is None where ``y``'s statistics are ``stats`` (finalize checks those)."""
     if cfg.sim.operand != "grad_cos":
-        return _OPERAND[cfg.sim.operand], stats, ok
+        return _OPERAND[cfg.sim.operand], stats, None
     _grad_cos(parts, cfg, ad, ev, gstats)
     ustats, ug = reduce(parts, Slot.GRAD_F, Slot.HVP)
-    return Slot.HVP, ustats, ok & torch.isfinite(ug).all()
+    return Slot.HVP, ustats, torch.isfinite(ug).all() & torch.isfinite(gstats).all()
 
 
 def direction_coefs(parts: list[Part], cfg: StepConfig, gstats: Tensor) -> list[Tensor]:
-    return [C.direction_coeffs(cfg.sim, gstats, cfg.hypers[p.group].beta, cfg.eps)
-            for p in parts]
+    """Per buffer, ``combine`` coefficients ``[alpha, gamma, 0, 0]`` of ``u`` (finalize's
+    ``[4:8]``; ``alpha, gamma`` are also what :func:`group_sqnorms` reads)."""
+    empty = gstats.new_empty(0)
+    fins = {g: _finalize(parts[0].backend, cfg, "inner", g, gstats, gstats, empty, None, False)
+            for g in dict.fromkeys(p.group for p in parts)}
+    return [fins[p.group][4:8] for p in parts]
 
 
 def combine_direction(parts, cfg, ad, ev, stats, gstats, out: Slot):
@@ -221,60 +205,99 @@ def combine_direction(parts, cfg, ad, ev, stats, gstats, out: Slot):
     y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
     coefs = direction_coefs(parts, cfg, gstats)
     for p, coef in zip(parts, coefs):
-        p.backend.combine(p.buf.grad_f, p.buf.flat(y), _on(C.pack_combine(coef[0], coef[1]), p.buf),
-                          p.buf.flat(out))
-    return coefs, ustats, ok
+        p.backend.combine(p.buf.grad_f, p.buf.flat(y), _on(coef, p.buf), p.buf.flat(out))
+    return coefs, ustats, torch.isfinite(gstats).all() if ok is None else ok
 
 
 # ----------------------------------------------------------------------------------- applying
 
 
 def finite_inputs(parts: list[Part], cfg: StepConfig, losses: tuple[Tensor, ...],
-                  ok: Tensor) -> Tensor:
-    """``ok`` and-ed with the other inputs of an update: the losses it backpropagated (a loss
-    plus an infinite constant has a finite gradient) and, in groups with weight decay, the
-    parameters (an Inf there becomes Inf/NaN in the decay term and the Adam moments). On the
-    device: one sum per decayed buffer, no host sync (FSDP2: summed over the shards, so that
-    every rank decides alike)."""
-    dev = losses[0].device
-    if all(loss.device == dev and loss.dtype == losses[0].dtype for loss in losses):  # one isfinite
-        flags = [move(torch.isfinite(torch.stack([loss.detach() for loss in losses])).all(),
-                      ok.device)]
+                  ok: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor | None]:
+    """What an update must find finite besides its statistics: ``(checks, ok)`` for finalize.
+    ``checks``: the losses it backpropagated (a loss plus an infinite constant has a finite
+    gradient; the forget loss first, which the cap compares), in ``like``'s dtype and device.
+    ``ok`` and-ed, in groups with weight decay, with the parameters' finiteness (an Inf there
+    becomes Inf/NaN in the decay term and the Adam moments): one sum per decayed buffer, no host
+    sync (FSDP2: summed over the shards, so that every rank decides alike)."""
+    dev, dt = like.device, like.dtype
+    if all(loss.device == dev and loss.dtype == dt for loss in losses):  # one op, no copies
+        checks = torch.stack(losses)  # evaluate() returns them detached
     else:
-        flags = [move(torch.isfinite(loss.detach()), ok.device) for loss in losses]
+        checks = torch.stack([move(loss.detach(), dev, dt) for loss in losses])
     if any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
-        sums = [p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)).to(ok.device, torch.float64)
+        sums = [move(p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)), dev, torch.float64)
                 if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
-                                                                         device=ok.device)
+                                                                         device=dev)
                 for p in parts]
-        flags += [torch.isfinite(s) for s in all_reduce_stats(parts, sums)]
-    for f in flags:
-        ok = ok & f
-    return ok
+        fin = torch.isfinite(torch.stack(all_reduce_stats(parts, sums))).all()
+        ok = fin if ok is None else ok & fin
+    return checks, ok
+
+
+def _finalize(be: Backend, cfg: StepConfig, loop: str, group: int, gstats: Tensor,
+              ustats: Tensor, checks: Tensor, ok: Tensor | None, use_lr: bool = True) -> Tensor:
+    """One param group's packed coefficients (``reference.FINALIZE_LEN`` layout) from the
+    backend's finalize op. Inner: ``u = g_f + gamma*y`` by the similarity mode's record, ascent
+    at ``inner_lr``, the forget-loss cap; outer: ``g_r + 2 rho h``, descent at ``lr``."""
+    hp = cfg.hypers[group]
+    if loop == "inner":
+        project, gamma = cfg.sim.operand == "retain", (0.0 if cfg.sim.operand is None else -hp.beta)
+        lr, cap = hp.inner_lr, cfg.forget_loss_cap
+    else:
+        project, gamma, lr, cap = False, 2.0 * hp.rho, -hp.lr, None
+    if not use_lr:  # the direction alone
+        return be.finalize(gstats, ustats, checks, ok, project, gamma, cfg.eps, 1.0, 0.0, None, None)
+    return be.finalize(gstats, ustats, checks, ok, project, gamma, cfg.eps, lr, hp.weight_decay,
+                       hp.max_grad_norm, cap)
+
+
+def finalize(parts: list[Part], cfg: StepConfig, state: StepState, loop: str,
+             gstats: Tensor | None, ustats: list[Tensor], losses: tuple[Tensor, ...],
+             ok: Tensor | None) -> list[Tensor]:
+    """Per buffer, the packed coefficients of this loop's update, one finalize op per param
+    group, and the skip/cap counters advanced. ``gstats``: the summed statistics the direction's
+    projection reads (None: the outer step, whose direction is fixed); ``ustats``: per buffer,
+    ``reduce3`` of the direction's two operands (its norm, for clipping); ``ok``: an upstream
+    finite flag or None."""
+    by_group: dict[int, Tensor] = {}
+    for p, u in zip(parts, ustats):  # the group's statistics (clipping is per group)
+        by_group[p.group] = by_group[p.group] + u if p.group in by_group else u
+    like = ustats[0]
+    checks, ok = finite_inputs(parts, cfg, losses, ok, like)
+    if len(parts) > 1:  # every group must see a non-finite value anywhere
+        checks = torch.cat([checks, torch.stack(ustats).sum(0)])
+    fins = {g: _finalize(parts[0].backend, cfg, loop, g, u if gstats is None else gstats, u, checks,
+                         ok)
+            for g, u in by_group.items()}
+    first = fins[parts[0].group]
+    flags = first[9:11].to(torch.int64)  # [skipped, capped]: the same in every group
+    state.count("skipped", flags[0])
+    if loop == "inner" and cfg.forget_loss_cap is not None:
+        state.count("capped", flags[1])
+    return [fins[p.group] for p in parts]
 
 
 def apply(parts: list[Part], cfg: StepConfig, state: StepState, loop: str, x: Slot,
-          y: Slot | None, coefs: list[Tensor], sqnorms: dict[int, Tensor], go: Tensor) -> None:
-    """Apply ``coef[0]*x + coef[1]*y`` (clipped per group; skipped unless ``go``): ascent for the
-    inner loop, descent for the outer one, as written (``"sgd"``), through Adam, or through
-    stateless Adam (``"sign"``). Adam's direction is formed in place in ``x`` (the gradient it
-    started from is no longer needed), so no buffer is added for it."""
+          y: Slot | None, fins: list[Tensor]) -> None:
+    """Apply ``alpha*x + gamma*y`` with each buffer's packed coefficients from :func:`finalize`
+    (clipped per group; skipped unless its ``go`` flag): ascent for the inner loop, descent for
+    the outer one, as written (``"sgd"``), through Adam, or through stateless Adam (``"sign"``).
+    Adam's direction is formed in place in ``x`` (the gradient it started from is no longer
+    needed), so no buffer is added for it."""
     kind = cfg.preconditioner_of(loop)
     for i, part in enumerate(parts):
-        hp, buf = cfg.hypers[part.group], part.buf
-        scale = (C.clip_scale(sqnorms[part.group], hp.max_grad_norm)
-                 if hp.max_grad_norm is not None else None)
-        lr = hp.inner_lr if loop == "inner" else hp.lr
+        hp, buf, fin = cfg.hypers[part.group], part.buf, fins[i]
         if kind == "sgd":
-            c = C.update_coeffs(lr if loop == "inner" else -lr, hp.weight_decay, coefs[i], scale, go)
-            part.backend.update(buf.param, buf.flat(x), buf.flat(y), _on(c, buf))
+            part.backend.update(buf.param, buf.flat(x), buf.flat(y), _on(fin[0:4], buf))
             continue
+        lr = hp.inner_lr if loop == "inner" else hp.lr
         direction = buf.flat(x)
         if y is not None:  # the Adam paths read one gradient buffer: combine in place
-            part.backend.combine(direction, buf.flat(y),
-                                 _on(C.pack_combine(coefs[i][0], coefs[i][1]), buf), direction)
+            part.backend.combine(direction, buf.flat(y), _on(fin[4:8], buf), direction)
+        scale = None if hp.max_grad_norm is None else _on(fin[8], buf).float()
         kw = dict(lr=lr, eps=hp.adam_eps, weight_decay=hp.weight_decay, ascend=loop == "inner",
-                  scale=None if scale is None else _on(scale, buf).float(), ok=go.to(buf.device))
+                  scale=scale, ok=(fin[3] != 0).to(buf.device))
         if kind == "sign":
             sign_apply(buf.param, direction, **kw)
             continue
@@ -331,24 +354,15 @@ def inner_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodif
     """One ascent step on ``Phi = L_f - beta*cos``: ``theta += inner_lr * u``. Returns the
     forget loss (detached)."""
     second = cfg.sim.second_order
-    ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'",
-                     fold=fold(parts))
-    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R, ev.stats)
+    ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'")
+    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
     state.diag["inner_stats"] = gstats
     with torch.enable_grad():
         y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
-    coefs = direction_coefs(parts, cfg, gstats)
-    sqnorms = group_sqnorms(parts, cfg, coefs, ustats, clipped_only=True)
-    loss_f = ev.loss_f.detach()
-    ok = finite_inputs(parts, cfg, (ev.loss_f, ev.loss_r), ok)
-    go = ok
-    if cfg.forget_loss_cap is not None:  # the safeguard: no ascent past the cap
-        below = loss_f < cfg.forget_loss_cap
-        state.count("capped", ok & ~below)
-        go = ok & below
-    state.count("skipped", ~ok)
-    apply(parts, cfg, state, "inner", Slot.GRAD_F, y, coefs, sqnorms, go)
-    return loss_f
+    # finite checks, the cap (no ascent past it), clipping, coefficients: one op per group
+    fins = finalize(parts, cfg, state, "inner", gstats, ustats, (ev.loss_f, ev.loss_r), ok)
+    apply(parts, cfg, state, "inner", Slot.GRAD_F, y, fins)
+    return ev.loss_f.detach()
 
 
 def outer_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodiff,
@@ -360,20 +374,16 @@ def outer_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodif
     if penalised:
         ev, stats, ok = _penalty(parts, cfg, state, ad, closure)
     else:  # retain descent: the forget gradient would only feed diagnostics, so it is skipped
-        ev = ad.evaluate(closure, forget=False, fold=fold(parts))
-        stats, gstats = reduce(parts, Slot.GRAD_R, None, ev.stats)  # [0, |g_r|^2, 0]
+        ev = ad.evaluate(closure, forget=False)
+        stats, gstats = reduce(parts, Slot.GRAD_R, None)  # [0, |g_r|^2, 0]
         for key in ("outer_stats", "grad_phi_sq"):
             state.diag.pop(key, None)
         state.diag["retain_stats"] = gstats
-        ok = torch.isfinite(gstats).all()
+        ok = None  # finalize checks the statistics
     # the outer direction g_r + 2 rho h; its norm from reduce3(g_r, h) (or reduce3(g_r, None))
-    one = torch.ones_like(stats[0][0])
-    coefs = [torch.stack([one, 2.0 * cfg.hypers[p.group].rho * one]) for p in parts]
-    sqnorms = group_sqnorms(parts, cfg, coefs, stats, clipped_only=True)
-    ok = finite_inputs(parts, cfg, (ev.loss_f, ev.loss_r) if penalised else (ev.loss_r,), ok)
-    state.count("skipped", ~ok)
-    apply(parts, cfg, state, "outer", Slot.GRAD_R, Slot.HVP if penalised else None, coefs,
-          sqnorms, ok)
+    fins = finalize(parts, cfg, state, "outer", None, stats,
+                    (ev.loss_f, ev.loss_r) if penalised else (ev.loss_r,), ok)
+    apply(parts, cfg, state, "outer", Slot.GRAD_R, Slot.HVP if penalised else None, fins)
     for p in parts:  # p.grad shows the last retain gradient, as after SGD
         p.buf.bind_grads(Slot.GRAD_R)
     return ev.loss_r.detach()
@@ -384,9 +394,8 @@ def _penalty(parts, cfg, state, ad, closure):
     ``HVP``; returns the evaluation, per-buffer ``reduce3(g_r, h)`` and the finite flag."""
     graph_f, graph_r = cfg.hvp.graphs(cfg.sim)
     ev = ad.evaluate(closure, graph_f=graph_f, graph_r=graph_r,
-                     why=f"similarity={cfg.sim.name!r} with outer_hvp={cfg.hvp.name!r} and rho > 0",
-                     fold=fold(parts))
-    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R, ev.stats)
+                     why=f"similarity={cfg.sim.name!r} with outer_hvp={cfg.hvp.name!r} and rho > 0")
+    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
     state.diag.pop("retain_stats", None)
     state.diag["outer_stats"] = gstats
     with torch.enable_grad():
@@ -468,8 +477,8 @@ def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> None:
     def u_here(out: Slot) -> None:
         second = cfg.sim.second_order
         probe = ad.evaluate(closure, graph_f=second, graph_r=second, same_batch=same,
-                            why="similarity='hvp'", fold=fold(parts))
-        stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R, probe.stats)
+                            why="similarity='hvp'")
+        stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
         combine_direction(parts, cfg, ad, probe, stats, gstats, out)
 
     move(+1.0)

@@ -24,7 +24,6 @@ from torch import Tensor
 
 from .distributed import average_, mean_losses
 from .flat import FlatBuffer, Slot
-from .fused_reduce import FusedReduce
 from .sharded import is_sharded
 
 
@@ -37,8 +36,6 @@ class Evaluation:
     loss_r: Tensor
     gf: list[Tensor | None] | None = None
     gr: list[Tensor | None] | None = None
-    # per buffer, reduce3 of the two gradients folded into the backward pass (None: not folded)
-    stats: list[Tensor | None] | None = None
 
 
 _ACCEPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -131,8 +128,6 @@ class Autodiff:
         self._reached = [0]  # a list the hooks share: they must not hold the optimizer alive
         self._hit: set[int] = set()  # ids of the parameters this evaluation's passes reached
         self._warned: set[frozenset] = set()  # unreached sets already warned about
-        self.fused = FusedReduce()  # reduce3 folded into the backward pass (hooks share it)
-        self._views1d: dict[tuple[int, Slot], list[Tensor]] = {}
         weakref.finalize(self, _remove_all, self._reach_hooks)
 
     @property
@@ -144,17 +139,12 @@ class Autodiff:
 
     def evaluate(self, closure: Callable, *, forget: bool = True, graph_f: bool = False,
                  graph_r: bool = False, same_batch: bool = False,
-                 why: str = "this mode", fold: list | None = None) -> Evaluation:
+                 why: str = "this mode") -> Evaluation:
         """Call the closure; gradients into ``GRAD_F`` (unless ``forget=False``) and ``GRAD_R``.
         ``graph_f``/``graph_r`` keep that gradient's graph (for a double backward that ``why``
         names in the error raised when the model cannot do one). Under torch.distributed the
         returned losses are averaged over the ranks (the loss on the union of the minibatches,
-        so that ``forget_loss_cap`` decides alike on every rank).
-
-        ``fold``: per buffer, a ``reduce3`` to fold into the plain backward pass (None: not
-        folded); ``ev.stats`` then holds ``reduce3(g_f, g_r)`` per buffer (``reduce3(g_r,
-        None)`` when ``forget=False``). Ignored where the hooks cannot see the final gradients:
-        kept graphs, FSDP2-sharded buffers, torch.distributed (:mod:`ofmu.fused_reduce`)."""
+        so that ``forget_loss_cap`` decides alike on every rank)."""
         sharded = self.sharded
         if sharded and (graph_f or graph_r):  # rho raised after construction, say
             raise _sharded_mode_error(why, self.buffers[0].names[0])
@@ -166,11 +156,7 @@ class Autodiff:
                 with _naming_double_backward(why):
                     self._grad_with_graphs(ev, graph_f, graph_r)
             else:
-                folded = (fold is not None and not sharded and self.process_group is None
-                          and any(f is not None for f in fold))
-                self._backward(loss_f if forget else None, loss_r, fold if folded else None)
-                if folded:
-                    ev.stats = self.fused.finish()
+                self._backward(loss_f if forget else None, loss_r)
         if forget:
             self.average(Slot.GRAD_F)
         self.average(Slot.GRAD_R)
@@ -196,8 +182,7 @@ class Autodiff:
 
     def _watch(self) -> None:
         """Count the plain parameters a backward pass reaches (post-accumulate-grad hooks, added
-        once per parameter): none reached means the model no longer uses them. The same hook
-        runs the folded reduction when it is armed."""
+        once per parameter): none reached means the model no longer uses them."""
         for buf in self.buffers:
             if is_sharded(buf):
                 continue
@@ -205,23 +190,7 @@ class Autodiff:
                 if id(p) not in self._watched:
                     self._watched.add(id(p))
                     self._reach_hooks.append(p.register_post_accumulate_grad_hook(
-                        _counter(self._reached, self._hit, self.fused)))
-
-    def _views_1d(self, b: int, slot: Slot) -> list[Tensor]:
-        """Buffer ``b``'s per-parameter 1-D views of ``slot`` (cached: the buffers never move)."""
-        key = (b, slot)
-        if key not in self._views1d:
-            buf = self.buffers[b]
-            flat = buf.flat(slot)
-            self._views1d[key] = [flat[o : o + p.numel()] for p, o in zip(buf.params, buf.offsets)]
-        return self._views1d[key]
-
-    def _arm(self, fold: list, forget: bool) -> None:
-        x = Slot.GRAD_F if forget else Slot.GRAD_R
-        xs = [self._views_1d(b, x) for b in range(len(self.buffers))]
-        ys = [self._views_1d(b, Slot.GRAD_R) if forget else None for b in range(len(self.buffers))]
-        where = {id(p): (b, i) for b, buf in enumerate(self.buffers) for i, p in enumerate(buf.params)}
-        self.fused.arm(list(fold), xs, ys, where)
+                        _counter(self._reached, self._hit)))
 
     def _check_reached(self, reached_f: int | None, reached_r: int) -> None:
         """Parameters each backward pass reached (None: not run): none at all means they were
@@ -260,27 +229,18 @@ class Autodiff:
             "tensors the optimizer never sees: then rebuild the optimizer. Only weight decay "
             "moves a parameter without gradient.", stacklevel=2)
 
-    def _backward(self, lf: Tensor | None, lr: Tensor, fold: list | None = None) -> None:
+    def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
         """``.backward()`` straight into the flat buffers (their slices are bound as ``p.grad``);
-        for FSDP2-sharded buffers, ``.backward()`` then the local gradient shards copied in.
-        ``fold``: the retain pass (the second: the forget gradient is complete) also runs the
-        folded reduction (:mod:`ofmu.fused_reduce`)."""
+        for FSDP2-sharded buffers, ``.backward()`` then the local gradient shards copied in."""
         self._hit.clear()
         reached_f = None if lf is None else self._backward_into(lf, Slot.GRAD_F)
         try:
-            if fold is not None:
-                self._arm(fold, lf is not None)
             reached_r = self._backward_into(lr, Slot.GRAD_R)
         except RuntimeError as e:
-            self.fused.disarm()
             if "second time" in str(e):
                 raise RuntimeError("the forget and retain losses share part of one autograd "
                                    "graph; compute them in separate forward passes") from e
             raise
-        except BaseException:
-            self.fused.disarm()
-            raise
-        self.fused.active = False  # finish() sums the shares; no later pass may overwrite them
         self._check_reached(reached_f, reached_r)
         if lf is not None and not self.sharded:
             self._warn_unreached([id(p) not in self._hit for p in self.params])
@@ -368,10 +328,8 @@ def _remove_all(handles: list) -> None:
     handles.clear()
 
 
-def _counter(box: list, hit: set, fused: FusedReduce):
+def _counter(box: list, hit: set):
     def hook(p: Tensor) -> None:
         box[0] += 1
         hit.add(id(p))
-        if fused.active:
-            fused.hook(p)
     return hook

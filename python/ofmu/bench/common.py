@@ -207,8 +207,9 @@ class Stopwatch:
     """Accumulates wall time of labelled regions (CPU) or CUDA-event pairs (GPU, resolved later
     so that timing does not add host synchronisations inside the measured step)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: str = "wall"):
         self.device = device
+        self.now = CLOCKS[clock]  # CPU: "thread" leaves out waiting for a core (1 thread only)
         self.cpu: dict[str, float] = {}
         self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
 
@@ -224,11 +225,11 @@ class Stopwatch:
                 e.record()
                 self.events.setdefault(key, []).append((s, e))
                 return out
-            t0 = time.perf_counter()
+            t0 = self.now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.cpu[key] = self.cpu.get(key, 0.0) + time.perf_counter() - t0
+                self.cpu[key] = self.cpu.get(key, 0.0) + self.now() - t0
 
         return timed
 
@@ -255,13 +256,20 @@ def output_stem(kind: str, args) -> str:
 
 
 def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
+    """Written atomically: a temporary file in the same folder, renamed over ``path`` once
+    complete (an interrupted run leaves the previous results intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt_csv(r.get(k, "")) for k in columns})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: _fmt_csv(r.get(k, "")) for k in columns})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -4,7 +4,7 @@ What is timed (one inner step of ``similarity="project"`` over flat buffers, as 
 it; docs/design.md, "Kernel contract")::
 
     stats = reduce3(g_f, g_r)                           # <g_f,g_r>, |g_f|^2, |g_r|^2   8 B/elem
-    coeffs = f(stats)                                   # ofmu.functional, on the device
+    coeffs = finalize(stats)                            # the backend's finalize op, on the device
     theta = theta + lr * (g_f - beta * k(stats) * g_r)  # update (read 3, write 1)     16 B/elem
 
 Bytes model: 6 buffer-element accesses per element, i.e. 24 B/elem in fp32 and 12 B/elem in
@@ -18,7 +18,7 @@ Providers (``--providers``):
 * ``foreach`` — ``torch._foreach_*`` over per-tensor views of the same buffers (model-like list).
 * ``compile`` — ``torch.compile(dynamic=True)`` of the ofmu.functional reference step.
 * ``cpp`` / ``cuda`` / ``triton`` — ofmu's backends (``ofmu.backends.probe``) with the
-  coefficient math of ``ofmu.functional`` in between, exactly the optimizer's call sequence.
+  backend's ``finalize`` op in between, exactly the optimizer's call sequence.
 * ``reference`` — ofmu's torch fallback backend (not in the default list).
 
 The ceiling is measured in the same process on the same buffers: a triad ``a = b + s*c``
@@ -30,6 +30,10 @@ Before any provider is timed, theta after one step is compared with a float64 re
 tolerance derived from the error bound of the computation, the same for every provider
 (NOTE: [Correctness gate] below); a provider outside it is reported WRONG and not timed.
 
+``--rounds R`` repeats the whole sweep R times, interleaved (round 1 of every point before round
+2 of any), and reports each provider's speed relative to ``compile`` as the median with min-max
+over the rounds: a claim holds only where the minimum of that spread holds it.
+
 Run ``python -m ofmu.bench.kernels --help`` (or ``ofmu bench --help``); results go to ``--out``
 (default ``./ofmu-bench-results``, printed at start and end); the committed ones are in
 ``benchmarks/results/`` of the repository.
@@ -40,13 +44,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ofmu import backends
+from ofmu import backends, reference
 from ofmu import functional as F
 from ofmu.bench import common as C
 
@@ -56,11 +61,15 @@ ACCESSES = {"step": 6, "triad": 3, "axpy": 3, "copy": 2}  # buffer-element reads
 CEILINGS = ("triad", "axpy", "copy")
 LR, BETA, EPS = 0.3, 0.9, 1e-12  # large lr/beta so that a wrong coefficient fails the check
 
-COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "dtype", "n", "provider", "n_tensors",
+MIN_SIZE = 1024  # the gate fits three coefficients, the foreach split needs two layers
+COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "round", "dtype", "n", "provider",
+           "n_tensors",
            "bytes_per_elem", "median_s", "q25_s", "q75_s", "iqr_s", "gbps", "gbps_q25", "gbps_q75",
            "ceiling_gbps", "pct_ceiling", "working_set_bytes", "cache_bytes", "cache_resident",
            "repeats", "calls_per_sample", "clock", "check_elem_ratio", "check_coef_ratio", "check_dc1_rel",
            "check_dc2_rel", "status"]
+RATIO_COLUMNS = ["device", "torch", "ofmu", "threads", "dtype", "n", "provider", "rounds",
+                 "vs_compile_median", "vs_compile_min", "vs_compile_max", "pct_ceiling_median"]
 
 
 # ---------------------------------------------------------------------------------- buffers
@@ -106,14 +115,13 @@ def make_buffers(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0
 # -------------------------------------------------------------------------------- providers
 
 
-def ofmu_step(reduce3: Callable, update: Callable, theta, gf, gr, lr=LR, beta=BETA, eps=EPS):
+def ofmu_step(reduce3: Callable, update: Callable, theta, gf, gr, lr=LR, beta=BETA, eps=EPS,
+              finalize: Callable = reference.finalize):
     """The optimizer's inner-step call sequence (``OFMU.inner_step``, project mode, no
-    clipping): reduce, coefficients on the device, update."""
+    clipping, no cap): reduce, the coefficients on the device (``finalize``), update."""
     stats = reduce3(gf, gr)
-    ok = torch.isfinite(stats).all()
-    coef = F.direction_coeffs("project", stats, beta, eps)
-    c = F.update_coeffs(lr, 0.0, coef, None, ok)
-    update(theta, gf, gr, c)
+    c = finalize(stats, stats, stats[:0], None, True, -beta, eps, lr, 0.0, None, None)
+    update(theta, gf, gr, c[:4])
 
 
 def eager_step(theta, gf, gr, lr=LR, beta=BETA, eps=EPS):
@@ -177,7 +185,8 @@ def make_provider(name: str, device: torch.device) -> tuple[Callable | None, str
             return None, why
     else:
         raise ValueError(f"unknown provider {name!r}; expected one of {ALL_PROVIDERS}")
-    return (lambda b: ofmu_step(be.reduce3, be.update, b.theta, b.gf, b.gr)), ""
+    return (lambda b: ofmu_step(be.reduce3, be.update, b.theta, b.gf, b.gr,
+                                finalize=be.finalize)), ""
 
 
 # -------------------------------------------------------------------------------- the check
@@ -220,8 +229,10 @@ def _unit_roundoff(dtype: torch.dtype) -> float:
 
 def coefficients(stats: torch.Tensor, lr: float = LR, beta: float = BETA, eps: float = EPS):
     """``update`` coefficients ``[c0, c1, c2, ok]`` of the benchmarked step from its statistics."""
-    coef = F.direction_coeffs("project", stats, beta, eps)
-    return F.update_coeffs(lr, 0.0, coef, None, torch.isfinite(stats).all())
+    d, _, nr2 = stats.unbind()
+    k = d / (nr2 * (1.0 + eps) + torch.finfo(stats.dtype).tiny)  # docs/kernels.md, finalize
+    one = torch.ones_like(k)
+    return torch.stack([one, lr * one, (-beta * k) * lr, torch.isfinite(stats).all().to(k.dtype)])
 
 
 @dataclass
@@ -311,24 +322,71 @@ def check_error(b: Buffers, fn: Callable, ref: Reference | None = None) -> Check
 # ------------------------------------------------------------------------------------ running
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none to show (the help text says it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _int_at_least(lo: int, what: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}{what}, got {v}")
+        return v
+    return parse
+
+
+def _int_list(lo: int, what: str = "", scientific: bool = False) -> Callable[[str], list[int]]:
+    """A comma list of integers >= ``lo`` (``scientific``: ``1e6`` accepted)."""
+    def parse(text: str) -> list[int]:
+        out = []
+        for t in (t.strip() for t in text.split(",")):
+            if not t:
+                continue
+            try:
+                v = int(float(t)) if scientific else int(t)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected integers, got {t!r}") from None
+            if v < lo:
+                raise argparse.ArgumentTypeError(f"each value must be at least {lo}{what}, "
+                                                 f"got {v}")
+            out.append(v)
+        if not out:
+            raise argparse.ArgumentTypeError("empty list")
+        return out
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--dtypes", default="fp32,bf16",
                    help="comma list of fp32, bf16, fp16 (or float32, bfloat16, float16)")
-    p.add_argument("--min-exp", type=int, default=16, help="smallest size 2^min_exp elements")
-    p.add_argument("--max-exp", type=int, default=None,
-                   help="largest size 2^max_exp (default 26 on CPU, 30 on GPU)")
-    p.add_argument("--exp-step", type=int, default=2, help="step between size exponents")
-    p.add_argument("--sizes", default=None, help="explicit comma list of sizes (overrides exps)")
+    p.add_argument("--min-exp", type=_int_at_least(10, " (2^10 elements)"), default=16,
+                   help="smallest size 2^min_exp elements")
+    p.add_argument("--max-exp", type=_int_at_least(10, " (2^10 elements)"), default=None,
+                   help="largest size 2^max_exp (default: 26 on CPU, 30 on GPU)")
+    p.add_argument("--exp-step", type=_int_at_least(1), default=2,
+                   help="step between size exponents")
+    p.add_argument("--sizes", type=_int_list(MIN_SIZE, " elements", scientific=True), default=None,
+                   help=f"explicit comma list of sizes, each at least {MIN_SIZE} "
+                        "(overrides the exponents)")
     p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
                    help=f"comma list from {ALL_PROVIDERS}")
-    p.add_argument("--repeats", type=int, default=15, help="timed samples per point")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls before sampling")
+    p.add_argument("--repeats", type=_int_at_least(1), default=15, help="timed samples per point")
+    p.add_argument("--warmup", type=_int_at_least(0), default=3,
+                   help="untimed calls before sampling")
+    p.add_argument("--rounds", type=_int_at_least(1), default=1,
+                   help="whole sweeps, interleaved; ratios to compile as median (min-max)")
     p.add_argument("--min-sample-ms", type=float, default=5.0,
                    help="batch calls so that one sample lasts at least this long")
-    p.add_argument("--threads", default="1", help="CPU threads; comma list runs each in turn")
+    p.add_argument("--threads", type=_int_list(1), default=[1],
+                   help="CPU threads; a comma list runs each in turn (default: 1)")
     p.add_argument("--clock", default="wall", choices=sorted(C.CLOCKS),
                    help="CPU timer: wall, or thread (CPU time of the calling thread: leaves out "
                         "waiting for a core on a shared machine; --threads 1 only)")
@@ -342,14 +400,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         C.parse_dtypes(args.dtypes)
     except SystemExit as e:
         p.error(str(e))
-    if args.clock == "thread" and (str(args.threads) != "1" or args.device.startswith("cuda")):
+    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    bad = [n for n in names if n not in ALL_PROVIDERS]
+    if bad or not names:
+        p.error(f"argument --providers: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
+                f"expected some of {', '.join(ALL_PROVIDERS)}")
+    if args.max_exp is not None and args.sizes is None and args.max_exp < args.min_exp:
+        p.error(f"argument --max-exp: {args.max_exp} is below --min-exp {args.min_exp}, "
+                "so there is no size to measure")
+    if args.min_sample_ms < 0:
+        p.error("argument --min-sample-ms: must be at least 0")
+    if args.clock == "thread" and (args.threads != [1] or args.device.startswith("cuda")):
         p.error("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"argument --out: {args.out} is a file, not a folder")
     return args
 
 
 def sizes_from(args, device: torch.device) -> list[int]:
     if args.sizes:
-        return [int(float(s)) for s in args.sizes.split(",")]
+        return list(args.sizes)
     hi = args.max_exp if args.max_exp is not None else (30 if device.type == "cuda" else 26)
     return [2**e for e in range(args.min_exp, hi + 1, args.exp_step)]
 
@@ -432,13 +502,12 @@ def run(args) -> list[dict]:
     device = C.resolve_device(args.device)
     dtypes = C.parse_dtypes(args.dtypes)
     names = [p.strip() for p in args.providers.split(",") if p.strip()]
-    for nm in names:
-        if nm not in ALL_PROVIDERS:
-            raise SystemExit(f"unknown provider {nm!r}; expected some of {ALL_PROVIDERS}")
     sizes = sizes_from(args, device)
+    if not sizes:  # e.g. a GPU default max-exp below --min-exp
+        raise SystemExit(f"no size between 2^{args.min_exp} and the default maximum")
     cache = C.cache_bytes(device)
     rows: list[dict] = []
-    for threads in [int(t) for t in str(args.threads).split(",")]:
+    for threads in args.threads:
         C.set_threads(threads)
         torch._dynamo.reset()  # a new thread count would recompile anyway
         _COMPILED.clear()
@@ -450,29 +519,66 @@ def run(args) -> list[dict]:
             if fn is None:
                 print(f"  skip {nm}: {why}")
                 rows.append(dict(meta, provider=nm, status=f"skipped: {why}"))
-        for dtype in dtypes:
-            for n in sizes:
-                ok, why = fits(n, dtype, device)
-                if not ok:
-                    print(f"  skip n={n} {dtype}: {why}")
-                    continue
-                b = make_buffers(n, dtype, device)
-                point = bench_point(b, dtype, device, providers, args, meta, cache)
-                for r in point:
-                    if r.get("status", "ok") != "ok":
-                        print(f"  {r['provider']} n={n} {dtype}: {r['status']}")
-                rows += point
-                del b
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        for rnd in range(1, args.rounds + 1):  # interleaved: every point once per round
+            for dtype in dtypes:
+                for n in sizes:
+                    rows += _point(n, dtype, device, providers, args, dict(meta, round=rnd), cache)
+            if args.rounds > 1:
+                print(f"  round {rnd}/{args.rounds} done", flush=True)
     return rows
+
+
+def _point(n, dtype, device, providers, args, meta, cache) -> list[dict]:
+    ok, why = fits(n, dtype, device)
+    if not ok:
+        print(f"  skip n={n} {dtype}: {why}")
+        return []
+    b = make_buffers(n, dtype, device)
+    point = bench_point(b, dtype, device, providers, args, meta, cache)
+    for r in point:
+        if r.get("status", "ok") != "ok":
+            print(f"  {r['provider']} n={n} {dtype}: {r['status']}")
+    del b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return point
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per (threads, dtype, n, provider): speed relative to ``compile`` (compile's time over the
+    provider's, > 1: faster) in each round, as median and min-max over the rounds."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    by = {(r["threads"], r["round"], r["dtype"], r["n"], r["provider"]): r for r in ok}
+    out = []
+    keys = dict.fromkeys((r["threads"], r["dtype"], r["n"], r["provider"]) for r in ok
+                         if r["provider"] not in CEILINGS + ("compile",))
+    for th, dt, n, prov in keys:
+        got, pct = [], []
+        for (t2, rnd, d2, n2, p2), r in by.items():
+            c = by.get((th, rnd, dt, n, "compile"))
+            if (t2, d2, n2, p2) == (th, dt, n, prov) and c is not None:
+                got.append(c["median_s"] / r["median_s"])
+                pct.append(r["pct_ceiling"])
+        if got:
+            any_r = next(r for r in ok if r["provider"] == prov)
+            out.append(dict(device=any_r["device"], torch=any_r["torch"], ofmu=any_r["ofmu"],
+                            threads=th, dtype=dt, n=n, provider=prov, rounds=len(got),
+                            vs_compile_median=statistics.median(got), vs_compile_min=min(got),
+                            vs_compile_max=max(got), pct_ceiling_median=statistics.median(pct)))
+    return out
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """What failed the gate or raised (skipped providers are not failures)."""
+    return [f"{r['provider']} n={r.get('n')} {r.get('dtype')}: {r['status']}" for r in rows
+            if r.get("status", "ok") != "ok" and not r["status"].startswith("skipped")]
 
 
 # ----------------------------------------------------------------------------------- output
 
 
 def print_table(rows: list[dict]) -> None:
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("round", 1) == 1]
     for threads in sorted({r["threads"] for r in ok}):
         for dtype in dict.fromkeys(r["dtype"] for r in ok):
             sel = [r for r in ok if r["dtype"] == dtype and r["threads"] == threads]
@@ -491,8 +597,25 @@ def print_table(rows: list[dict]) -> None:
                     line.append(f"{r['gbps']:.1f}" if r else "-")
                 body.append(line)
             print(f"\nGB/s (% of best of triad/axpy/copy), {dtype}, {threads} thread(s); "
-                  "* = working set fits in cache")
+                  "* = working set fits in cache" + (" (round 1)" if len(rows) and any(
+                      r.get("round", 1) > 1 for r in rows) else ""))
             print(C.table(body, ["n"] + provs + list(CEILINGS)))
+
+
+def print_ratios(rat: list[dict]) -> None:
+    for threads in sorted({r["threads"] for r in rat}):
+        for dtype in dict.fromkeys(r["dtype"] for r in rat):
+            sel = [r for r in rat if r["dtype"] == dtype and r["threads"] == threads]
+            provs = list(dict.fromkeys(r["provider"] for r in sel))
+            by = {(r["n"], r["provider"]): r for r in sel}
+            body = [[f"2^{int(math.log2(n))}"] + [
+                (f"{r['vs_compile_median']:.2f} ({r['vs_compile_min']:.2f}-"
+                 f"{r['vs_compile_max']:.2f})" if (r := by.get((n, p))) else "-") for p in provs]
+                for n in sorted({r["n"] for r in sel})]
+            rounds = max(r["rounds"] for r in sel)
+            print(f"\nspeed vs compile (>1: faster), median (min-max) over {rounds} round(s), "
+                  f"{dtype}, {threads} thread(s)")
+            print(C.table(body, ["n"] + provs))
 
 
 def plot(rows: list[dict], path) -> None:
@@ -501,7 +624,7 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("round", 1) == 1]
     panels = list(dict.fromkeys((r["dtype"], r["threads"]) for r in ok))
     if not panels:
         return
@@ -531,23 +654,42 @@ def plot(rows: list[dict], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = f"{path}.{os.getpid()}.tmp.png"  # atomic, like the CSV
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def main(argv=None) -> list[dict]:
-    """Entry point of ``python benchmarks/bench_kernels.py`` and ``ofmu bench``; returns rows."""
+    """Entry point of ``python benchmarks/bench_kernels.py`` and ``ofmu bench``; returns rows.
+    Exits with status 1 (after writing what was measured) when a provider failed the gate or
+    raised; writes nothing when nothing was measured (a results file is never replaced by less)."""
     args = parse_args(argv)
     print(f"# results go to {os.path.abspath(args.out)}")
     rows = run(args)
+    bad = failures(rows)
+    if not any(r.get("status") == "ok" and r["provider"] not in CEILINGS for r in rows):
+        raise SystemExit("no provider was measured; nothing written"
+                         + (": " + "; ".join(bad[:4]) if bad else ""))
     stem = C.output_stem("kernels", args)
     out = C.write_csv(stem + ".csv", rows, COLUMNS)
     print_table(rows)
+    rat = ratios(rows)
+    if rat:
+        print_ratios(rat)
+        print(f"wrote {C.write_csv(stem + '-vs-compile.csv', rat, RATIO_COLUMNS)}")
     print(f"\nwrote {out} (folder {os.path.abspath(args.out)})")
     if not args.no_plot:
         png = stem + ".png"
         plot(rows, png)
         print(f"wrote {png}")
+    if bad:
+        print(f"{len(bad)} provider point(s) failed:\n  " + "\n  ".join(bad), file=sys.stderr)
+        raise SystemExit(1)
     return rows
 
 

@@ -22,12 +22,13 @@ Ratios: ``inner_vs_ga`` = one inner step / one GA step; ``step_vs_ga`` = one ``s
 GA step; ``step_per_update_vs_ga`` = ``step_vs_ga / (T + 1)`` (both loops update theta); and
 the same against GradDiff. Headline times are medians over steps; the split is the mean.
 
-With a reduction folded into the backward pass (``OFMU_FUSED_REDUCE``), the hooks' ``reduce3``
-calls run inside ``backward`` and are counted there, not under ``kernels``.
-
-``--fused-sweep`` measures that folded reduction against the two-pass one instead: MLPs of
-2^16-2^24 parameters and the two models above, the two paths interleaved round by round,
-medians over rounds (optimizer-math time and whole inner-step time).
+``--fixed-cost`` measures instead what the optimizer adds to a step on a tiny model, where the
+passes cost least: an MLP 32-64-64-10 (6,922 parameters), batch 32, fp32, SGD, the default
+``similarity="project"``. ``bare`` = the closure's two forwards and two ``.backward()`` calls;
+``inner`` = ``OFMU.inner_step`` on the same batches; fixed cost = inner / bare - 1, per round
+(the two interleaved sample by sample, the thread's CPU clock), reported as median (min-max)
+over rounds, with the number of torch ops each runs (counted by a dispatch mode: the same on
+every machine).
 
 Run ``python benchmarks/bench_step.py --help``; results go to ``benchmarks/results/``.
 """
@@ -38,21 +39,18 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ofmu import OFMU
-from ofmu import functional as F
 from ofmu.backends import Backend
 from ofmu.bench import common as C
-from ofmu.flat import Slot
-from ofmu.fused_reduce import ENV as FUSED_ENV
+from ofmu.modes import OUTER_HVP, SIMILARITY, step_cost
 
 MODES = {  # label -> (similarity, outer_hvp)
     "project": ("project", "forget"),
@@ -69,7 +67,9 @@ COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "model", "n_params", 
            "step_median_s", "step_q25_s", "step_q75_s", "inner_median_s", "outer_median_s",
            "forward_s", "backward_s", "kernels_s", "other_s", "kernels_pct",
            "inner_vs_ga", "inner_vs_graddiff", "step_vs_ga", "step_vs_graddiff",
-           "step_per_update_vs_ga", "skipped_steps", "status"]
+           "step_per_update_vs_ga", "grad_evals", "per_eval_vs_graddiff",
+           "per_eval_vs_graddiff_lo", "per_eval_vs_graddiff_hi", "optimizer_pct", "skipped_steps",
+           "status"]
 
 
 # ------------------------------------------------------------------------------------ models
@@ -113,12 +113,15 @@ def make_workload(name: str, device: torch.device, batch: int | None, n_batches:
             return torch.randn(b, 784, device=device), torch.randint(0, 10, (b,), device=device)
 
         ctx = contextlib.nullcontext
-    elif name == "transformer":
-        b, seq = batch or 16, 32
-        model = TinyTransformer()
+    elif name in ("transformer", "transformer-10m"):
+        b, seq = batch or (16 if name == "transformer" else 4), 32
+        # transformer-10m: 16.7M parameters (4 layers of width 512, 8 heads, vocabulary 8000)
+        model = (TinyTransformer() if name == "transformer" else
+                 TinyTransformer(vocab=8000, width=512, heads=8, layers=4))
+        vocab = model.embed.num_embeddings
 
         def draw():
-            return (torch.randint(0, 1000, (b, seq), device=device),
+            return (torch.randint(0, vocab, (b, seq), device=device),
                     torch.randint(0, 10, (b,), device=device))
 
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -126,7 +129,8 @@ def make_workload(name: str, device: torch.device, batch: int | None, n_batches:
         def ctx():
             return sdpa_kernel([SDPBackend.MATH])
     else:
-        raise ValueError(f"unknown model {name!r}; expected 'mlp' or 'transformer'")
+        raise ValueError(f"unknown model {name!r}; expected 'mlp', 'transformer' or "
+                         "'transformer-10m'")
     model.to(device)
     return Workload(name, model, [draw() for _ in range(n_batches)],
                     [draw() for _ in range(n_batches)], b, ctx)
@@ -152,29 +156,16 @@ class Batches:
 class Profile:
     """Attributes time to ``phase/category``; ``phase`` is set by the wrapped step entry points."""
 
-    def __init__(self, device: torch.device):
-        self.sw = C.Stopwatch(device)
+    def __init__(self, device: torch.device, clock: str = "wall"):
+        self.sw = C.Stopwatch(device, clock)
         self.phase = "step"
         self._saved: dict = {}
-        self.in_backward = False
 
     def label(self, category: str) -> Callable[[], str]:
-        # kernels called from autograd hooks (the folded reduction) are part of ``backward``:
-        # a label outside CATEGORIES, so that they are not counted twice
-        return lambda: (f"{self.phase}/folded" if category == "kernels" and self.in_backward
-                        else f"{self.phase}/{category}")
+        return lambda: f"{self.phase}/{category}"
 
     def _backward_timed(self, fn: Callable) -> Callable:
-        timed = self.sw.wrap(self.label("backward"), fn)
-
-        def run(*args, **kwargs):
-            prev, self.in_backward = self.in_backward, True
-            try:
-                return timed(*args, **kwargs)
-            finally:
-                self.in_backward = prev
-
-        return run
+        return self.sw.wrap(self.label("backward"), fn)
 
     def in_phase(self, phase: str, fn: Callable) -> Callable:
         timed = self.sw.wrap(phase, fn)
@@ -204,7 +195,7 @@ class Profile:
 def timing_backend(be: Backend, prof: Profile) -> Backend:
     lab = prof.label("kernels")
     return Backend(be.name, prof.sw.wrap(lab, be.reduce3), prof.sw.wrap(lab, be.combine),
-                   prof.sw.wrap(lab, be.update))
+                   prof.sw.wrap(lab, be.update), prof.sw.wrap(lab, be.finalize))
 
 
 # ----------------------------------------------------------------------------------- methods
@@ -262,7 +253,7 @@ def build_method(method: str, w: Workload, args, prof: Profile):
 
 
 def measure(method: str, w: Workload, args, device: torch.device) -> dict:
-    prof = Profile(device)
+    prof = Profile(device, args.clock)
     step, opt, desc = build_method(method, w, args, prof)
     with prof.autograd():
         for _ in range(args.warmup):
@@ -290,6 +281,8 @@ def measure(method: str, w: Workload, args, device: torch.device) -> dict:
         row[f"{c}_s"] = cat(c)
     row["other_s"] = mean["step"] - sum(cat(c) for c in CATEGORIES)
     row["kernels_pct"] = 100.0 * cat("kernels") / mean["step"]
+    # what the optimizer adds to the model's passes: its kernels and everything else
+    row["optimizer_pct"] = 100.0 * (cat("kernels") + row["other_s"]) / mean["step"]
     # Sanity: the step ran and left finite parameters (an exploding run would time NaN paths).
     params = list(opt._autodiff.params) if opt is not None else []
     finite = all(torch.isfinite(p).all() for p in params)
@@ -306,7 +299,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--models", default="mlp,transformer", help="comma list of mlp, transformer")
+    p.add_argument("--models", default="mlp,transformer",
+                   help="comma list of mlp, transformer, transformer-10m (16.7M parameters)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma list from ga, graddiff, {', '.join(MODES)}")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 128 MLP, 16 TF)")
@@ -316,13 +310,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backend", default="auto", help="OFMU backend (auto, cpp, torch, ...)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument("--clock", default="wall", choices=sorted(C.CLOCKS),
+                   help="CPU timer: wall, or thread (CPU time of the calling thread: leaves out "
+                        "waiting for a core on a shared machine; --threads 1 only)")
     p.add_argument("--out", default=str(C.RESULTS_DIR), help="output folder for the CSV")
     p.add_argument("--tag", default="", help="suffix of the output file name")
-    p.add_argument("--fused-sweep", action="store_true",
-                   help="folded (OFMU_FUSED_REDUCE=1) vs two-pass reduction instead")
-    p.add_argument("--sweep-sizes", default="16,18,20,22,24",
-                   help="log2 parameter counts of the sweep's MLPs")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the sweep")
+    p.add_argument("--fixed-cost", action="store_true",
+                   help="the optimizer's fixed cost over the bare passes on a 6,922-parameter MLP")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of --fixed-cost")
     return p.parse_args(argv)
 
 
@@ -355,6 +350,7 @@ def run(args) -> list[dict]:
         for m, r in got.items():
             if r.get("step_median_s") is None or not ga or not gd:
                 continue
+            _per_eval(r, got["graddiff"], m, args)
             r["step_vs_ga"], r["step_vs_graddiff"] = r["step_median_s"] / ga, r["step_median_s"] / gd
             if m in MODES:
                 r["inner_vs_ga"] = r["inner_median_s"] / ga
@@ -362,6 +358,25 @@ def run(args) -> list[dict]:
                 r["step_per_update_vs_ga"] = r["step_vs_ga"] / T1
         rows += got.values()
     return rows
+
+
+def grad_evals(method: str, args) -> float:
+    """Gradient evaluations of one step (forward + backward of one minibatch), as the studies'
+    budgets charge them: GA 1, GradDiff 2, OFMU ``modes.step_cost`` (rho > 0)."""
+    if method in ("ga", "graddiff"):
+        return 1.0 if method == "ga" else 2.0
+    sim, hvp = MODES[method]
+    return step_cost(SIMILARITY[sim], OUTER_HVP[hvp], args.inner_steps, 1, penalty_on=True)
+
+
+def _per_eval(r: dict, gd: dict, method: str, args) -> None:
+    """Time per gradient evaluation against GradDiff's: median ratio, and the range the
+    quartiles of both allow (slowest OFMU quartile over fastest GradDiff one, and back)."""
+    e, eg = grad_evals(method, args), grad_evals("graddiff", args)
+    r["grad_evals"] = e
+    r["per_eval_vs_graddiff"] = (r["step_median_s"] / e) / (gd["step_median_s"] / eg)
+    r["per_eval_vs_graddiff_lo"] = (r["step_q25_s"] / e) / (gd["step_q75_s"] / eg)
+    r["per_eval_vs_graddiff_hi"] = (r["step_q75_s"] / e) / (gd["step_q25_s"] / eg)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -374,166 +389,106 @@ def print_table(rows: list[dict]) -> None:
     body = []
     for r in rows:
         if r.get("step_median_s") is None:
-            body.append([r["model"], r["method"]] + ["-"] * 10 + [r.get("status", "")])
+            body.append([r["model"], r["method"]] + ["-"] * 12 + [r.get("status", "")])
             continue
+        pe = (f"{r['per_eval_vs_graddiff']:.2f}x ({r['per_eval_vs_graddiff_lo']:.2f}-"
+              f"{r['per_eval_vs_graddiff_hi']:.2f})" if "per_eval_vs_graddiff" in r else "-")
         body.append([r["model"], r["method"], ms(r["step_median_s"]), ms(r.get("inner_median_s")),
                      ms(r.get("outer_median_s")), ms(r["forward_s"]), ms(r["backward_s"]),
                      ms(r["kernels_s"]), ms(r["other_s"]), x(r.get("inner_vs_ga")),
-                     x(r.get("step_vs_ga")), x(r.get("step_per_update_vs_ga")), r["status"]])
-    print("\ntimes in ms (step/inner/outer: median; fwd/bwd/kernels/other: mean per step)")
+                     x(r.get("step_vs_ga")), x(r.get("step_per_update_vs_ga")), pe,
+                     f"{r['optimizer_pct']:.0f}%", r["status"]])
+    print("\ntimes in ms (step/inner/outer: median; fwd/bwd/kernels/other: mean per step); "
+          "per eval = per gradient evaluation (quartile range); opt = kernels + other")
     print(C.table(body, ["model", "method", "step", "inner", "outer", "fwd", "bwd", "kernels",
-                         "other", "inner/GA", "step/GA", "step/(T+1)GA", "status"]))
+                         "other", "inner/GA", "step/GA", "step/(T+1)GA", "per eval/GradDiff",
+                         "opt", "status"]))
 
 
-# ------------------------------------------------------------------- folded reduction sweep
+# ------------------------------------------------------------------------------- fixed cost
 
-SWEEP_COLUMNS = ["device", "torch", "ofmu", "threads", "model", "n_params", "n_tensors", "rounds",
-                 "math_two_pass_us", "math_folded_us", "hooks_us", "inner_two_pass_ms",
-                 "inner_folded_ms", "inner_speedup"]
-
-
-def sweep_model(log2: int, device: torch.device) -> Workload:
-    """An MLP of 4 square layers (``~2^log2`` parameters), batch 8: a small batch, so that the
-    reduction is a visible share of the step."""
-    width = max(8, round((2 ** log2 / 4) ** 0.5))
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(width, width), nn.Tanh())],
-                          nn.Linear(width, 10)).to(device)
-
-    def draw():
-        return torch.randn(8, width, device=device), torch.randint(0, 10, (8,), device=device)
-
-    return Workload(f"mlp-2^{log2}", model, [draw() for _ in range(4)], [draw() for _ in range(4)], 8)
+FIXED_COLUMNS = ["device", "torch", "ofmu", "threads", "backend", "round", "bare_us", "inner_us",
+                 "overhead_pct", "ops_bare", "ops_inner"]
 
 
-@contextlib.contextmanager
-def fused_setting(value: str):
-    old = os.environ.get(FUSED_ENV)
-    os.environ[FUSED_ENV] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(FUSED_ENV, None)
-        else:
-            os.environ[FUSED_ENV] = old
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
 
 
-def _clock(fn: Callable, device: torch.device, n: int) -> float:
-    """Median seconds of ``n`` calls."""
-    times = []
-    for _ in range(n):
-        C.synchronize(device)
-        t0 = time.perf_counter()
+def _count_ops(fn: Callable) -> int:
+    with _OpCounter() as c:
         fn()
-        C.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return c.n
 
 
-def measure_fused(w: Workload, args, device: torch.device) -> dict:
-    """Folded vs two-pass reduction on one workload, interleaved round by round. Optimizer
-    math: two-pass = the ``reduce3`` pass after the backward; folded = (evaluation with the
-    hooks armed - the same evaluation without) + the fixed-order sum of the shares. Whole:
-    one inner step (forward, two backward passes, reduction, coefficients, update).
-    ``hooks_us``: the time spent inside the hooks themselves plus the final sum (a lower bound
-    of the folded math: it leaves out what the hooks cost the rest of the backward pass)."""
-    model = copy.deepcopy(w.model)
-    batches = Batches(w)
-    opt = OFMU(model.parameters(), lr=1e-4, inner_lr=1e-4, beta=0.5, similarity="project",
-               outer_steps=1, preconditioner="sgd", forget_loss_cap=None, backend=args.backend)
-    parts, ad = opt._parts, opt._autodiff
-
-    def closure():
-        bf, br = batches.next()
-        with w.context():
-            return ce(model, bf), ce(model, br)
-
-    folds = {"0": [None] * len(parts), "1": None}
-    with fused_setting("1"):
-        folds["1"] = F.fold(parts)
-    in_hooks = [0.0]
-    hook, finish = ad.fused.hook, ad.fused.finish
-
-    def timed(fn):
-        def run(*a):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                in_hooks[0] += time.perf_counter() - t0
-        return run
-
-    ad.fused.hook, ad.fused.finish = timed(hook), timed(finish)  # instance attributes
-
-    @torch.no_grad()
-    def evaluate(flag):
-        ev = ad.evaluate(closure, fold=folds[flag])
-        return ev
-
-    def reduce_after(flag):
-        ev = evaluate(flag)
-        C.synchronize(device)
-        t0 = time.perf_counter()
-        F.reduce(parts, Slot.GRAD_F, Slot.GRAD_R, ev.stats)
-        C.synchronize(device)
-        return time.perf_counter() - t0
-
-    def inner(flag):
-        with fused_setting(flag):
-            opt.inner_step(closure)
-
-    n = max(3, args.repeats)
-    got: dict[str, list[float]] = {k: [] for k in ("red0", "red1", "ev0", "ev1", "in0", "in1")}
-    for flag in "01":  # warm-up
-        inner(flag)
-        evaluate(flag)
-    hooks = []
-    for _ in range(args.rounds):
-        in_hooks[0] = 0.0
-        evaluate("1")
-        hooks.append(in_hooks[0])
-        for flag in "01":
-            got[f"ev{flag}"].append(_clock(lambda f=flag: evaluate(f), device, n))
-            got[f"red{flag}"].append(statistics.median(reduce_after(flag) for _ in range(n)))
-            got[f"in{flag}"].append(_clock(lambda f=flag: inner(f), device, n))
-    med = {k: statistics.median(v) for k, v in got.items()}
-    math_two = med["red0"]
-    math_fold = max(0.0, med["ev1"] - med["ev0"]) + med["red1"]
-    return dict(model=w.name, n_params=sum(p.numel() for p in w.model.parameters()),
-                n_tensors=len(list(w.model.parameters())), rounds=args.rounds,
-                math_two_pass_us=1e6 * math_two, math_folded_us=1e6 * math_fold,
-                hooks_us=1e6 * statistics.median(hooks), inner_two_pass_ms=1e3 * med["in0"],
-                inner_folded_ms=1e3 * med["in1"], inner_speedup=med["in0"] / med["in1"])
-
-
-def fused_sweep(args) -> list[dict]:
+def fixed_cost(args) -> list[dict]:
     device = C.resolve_device(args.device)
     C.set_threads(args.threads)
     meta = C.metadata(device)
-    print(f"# {meta['device']} | torch {meta['torch']} ofmu {meta['ofmu']} | "
-          f"threads {meta['threads']} | folded vs two-pass reduction, {args.rounds} rounds")
-    sizes = [int(x) for x in args.sweep_sizes.split(",") if x.strip()]
-    loads = [sweep_model(k, device) for k in sizes]
-    loads += [make_workload(m.strip(), device, args.batch)
-              for m in args.models.split(",") if m.strip()]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10)).to(device)
+    bare_model = copy.deepcopy(model)
+    data = [(torch.randn(32, 32, device=device), torch.randint(0, 10, (32,), device=device))
+            for _ in range(4)]
+    opt = OFMU(model.parameters(), lr=1e-4, inner_lr=1e-4, similarity="project",
+               preconditioner="sgd", backend=args.backend)
+    i = [0]
+
+    def closure_of(m):
+        def closure():
+            bf, br = data[i[0] % 4], data[(i[0] + 1) % 4]
+            i[0] += 1
+            return ce(m, bf), ce(m, br)
+        return closure
+
+    closure, bare_closure = closure_of(model), closure_of(bare_model)
+
+    def bare():
+        lf, lr = bare_closure()
+        lf.backward()
+        lr.backward()
+
+    def inner():
+        opt.inner_step(closure)
+
+    ops = {"bare": _count_ops(bare), "inner": _count_ops(inner)}
+    clock = "thread" if device.type == "cpu" and args.threads == 1 else "wall"
+    print(f"# {meta['device']} | torch {meta['torch']} ofmu {meta['ofmu']} | threads "
+          f"{meta['threads']} | backend {opt.backend_summary()[0]} | clock {clock}")
     rows = []
-    for w in loads:
-        rows.append(dict(meta, **measure_fused(w, args, device)))
-        r = rows[-1]
-        print(f"  {r['model']:14s} {r['n_params']:>9d} params: math {r['math_two_pass_us']:8.1f} -> "
-              f"{r['math_folded_us']:8.1f} us (in hooks {r['hooks_us']:7.1f}), "
-              f"inner {r['inner_two_pass_ms']:8.2f} -> "
-              f"{r['inner_folded_ms']:8.2f} ms ({r['inner_speedup']:.2f}x)", flush=True)
+    for r in range(1, args.rounds + 1):
+        got = C.time_interleaved({"bare": bare, "inner": inner}, device, max(5, args.repeats),
+                                 warmup=20, min_sample_s=0.02, clock=clock)
+        med = {k: C.summarize(v[0])["median_s"] for k, v in got.items()}
+        rows.append(dict(meta, backend=args.backend, round=r, bare_us=1e6 * med["bare"],
+                         inner_us=1e6 * med["inner"],
+                         overhead_pct=100.0 * (med["inner"] / med["bare"] - 1.0),
+                         ops_bare=ops["bare"], ops_inner=ops["inner"]))
+        print(f"  round {r}: bare {rows[-1]['bare_us']:.0f} us, inner step "
+              f"{rows[-1]['inner_us']:.0f} us, fixed cost {rows[-1]['overhead_pct']:.0f}%",
+              flush=True)
+    pct = sorted(x["overhead_pct"] for x in rows)
+    print(f"fixed cost over the bare passes: median {statistics.median(pct):.0f}% "
+          f"(min {pct[0]:.0f}%, max {pct[-1]:.0f}%) over {len(pct)} rounds; torch ops: bare "
+          f"{ops['bare']}, inner step {ops['inner']}")
     return rows
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.fused_sweep:
-        rows = fused_sweep(args)
-        out = C.write_csv(C.output_stem("fused_reduce", args) + ".csv", rows, SWEEP_COLUMNS)
-        print(f"\nwrote {out}")
+    if args.clock == "thread" and args.threads != 1:
+        raise SystemExit("--clock thread measures one CPU thread: use it with --threads 1")
+    if args.fixed_cost:
+        rows = fixed_cost(args)
+        out = C.write_csv(C.output_stem("fixed_cost", args) + ".csv", rows, FIXED_COLUMNS)
+        print(f"wrote {out}")
         return rows
     rows = run(args)
     out = C.write_csv(C.output_stem("step", args) + ".csv", rows, COLUMNS)
