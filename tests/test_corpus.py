@@ -1,7 +1,6 @@
 """The general-text corpus (WordNet glosses) used to pre-train the small LM and measure fluency."""
 
 import pytest
-
 from ofmu.studies.lm import corpus
 
 LINE = ('00003993 03 n 01 congener 0 001 @ 00003553 n 0000 | a whole (a thing or person) of the same '
