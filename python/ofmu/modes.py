@@ -77,10 +77,10 @@ def double_backward_graphs(sim: SimilarityMode, hvp: OuterHvpMode, inner: bool,
     if inner and sim.second_order:
         graph_f = graph_r = True
         why.append(f"similarity={sim.name!r}")
-    if penalty_on and hvp.double_backward(sim):
+    if penalty_on and hvp.double_backward(sim):  # named as the outer step names it
         f, r = hvp.graphs(sim)
         graph_f, graph_r = graph_f or f, graph_r or r
-        why.append(f"outer_hvp={hvp.name!r} with rho > 0")
+        why.append(f"similarity={sim.name!r} with outer_hvp={hvp.name!r} and rho > 0")
     return graph_f, graph_r, " and ".join(why)
 
 

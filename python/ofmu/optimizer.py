@@ -94,7 +94,9 @@ class OFMU(Optimizer):
     ``outer_hvp="fd"``'s probes) and returns ``(forget_loss, retain_loss)`` from separate
     forward passes; the optimizer runs the backward passes. A step whose reductions are
     non-finite leaves the parameters untouched and is counted; ``last_stats()`` syncs and
-    reports the diagnostics.
+    reports the diagnostics. A step that raises (in the closure or a backward pass) keeps the
+    updates it completed and nothing of the failed one; a mode needing a double backward the
+    model cannot do fails at the first closure call, before any update (docs/guarantees.md).
 
     Defaults: a first-order recipe measured to forget without collapsing the retained data
     (Adam per loop, 1 inner : 6 outer steps, beta = 1, rho = 0, forget-loss cap 20 nats); it
