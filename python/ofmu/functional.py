@@ -372,26 +372,30 @@ def outer_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodif
     advances the rho schedule."""
     penalised = cfg.hvp.penalised and any(cfg.hypers[p.group].rho > 0 for p in parts)
     if penalised:
-        ev, stats, ok = _penalty(parts, cfg, state, ad, closure)
+        ev, (x, y), stats, ok = _penalty(parts, cfg, state, ad, closure)
     else:  # retain descent: the forget gradient would only feed diagnostics, so it is skipped
         ev = ad.evaluate(closure, forget=False)
+        x, y = Slot.GRAD_R, None
         stats, gstats = reduce(parts, Slot.GRAD_R, None)  # [0, |g_r|^2, 0]
         for key in ("outer_stats", "grad_phi_sq"):
             state.diag.pop(key, None)
         state.diag["retain_stats"] = gstats
         ok = None  # finalize checks the statistics
-    # the outer direction g_r + 2 rho h; its norm from reduce3(g_r, h) (or reduce3(g_r, None))
+    # the outer direction x + 2 rho y (x = g_r, y = h; or x = g_r + 2 rho h already, y = None):
+    # its norm from reduce3(x, y)
     fins = finalize(parts, cfg, state, "outer", None, stats,
                     (ev.loss_f, ev.loss_r) if penalised else (ev.loss_r,), ok)
-    apply(parts, cfg, state, "outer", Slot.GRAD_R, Slot.HVP if penalised else None, fins)
-    for p in parts:  # p.grad shows the last retain gradient, as after SGD
-        p.buf.bind_grads(Slot.GRAD_R)
+    apply(parts, cfg, state, "outer", x, y, fins)
+    for p in parts:  # p.grad shows the gradient of this update (as after SGD)
+        p.buf.bind_grads(x)
     return ev.loss_r.detach()
 
 
 def _penalty(parts, cfg, state, ad, closure):
-    """The outer evaluation with the penalty on: ``v = u(theta)`` into ``PHI_GRAD``, ``h`` into
-    ``HVP``; returns the evaluation, per-buffer ``reduce3(g_r, h)`` and the finite flag."""
+    """The outer evaluation with the penalty on: ``v = u(theta)`` into ``GRAD_F`` (``g_f`` is
+    not needed once ``u`` is formed: no buffer for ``v``), then ``h`` per the mode. Returns the
+    evaluation, the outer direction's operands ``(x, y)`` (``x + 2 rho y``), per-buffer
+    ``reduce3(x, y)`` and the finite flag."""
     graph_f, graph_r = cfg.hvp.graphs(cfg.sim)
     ev = ad.evaluate(closure, graph_f=graph_f, graph_r=graph_r,
                      why=f"similarity={cfg.sim.name!r} with outer_hvp={cfg.hvp.name!r} and rho > 0")
@@ -399,27 +403,29 @@ def _penalty(parts, cfg, state, ad, closure):
     state.diag.pop("retain_stats", None)
     state.diag["outer_stats"] = gstats
     with torch.enable_grad():
-        coefs, ustats, ok = combine_direction(parts, cfg, ad, ev, stats, gstats, Slot.PHI_GRAD)
+        coefs, ustats, ok = combine_direction(parts, cfg, ad, ev, stats, gstats, Slot.GRAD_F)
         phi_sq = sum(group_sqnorms(parts, cfg, coefs, ustats).values())
         state.diag["grad_phi_sq"] = phi_sq
-        _HVP[cfg.hvp.name](parts, cfg, ad, ev, closure, phi_sq)
+        xy = _HVP[cfg.hvp.name](parts, cfg, ad, ev, closure, phi_sq)
     ev.gf = ev.gr = None  # free the kept graphs before the update
-    stats, dg = reduce(parts, Slot.GRAD_R, Slot.HVP)
-    return ev, stats, ok & torch.isfinite(gstats).all() & torch.isfinite(dg).all()
+    stats, dg = reduce(parts, *xy)
+    return ev, xy, stats, ok & torch.isfinite(gstats).all() & torch.isfinite(dg).all()
 
 
 # ------------------------------------------------------------- h ~ Hessian(Phi) v, per mode
 
 
-def _hvp_forget(parts, cfg, ad, ev, closure, phi_sq) -> None:
+def _hvp_forget(parts, cfg, ad, ev, closure, phi_sq) -> tuple[Slot, Slot]:
     """``h = H_f v``: one double backward of the forget gradient."""
-    ad.vjp(ev.gf, ad.views(Slot.PHI_GRAD), into=Slot.HVP, why="outer_hvp='forget' (rho > 0)")
+    ad.vjp(ev.gf, ad.views(Slot.GRAD_F), into=Slot.HVP, why="outer_hvp='forget' (rho > 0)")
+    return Slot.GRAD_R, Slot.HVP
 
 
-def _hvp_exact(parts, cfg, ad, ev, closure, phi_sq) -> None:
+def _hvp_exact(parts, cfg, ad, ev, closure, phi_sq) -> tuple[Slot, Slot]:
     """``h = J_u^T v``: autograd through ``u(theta)`` itself (third order with ``hvp``)."""
-    ad.vjp(_u_graph(parts, cfg, ad, ev), ad.views(Slot.PHI_GRAD), into=Slot.HVP,
+    ad.vjp(_u_graph(parts, cfg, ad, ev), ad.views(Slot.GRAD_F), into=Slot.HVP,
            why="outer_hvp='exact' (rho > 0)")
+    return Slot.GRAD_R, Slot.HVP
 
 
 def _u_graph(parts, cfg, ad, ev) -> list[Tensor | None]:
@@ -456,41 +462,55 @@ def _u_graph(parts, cfg, ad, ev) -> list[Tensor | None]:
     return out
 
 
-def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> None:
-    """Central difference of ``u`` along ``v``: ``h = (u(+) - u(-)) |v| / (2 delta)``, from
-    gradients already averaged across ranks. theta moves with the update kernel and is
-    restored arithmetically (to rounding)."""
+def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> tuple[Slot, None]:
+    """Central difference of ``u`` along ``v`` (in ``GRAD_F``): ``h = (u(+) - u(-)) |v| /
+    (2 delta)``, from gradients already averaged across ranks, at ``theta +- delta v/|v|``.
+
+    Two scratch buffers: theta is saved in ``THETA_SAVED`` and copied back from it (bit for bit,
+    in a ``finally``: a probe that raises leaves no displacement), and the outer direction
+    ``g_r + 2 rho h`` is accumulated in ``OUTER_DIR``, starting from ``g_r(theta)``, as each
+    probe's ``u`` comes in (the probes overwrite both gradient buffers). Returns
+    ``(OUTER_DIR, None)``: the outer update's gradient, complete."""
     same = accepts(closure, "same_batch")
     vnorm = torch.sqrt(phi_sq)
     ok = torch.isfinite(vnorm) & (vnorm > 0)
     step = torch.where(ok, cfg.fd_delta / vnorm, torch.zeros_like(vnorm))
-    for p in parts:  # the outer update needs g_r(theta); the probes overwrite it
-        p.buf.flat(Slot.RETAIN_SAVED).copy_(p.buf.grad_r)
-
-    def move(sign: float) -> None:
-        one = torch.ones_like(step)
-        for p in parts:
-            c = C.pack_update(one, sign * step, 0.0 * one, ok)
-            p.backend.update(p.buf.param, p.buf.flat(Slot.PHI_GRAD), None, _on(c, p.buf))
-        copy_out(parts)
-
-    def u_here(out: Slot) -> None:
-        second = cfg.sim.second_order
-        probe = ad.evaluate(closure, graph_f=second, graph_r=second, same_batch=same,
-                            why="similarity='hvp'")
-        stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
-        combine_direction(parts, cfg, ad, probe, stats, gstats, out)
-
-    move(+1.0)
-    u_here(Slot.PROBE)
-    move(-2.0)
-    u_here(Slot.HVP)
-    move(+1.0)
     scale = torch.where(ok, vnorm / (2.0 * cfg.fd_delta), torch.zeros_like(vnorm))
     for p in parts:
-        c = _on(C.pack_combine(-scale, scale), p.buf)
-        p.backend.combine(p.buf.flat(Slot.HVP), p.buf.flat(Slot.PROBE), c, p.buf.flat(Slot.HVP))
-        p.buf.grad_r.copy_(p.buf.flat(Slot.RETAIN_SAVED))
+        p.buf.flat(Slot.THETA_SAVED).copy_(p.buf.param)
+        p.buf.flat(Slot.OUTER_DIR).copy_(p.buf.grad_r)
+    one, zero = torch.ones_like(step), torch.zeros_like(step)
+    try:
+        _fd_move(parts, C.pack_update(one, step, zero, ok), Slot.GRAD_F)  # theta + delta v/|v|
+        _fd_probe(parts, cfg, ad, closure, same, scale, ok)
+        _fd_move(parts, C.pack_update(-one, 2.0 * one, zero, ok), Slot.THETA_SAVED)  # mirrored
+        _fd_probe(parts, cfg, ad, closure, same, -scale, ok)
+    finally:
+        for p in parts:
+            p.buf.param.copy_(p.buf.flat(Slot.THETA_SAVED))
+        copy_out(parts)
+    return Slot.OUTER_DIR, None
+
+
+def _fd_move(parts, coeffs: Tensor, x: Slot) -> None:
+    """``theta = c0*theta + c1*x`` (skipped unless ``c3``) on every buffer, then FSDP2's shards."""
+    for p in parts:
+        p.backend.update(p.buf.param, p.buf.flat(x), None, _on(coeffs, p.buf))
+    copy_out(parts)
+
+
+def _fd_probe(parts, cfg, ad, closure, same: bool, scale: Tensor, ok: Tensor) -> None:
+    """``u`` at the current (displaced) theta into ``GRAD_F``, then
+    ``OUTER_DIR += 2 rho * scale * u`` (rho per group; skipped unless ``ok``)."""
+    second = cfg.sim.second_order
+    probe = ad.evaluate(closure, graph_f=second, graph_r=second, same_batch=same,
+                        why="similarity='hvp'")
+    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
+    combine_direction(parts, cfg, ad, probe, stats, gstats, Slot.GRAD_F)
+    one = torch.ones_like(scale)
+    for p in parts:
+        c = C.pack_update(one, (2.0 * cfg.hypers[p.group].rho) * scale, 0.0 * one, ok)
+        p.backend.update(p.buf.flat(Slot.OUTER_DIR), p.buf.grad_f, None, _on(c, p.buf))
 
 
 _HVP = {"forget": _hvp_forget, "exact": _hvp_exact, "fd": _hvp_fd}

@@ -113,7 +113,8 @@ def _naming_double_backward(why: str):
     try:
         yield
     except RuntimeError as e:
-        if "derivative for" in str(e) and "not implemented" in str(e):
+        msg = str(e)
+        if ("derivative for" in msg and "not implemented" in msg) or "once_differentiable" in msg:
             raise NoDoubleBackwardError(why, str(e)) from e
         raise
 
@@ -128,7 +129,17 @@ class Autodiff:
         self._reached = [0]  # a list the hooks share: they must not hold the optimizer alive
         self._hit: set[int] = set()  # ids of the parameters this evaluation's passes reached
         self._warned: set[frozenset] = set()  # unreached sets already warned about
+        # the mode to name if the double backward tried at the next closure call fails; and
+        # whether one succeeded (the model can do it: never tried again)
+        self._pending: str | None = None
+        self._double_ok = False
         weakref.finalize(self, _remove_all, self._reach_hooks)
+
+    def expect_double_backward(self, graph_f: bool, graph_r: bool, why: str) -> None:
+        """A step is about to start that differentiates through these gradient graphs (``why``
+        names the modes): try a double backward at its first closure call, before any update
+        (until one succeeded), so that a model without one fails before anything changed."""
+        self._pending = why if (graph_f or graph_r) and not self._double_ok else None
 
     @property
     def params(self) -> list[Tensor]:
@@ -149,8 +160,11 @@ class Autodiff:
         if sharded and (graph_f or graph_r):  # rho raised after construction, say
             raise _sharded_mode_error(why, self.buffers[0].names[0])
         self._watch()
+        check, self._pending = self._pending, None
         with torch.enable_grad():
             loss_f, loss_r = call_closure(closure, same_batch, need_forget=forget)
+            if check is not None:
+                self._try_double_backward(loss_r, check)
             ev = Evaluation(loss_f, loss_r)
             if graph_f or graph_r:
                 with _naming_double_backward(why):
@@ -168,6 +182,24 @@ class Autodiff:
             h.remove()
         self.hooks.clear()
         return ev
+
+    def _try_double_backward(self, loss_r: Tensor, why: str) -> None:
+        """``H_r g_r`` through the retain loss's graph (results dropped, graph kept for the
+        normal pass): raises what the step's later double backward would raise
+        (:class:`NoDoubleBackwardError`; FSDP2: the sharded-mode error) before any update.
+        The retain loss, not the forget loss, so that this costs no backward pass through the
+        forget loss (the model's operations are the same). One double backward, once."""
+        if self.sharded:
+            raise _sharded_mode_error(why, self.buffers[0].names[0])
+        params = self.params
+        with _naming_double_backward(why):
+            grads = torch.autograd.grad(loss_r, params, create_graph=True, retain_graph=True,
+                                        allow_unused=True)
+            outs = [g for g in grads if g is not None and g.requires_grad]
+            if outs:
+                torch.autograd.grad(outs, params, grad_outputs=[g.detach() for g in outs],
+                                    retain_graph=True, allow_unused=True)
+        self._double_ok = True
 
     @property
     def sharded(self) -> bool:

@@ -66,6 +66,24 @@ OUTER_HVP = {
 }
 
 
+def double_backward_graphs(sim: SimilarityMode, hvp: OuterHvpMode, inner: bool,
+                           penalty_on: bool) -> tuple[bool, bool, str]:
+    """The gradient graphs ``(graph_f, graph_r)`` a step's double backward passes go through,
+    and the modes that need them (for the error message): the inner loop's with
+    ``similarity="hvp"``, the outer one's with the penalty on. ``(False, False, "")``: first
+    order throughout."""
+    graph_f = graph_r = False
+    why = []
+    if inner and sim.second_order:
+        graph_f = graph_r = True
+        why.append(f"similarity={sim.name!r}")
+    if penalty_on and hvp.double_backward(sim):  # named as the outer step names it
+        f, r = hvp.graphs(sim)
+        graph_f, graph_r = graph_f or f, graph_r or r
+        why.append(f"similarity={sim.name!r} with outer_hvp={hvp.name!r} and rho > 0")
+    return graph_f, graph_r, " and ".join(why)
+
+
 def step_cost(sim: SimilarityMode, hvp: OuterHvpMode, inner_steps: int, outer_steps: int,
               penalty_on: bool) -> float:
     """Gradient evaluations of one ``OFMU.step``: what a benchmark's budget should charge.

@@ -20,12 +20,21 @@ from . import functional as F
 from .distributed import resolve_process_group
 from .flat import MOMENTS, FlatBuffer, Slot, check_distinct, check_frozen
 from .gradients import Autodiff
-from .modes import OUTER_HVP, SIMILARITY
-from .validation import GLOBAL_KEYS, StepGuard, validate_distributed, validate_group, validate_options
+from .modes import OUTER_HVP, SIMILARITY, double_backward_graphs
+from .validation import (
+    GLOBAL_KEYS,
+    StepGuard,
+    check_number,
+    validate_distributed,
+    validate_group,
+    validate_options,
+)
 
 _STEP_KEYS = {loop: f"{loop}_step" for loop in MOMENTS}  # per-parameter Adam step counts
 _STATE_KEYS = {s.value for pair in MOMENTS.values() for s in pair} | set(_STEP_KEYS.values())
 _COUNTERS = ("skipped", "capped")
+# Settings fixed at construction: they decide the optimizer state, the kernels, the ranks.
+_FIXED = ("preconditioner", "inner_preconditioner", "backend", "process_group")
 
 
 class OFMU(Optimizer):
@@ -85,7 +94,9 @@ class OFMU(Optimizer):
     ``outer_hvp="fd"``'s probes) and returns ``(forget_loss, retain_loss)`` from separate
     forward passes; the optimizer runs the backward passes. A step whose reductions are
     non-finite leaves the parameters untouched and is counted; ``last_stats()`` syncs and
-    reports the diagnostics.
+    reports the diagnostics. A step that raises (in the closure or a backward pass) keeps the
+    updates it completed and nothing of the failed one; a mode needing a double backward the
+    model cannot do fails at the first closure call, before any update (docs/guarantees.md).
 
     Defaults: a first-order recipe measured to forget without collapsing the retained data
     (Adam per loop, 1 inner : 6 outer steps, beta = 1, rho = 0, forget-loss cap 20 nats); it
@@ -127,6 +138,8 @@ class OFMU(Optimizer):
         self.forget_loss_cap = forget_loss_cap
         self.process_group = resolve_process_group(process_group)
         validate_distributed(outer_hvp, self.process_group)
+        self._fixed = {key: getattr(self, key) for key in _FIXED}
+        self._loops: tuple[bool, bool] | None = None  # the loops of the step about to start
         self._parts: list[F.Part] = []
         self.backend_reasons: list[str] = []
         self._hooks: list = []  # sparse-gradient checks, dropped after the first backward
@@ -150,7 +163,13 @@ class OFMU(Optimizer):
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
-        validate_group(group, gi, self.similarity)
+        try:  # a refused group is not kept
+            validate_group(group, gi, self.similarity)
+            for pi, p in enumerate(group["params"]):
+                _check_param(p, f"param_groups[{gi}].params[{pi}] (shape {tuple(p.shape)})")
+        except Exception:
+            self.param_groups.pop()
+            raise
         group.setdefault("rho_k", float(group["rho"]))
         group.setdefault("k", 0)
         group.setdefault("lr0", float(group["lr"]))
@@ -159,9 +178,6 @@ class OFMU(Optimizer):
             if not p.requires_grad:  # left out; must stay frozen (checked every step)
                 self._frozen.append((p, f"param_groups[{gi}].params[{pi}] (shape {tuple(p.shape)})"))
                 continue
-            if p.is_sparse:
-                raise TypeError(f"param_groups[{gi}].params[{pi}] is a sparse tensor; OFMU "
-                                "needs dense parameters")
             name = f"param_groups[{gi}].params[{pi}] (shape {tuple(p.shape)})"
             by_key[(p.device, p.dtype)].append((p, name))
             self._hooks.append(p.register_hook(_dense_grad_check(name)))
@@ -197,6 +213,11 @@ class OFMU(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict``, checked first: the param groups (sizes, hyperparameters),
+        every parameter's state (keys this optimizer keeps, shapes) and the counters are
+        validated before anything is applied, so a refused checkpoint changes nothing."""
+        self._check_options()
+        self._check_buffers()
         sd = dict(state_dict)
         extra = dict(sd.pop("ofmu", None) or {})
         if extra.get("moments") or extra.get("adam_steps"):
@@ -204,18 +225,29 @@ class OFMU(Optimizer):
                              "as whole flat buffers without shapes; it cannot be matched to "
                              "parameters safely. Resume from a checkpoint written by this "
                              "version, or restart the unlearning run")
-        saved_state, sd["state"] = sd.get("state", {}), {}
-        super().load_state_dict(sd)  # param groups (torch checks their sizes); state emptied
-        for gi, group in enumerate(self.param_groups):
-            validate_group(group, gi, self.similarity)
-        self._init_state()
-        by_id = {pid: p for saved, group in zip(sd["param_groups"], self.param_groups)
+        saved_groups, saved_state = sd.get("param_groups"), sd.get("state", {})
+        _check_saved_groups(self.param_groups, saved_groups, self.similarity)
+        by_id = {pid: p for saved, group in zip(saved_groups, self.param_groups)
                  for pid, p in zip(saved["params"], group["params"])}
+        copies = []
         for pid, saved in saved_state.items():
-            _load_param_state(self.state, by_id[pid], pid, saved)
-        self._state.counters = {k: extra[f"{k}_steps"].clone().to(torch.int64)
-                                for k in _COUNTERS if extra.get(f"{k}_steps") is not None}
-        self._check_buffers()
+            if pid not in by_id:
+                raise ValueError(f"checkpoint has state for parameter {pid!r}, which none of its "
+                                 "param groups lists: the checkpoint is corrupt or not an "
+                                 "optimizer state_dict")
+            copies += _param_state_copies(self.state, by_id[pid], pid, saved, self._settings())
+        counters = _saved_counters(extra)
+        # everything checked: apply
+        sd["state"] = {}
+        super().load_state_dict(sd)  # param groups; state emptied (the views are rebuilt below)
+        for group in self.param_groups:
+            group.setdefault("rho_k", float(group["rho"]))
+            group.setdefault("k", 0)
+            group.setdefault("lr0", float(group["lr"]))
+        self._init_state()
+        for dst, value in copies:  # the views of the flat buffers, taken before: the same memory
+            dst.copy_(value)
+        self._state.counters = counters
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero both gradient buffers. ``p.grad`` keeps pointing into the retain buffer (the
@@ -240,6 +272,8 @@ class OFMU(Optimizer):
         if closure is None:
             raise ValueError("OFMU.step needs a closure returning (forget_loss, retain_loss)")
         with self._guard.hold("step"):
+            self._check_options()
+            self._loops = (self.inner_steps > 0, True)
             for _ in range(self.inner_steps):
                 self._inner_step(closure)
             for _ in range(self.outer_steps):
@@ -250,6 +284,7 @@ class OFMU(Optimizer):
     def inner_step(self, closure: Callable) -> Tensor:
         """One ascent step on Phi. Returns the forget loss (detached)."""
         with self._guard.hold("inner_step"):
+            self._loops = (True, False)
             return self._inner_step(closure)
 
     @torch.no_grad()
@@ -257,6 +292,7 @@ class OFMU(Optimizer):
         """One penalised descent step on L_r + rho_k |grad Phi|^2, then the rho schedule.
         Returns the retain loss (detached)."""
         with self._guard.hold("outer_step"):
+            self._loops = (False, True)
             return self._outer_step(closure)
 
     def _inner_step(self, closure: Callable) -> Tensor:
@@ -272,12 +308,50 @@ class OFMU(Optimizer):
         return loss
 
     def _config(self) -> F.StepConfig:
-        """This step's settings; validates every group (host floats, no device sync)."""
+        """This update's settings; validates the options and every group (host values, no
+        device sync). At a step's first update, arms the trial of the double backward the step
+        will need (:meth:`Autodiff.expect_double_backward`)."""
         sharded.follow_switched_params(self)  # accelerate's FSDP2 prepare switches param_groups
         self._check_buffers()
+        self._check_options()
         for gi, g in enumerate(self.param_groups):
             validate_group(g, gi, self.similarity)
-        return self._settings([F.Hyper.from_group(g) for g in self.param_groups])
+        cfg = self._settings([F.Hyper.from_group(g) for g in self.param_groups])
+        loops, self._loops = self._loops, None
+        if loops is not None:
+            penalty_on = loops[1] and any(h.rho > 0 for h in cfg.hypers)
+            self._autodiff.expect_double_backward(
+                *double_backward_graphs(cfg.sim, cfg.hvp, loops[0], penalty_on))
+        return cfg
+
+    def _check_options(self) -> None:
+        """The per-optimizer settings, which may have been edited on the instance since
+        construction: the modes and loop lengths take effect once valid; the settings fixed at
+        construction (:data:`_FIXED`) must be unchanged; no param group may carry one."""
+        for key, was in self._fixed.items():
+            now = getattr(self, key)
+            if now is not was and now != was:
+                raise ValueError(
+                    f"OFMU.{key} was {was!r} when the optimizer was built and is now {now!r}; it "
+                    "is fixed at construction (it decides the optimizer state, the kernels or the "
+                    f"ranks). Set it back to {was!r}, or build a new OFMU(..., {key}={now!r}) "
+                    "(load_state_dict carries over what the two have in common)")
+        try:
+            validate_options(self.similarity, self.outer_hvp, self.inner_steps, self.outer_steps,
+                             self.preconditioner, self.eps, self.fd_delta, self.backend,
+                             self.forget_loss_cap, self.inner_preconditioner)
+            validate_distributed(self.outer_hvp, self.process_group)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (a setting of this OFMU was changed after construction: set a "
+                          "valid value)") from None
+        for gi, g in enumerate(self.param_groups):
+            for key in GLOBAL_KEYS:
+                if key in g:
+                    raise ValueError(
+                        f"param_groups[{gi}] has {key!r}, a per-optimizer setting that a param "
+                        f"group cannot override (it would be ignored): remove it from the group "
+                        f"and set OFMU.{key}, or pass it to OFMU(...)")
+        self.sim_mode, self.hvp_mode = SIMILARITY[self.similarity], OUTER_HVP[self.outer_hvp]
 
     def _settings(self, hypers: list | None = None) -> F.StepConfig:
         return F.StepConfig(self.sim_mode, self.hvp_mode, self.eps, self.fd_delta,
@@ -305,8 +379,43 @@ class OFMU(Optimizer):
         return [p.buf for p in self._parts]
 
 
-def _load_param_state(state, p: Tensor, pid, saved: dict) -> None:
-    """Copy one parameter's saved state into its views: known keys only, shapes checked."""
+def _check_saved_groups(groups: list[dict], saved: list | None, similarity: str) -> None:
+    """A checkpoint's param groups against this optimizer's: the same number and sizes (what
+    torch checks, here before anything changes) and valid hyperparameters."""
+    if not isinstance(saved, (list, tuple)) or not all(isinstance(g, dict) and "params" in g
+                                                       for g in saved):
+        raise ValueError("checkpoint has no valid 'param_groups' (a list of dicts with 'params')")
+    if len(saved) != len(groups):
+        raise ValueError(f"checkpoint has {len(saved)} param groups, this optimizer "
+                         f"{len(groups)}: the checkpoint is from a different model or param-group "
+                         "layout")
+    for gi, (group, g) in enumerate(zip(groups, saved)):
+        if len(g["params"]) != len(group["params"]):
+            raise ValueError(f"checkpoint param group {gi} has {len(g['params'])} parameters, "
+                             f"this optimizer's {len(group['params'])}: the checkpoint is from a "
+                             "different model or param-group layout")
+        for key in GLOBAL_KEYS:
+            if key in g:
+                raise ValueError(f"checkpoint param group {gi} has {key!r}, a per-optimizer "
+                                 "setting: this is not an OFMU checkpoint")
+        merged = {**group, **g}
+        try:
+            validate_group(merged, gi, similarity)
+        except KeyError as e:
+            raise ValueError(f"checkpoint param group {gi} lacks {e.args[0]!r}: this is not an "
+                             "OFMU checkpoint") from None
+        if "k" in g and (isinstance(g["k"], bool) or not isinstance(g["k"], int) or g["k"] < 0):
+            raise ValueError(f"checkpoint param group {gi} has k = {g['k']!r}; expected an int "
+                             ">= 0")
+        if "lr0" in g:
+            check_number("lr0", g["lr0"], where=f" (checkpoint param group {gi})")
+
+
+def _param_state_copies(state, p: Tensor, pid, saved, settings: F.StepConfig) -> list:
+    """One parameter's saved state checked against its views: ``[(view, saved tensor)]``."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint state of parameter {pid} is a {type(saved).__name__}, "
+                         "expected a dict")
     unknown = set(saved) - _STATE_KEYS
     if unknown:
         raise ValueError(f"checkpoint state of parameter {pid} has unknown entries "
@@ -314,14 +423,54 @@ def _load_param_state(state, p: Tensor, pid, saved: dict) -> None:
     if p not in state:
         raise ValueError(f"checkpoint has optimizer state for parameter {pid} but this optimizer "
                          "keeps none for it (preconditioner='sgd', or the parameter is frozen)")
+    kept = state[p]
+    for key in sorted(set(saved) ^ set(kept)):
+        loop = key.split("_", 1)[0]
+        option = "inner_preconditioner" if loop == "inner" else "preconditioner"
+        has = "holds" if key in saved else "lacks"
+        raise ValueError(
+            f"checkpoint entry {key!r} of parameter {pid}: the checkpoint {has} Adam state of the "
+            f"{loop} loop, but this optimizer's {loop} loop uses {option}="
+            f"{settings.preconditioner_of(loop)!r}. Build the optimizer with the settings the "
+            "checkpoint was written with (preconditioner, inner_preconditioner)")
+    out = []
     for key, value in saved.items():
-        dst = state[p][key]
+        dst = kept[key]
         if not isinstance(value, Tensor) or value.shape != dst.shape:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"checkpoint entry {key!r} of parameter {pid} has shape {got}, but "
                              f"the parameter has shape {tuple(p.shape)}: the checkpoint is from a "
                              "different model or param-group layout")
-        dst.copy_(value)
+        out.append((dst, value))
+    return out
+
+
+def _saved_counters(extra: dict) -> dict[str, Tensor]:
+    """The cumulative counters of a checkpoint's ``"ofmu"`` entry, checked."""
+    out = {}
+    for k in _COUNTERS:
+        value = extra.get(f"{k}_steps")
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or value.numel() != 1 or value.is_complex():
+            raise ValueError(f"checkpoint entry ofmu.{k}_steps must be a one-element tensor, got "
+                             f"{type(value).__name__}")
+        out[k] = value.detach().clone().to(torch.int64)
+    return out
+
+
+def _check_param(p: Tensor, name: str) -> None:
+    """What the flat buffers cannot hold: sparse and complex tensors (the reductions and
+    kernels are real-valued: a complex dot product would need conjugation)."""
+    if not p.requires_grad:
+        return
+    if p.is_sparse:
+        raise TypeError(f"{name} is a sparse tensor; OFMU needs dense parameters")
+    if p.is_complex():
+        raise TypeError(f"{name} is complex ({p.dtype}); OFMU's flat buffers, norms and kernels "
+                        "are real-valued. Keep the real and imaginary parts as a real parameter "
+                        "(torch.view_as_real) and form the complex tensor in the forward pass, or "
+                        "leave this parameter out of the optimizer")
 
 
 def _remove_hooks(hooks: list) -> None:

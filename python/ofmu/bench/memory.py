@@ -46,8 +46,23 @@ METHODS = {
                            outer_steps=1, beta=1.0),
     "ofmu-sgd": dict(preconditioner="sgd", similarity="project", rho=0.0, outer_hvp="none",
                      inner_steps=1, outer_steps=1, beta=1.0),
+    # the stationarity penalty on (rho > 0), per way of obtaining h; Adam per loop
+    "ofmu-adam-fd": dict(preconditioner="adam", similarity="project", rho=0.01, outer_hvp="fd",
+                         inner_steps=1, outer_steps=1, beta=1.0),
+    "ofmu-adam-forget": dict(preconditioner="adam", similarity="project", rho=0.01,
+                             outer_hvp="forget", inner_steps=1, outer_steps=1, beta=1.0),
+    "ofmu-adam-exact": dict(preconditioner="adam", similarity="project", rho=0.01,
+                            outer_hvp="exact", inner_steps=1, outer_steps=1, beta=1.0),
+    "ofmu-adam-hvp-fd": dict(preconditioner="adam", similarity="hvp", rho=0.01, outer_hvp="fd",
+                             inner_steps=1, outer_steps=1, beta=1.0),
+    # OFMU.paper_config()
+    "ofmu-paper": dict(inner_steps=5, outer_steps=1, beta=0.5, rho=0.01, similarity="project",
+                       outer_hvp="forget", preconditioner="sgd", forget_loss_cap=None),
     "graddiff-adamw": None,
 }
+# Methods with a double backward: the model runs eager attention (SDPA has none), whose
+# activations make their peaks not comparable with the other rows.
+EAGER = ("ofmu-adam-forget", "ofmu-adam-exact", "ofmu-adam-hvp-fd", "ofmu-paper")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COLUMNS = ["method", "dtype", "params", "param_bytes", "optimizer_side_bytes", "bytes_per_param",
            "ratio_to_graddiff", "peak_extra_bytes", "peak_extra_per_param", "peak_kind", "breakdown",
@@ -57,7 +72,7 @@ COLUMNS = ["method", "dtype", "params", "param_bytes", "optimizer_side_bytes", "
 # ------------------------------------------------------------------------- one measurement
 
 
-def _model(args, dtype, device):
+def _model(args, dtype, device, eager: bool = False):
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
@@ -68,7 +83,8 @@ def _model(args, dtype, device):
                                    max_position_embeddings=max(64, args.seq),
                                    tie_word_embeddings=False)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype)
+    kw = {"attn_implementation": "eager"} if eager else {}
+    return transformers.AutoModelForCausalLM.from_config(cfg, **kw).to(device=device, dtype=dtype)
 
 
 def _batches(args, device, n=4):
@@ -175,7 +191,7 @@ def measure(method: str, dtype_name: str, args) -> dict:
 
     device = resolve_device(args.device)
     dtype = DTYPES[dtype_name]
-    model = _model(args, dtype, device)
+    model = _model(args, dtype, device, eager=method in EAGER)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     forget, retain = _batches(args, device), _batches(args, device)
