@@ -24,18 +24,18 @@ class LMConfig:
     seeds: tuple = (0, 1)  # unlearning seeds (minibatch order) of the test runs
     data_seeds: tuple = (0,)  # new authors, new base / target / retain models
     methods: tuple = DEFAULT_METHODS
-    # data
-    n_test: int = 100
-    n_val: int = 100
-    n_holdout: int = 10
+    # data (the tiny rung's power size; TOFU's shape is 200 authors per pool, see the docs)
+    n_test: int = 40
+    n_val: int = 40
+    n_holdout: int = 4
     qa_per_author: int = 20
     n_neighbour: int = 4
     n_perturbed: int = 3
     n_retain_eval: int = 60
     n_world: int = 0  # at most this many answered world facts (0: all)
-    n_general: int = 150  # general sentences in the tiny base's pre-training (and replay)
-    n_fluency: int = 40  # held-out general sentences for the fluency perplexity
-    general_words: int = 10  # longest general sentence, in words
+    n_general: int = 80  # general sentences in the tiny base's pre-training (and replay)
+    n_fluency: int = 30  # held-out general sentences for the fluency perplexity
+    general_words: int = 8  # longest general sentence, in words
     data_seed: int = 0  # the data seed being run (set per world by the runner)
     # tiny model and its training
     hidden: int = 64
@@ -48,12 +48,12 @@ class LMConfig:
     replay_world: bool = True
     train_paraphrase: bool = True  # fine-tune on the paraphrased answer too (see docs)
     # unlearning
-    budget: int = 120  # gradient evaluations of the longest run
+    budget: int = 100  # gradient evaluations of the longest run
     checkpoints: tuple = (0.25, 0.5, 1.0)  # fractions of the budget evaluated (validation)
     batch_size: int = 16
     eval_batch: int = 128
-    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)  # every Adam-based method, OFMU's included
-    sgd_lrs: tuple = (1e-2, 3e-2, 1e-1, 3e-1)  # OFMU's paper form (plain SGD steps)
+    lrs: tuple = (1e-4, 3e-4, 1e-3)  # every Adam-based method, OFMU's included
+    sgd_lrs: tuple = (3e-3, 1e-2, 3e-2)  # OFMU's paper form (plain SGD steps)
     rho_probe: bool = False
     # runtime
     cache: str | None = None
@@ -68,7 +68,7 @@ MODEL_SETTINGS = {
     # The small rung: SmolLM2's tokenizer and a few-million-parameter Llama pre-trained on
     # general text and world facts (models.load_small); no replay, fewer authors.
     "small": dict(model="small", n_test=40, n_val=40, n_holdout=4, n_general=0, ft_epochs=8,
-                  ft_lr=1e-3, ft_batch=32, replay_world=False, eval_batch=64, lrs=(3e-5, 1e-4, 3e-4, 1e-3)),
+                  ft_lr=1e-3, ft_batch=32, replay_world=False, eval_batch=64, lrs=(3e-5, 1e-4, 3e-4)),
     # SmolLM2-135M-Instruct at CPU size; on a GPU, raise n_test, qa_per_author and the budget.
     "smollm2": dict(model="smollm2", forget=(1, 10), n_test=20, n_val=20, n_holdout=2,
                     qa_per_author=4, n_neighbour=1, n_retain_eval=16, n_world=16, n_general=0,

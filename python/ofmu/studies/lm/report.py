@@ -29,7 +29,8 @@ def _header(result: dict) -> list[str]:
     status = "complete" if result.get("complete") else "PARTIAL (interrupted or still running)"
     done = sorted(result.get("worlds", {}))
     return [f"Authors benchmark, model {cfg['model']}, preset {cfg['preset']} ({status}); data seeds "
-            f"{list(cfg['data_seeds'])} (finished or running: {done}), unlearning seeds {list(cfg['seeds'])}; "
+            f"{list(cfg['data_seeds'])} (finished or running: {done}), unlearning seeds "
+            f"{list(cfg['seeds'])}; "
             f"budget {cfg['budget']} gradient evaluations, checkpoints {list(cfg['checkpoints'])}; "
             f"learning rates {list(cfg['lrs'])} (OFMU-paper, plain SGD: {list(cfg['sgd_lrs'])}); "
             f"{cfg['device']} ({cfg['cpu']}, {cfg['threads']} threads).",
@@ -133,3 +134,51 @@ def write_outputs(result: dict, out: str | Path) -> dict:
     except ImportError:
         del paths["png"]
     return paths
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of the same configuration on different data seeds (for example one
+    process per data seed): their worlds together, the summary recomputed."""
+    from .summary import summarize
+
+    if not results:
+        raise ValueError("nothing to merge")
+    skip = ("data_seeds", "threads")
+    base = {k: v for k, v in results[0]["config"].items() if k not in skip}
+    worlds: dict = {}
+    for r in results:
+        other = {k: v for k, v in r["config"].items() if k not in skip}
+        if other != base:
+            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            raise ValueError(f"cannot merge runs whose settings differ: {diff}")
+        dup = set(worlds) & set(r["worlds"])
+        if dup:
+            raise ValueError(f"data seeds {sorted(dup)} appear in more than one run")
+        worlds.update(r["worlds"])
+    seeds = sorted(int(s) for r in results for s in r["config"]["data_seeds"])
+    out = {**results[0], "config": {**results[0]["config"], "data_seeds": seeds},
+           "worlds": {k: worlds[k] for k in sorted(worlds, key=int)},
+           "complete": all(r.get("complete") for r in results),
+           "total_time_s": sum(r.get("total_time_s", 0) for r in results)}
+    out["summary"] = summarize(out)
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m ofmu.studies.lm.report OUT_DIR RESULT.json ...``: merge per-seed runs."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ofmu.studies.lm.report",
+                                description="merge authors-benchmark results of different data seeds")
+    p.add_argument("out")
+    p.add_argument("results", nargs="+")
+    args = p.parse_args(argv)
+    merged = merge([json.loads(Path(f).read_text()) for f in args.results])
+    paths = write_outputs(merged, args.out)
+    print(markdown_table(merged))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -85,8 +85,9 @@ class Split:
     def streams(self, pool: str, seed: int) -> Streams:
         cfg, tok = self.w.cfg, self.w.tok
         forget_pairs = self.pools[pool][1]
-        return Streams(PairStream(forget_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 1, self.device),
-                       PairStream(self.retain_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 2, self.device))
+        return Streams(
+            PairStream(forget_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 1, self.device),
+            PairStream(self.retain_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 2, self.device))
 
     def score(self, model, pool: str, mia: bool) -> tuple[dict, dict]:
         sets, _, r_raw, t_raw = self.pools[pool]
