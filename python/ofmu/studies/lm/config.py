@@ -25,13 +25,13 @@ class LMConfig:
     data_seeds: tuple = (0,)  # new authors, new base / target / retain models
     methods: tuple = DEFAULT_METHODS
     # data (the tiny rung's power size; TOFU's shape is 200 authors per pool, see the docs)
-    n_test: int = 40
-    n_val: int = 40
-    n_holdout: int = 4
+    n_test: int = 30
+    n_val: int = 30
+    n_holdout: int = 3
     qa_per_author: int = 20
     n_neighbour: int = 4
     n_perturbed: int = 3
-    n_retain_eval: int = 60
+    n_retain_eval: int = 40
     n_world: int = 0  # at most this many answered world facts (0: all)
     n_general: int = 80  # general sentences in the tiny base's pre-training (and replay)
     n_fluency: int = 30  # held-out general sentences for the fluency perplexity
@@ -40,7 +40,7 @@ class LMConfig:
     # tiny model and its training
     hidden: int = 64
     layers: int = 2
-    base_epochs: int = 40
+    base_epochs: int = 100
     base_lr: float = 1e-2
     ft_epochs: int = 20
     ft_lr: float = 3e-3
@@ -48,7 +48,7 @@ class LMConfig:
     replay_world: bool = True
     train_paraphrase: bool = True  # fine-tune on the paraphrased answer too (see docs)
     # unlearning
-    budget: int = 100  # gradient evaluations of the longest run
+    budget: int = 80  # gradient evaluations of the longest run
     checkpoints: tuple = (0.25, 0.5, 1.0)  # fractions of the budget evaluated (validation)
     batch_size: int = 16
     eval_batch: int = 128

@@ -80,8 +80,12 @@ class ChatTokenizer:
         return self.hf.encode(answer, add_special_tokens=False) + [self.eos_id]
 
     def text_ids(self, text: str) -> list[int]:
-        """A plain sentence, no chat turn (the tokenizer's own special tokens, if any)."""
-        return self.hf.encode(text) + [self.eos_id]
+        """A plain sentence, no chat turn, between two ``<|endoftext|>`` tokens (the unknown token
+        of SmolLM2's tokenizer), as the small rung is pre-trained on general text."""
+        sep = getattr(self.hf, "unk_id", None)
+        if sep is None:
+            sep = self.hf.unk_token_id if self.hf.unk_token_id is not None else 0
+        return [sep] + self.hf.encode(text, add_special_tokens=False) + [sep]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -118,7 +118,7 @@ def _base(cfg, data, pre, held, device, progress):
             from .models import load_small
         except ImportError as e:
             raise ImportError("the 'small' rung needs ofmu.studies.lm.models.load_small") from e
-        model, hf_tok = load_small(cache=cfg.cache, use_cache=cfg.use_cache)
+        model, hf_tok = load_small(gguf=cfg.gguf, cache=cfg.cache, use_cache=cfg.use_cache, device=device)
     else:
         raise ValueError(f"unknown model {cfg.model!r}; expected 'tiny', 'small' or 'smollm2'")
     return ChatTokenizer(hf_tok), model.to(device), []
