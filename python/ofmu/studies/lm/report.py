@@ -50,13 +50,16 @@ def markdown_table(result: dict) -> str:
                 f"{s['data_seeds']})", "",
                 f"retain model MU {_fmt(s['retain_mu'], '{:.3f}')}; target model FQ "
                 f"{_fmt(s['target_fq'], '{:.2g}')}, MU {_fmt(s['target_mu'], '{:.3f}')}.", "",
-                "| method | " + " | ".join(c[1] for c in COLS) + " | FQ>0.05 | target | chosen lr |",
-                "|---" * (len(COLS) + 4) + "|"]
+                "| method | " + " | ".join(c[1] for c in COLS)
+                + " | FQ>0.05 | target | val frontier: best MU at FQ>0.05 | chosen lr@budget |",
+                "|---" * (len(COLS) + 5) + "|"]
         for name, m in s["methods"].items():
             cells = [_fmt(m["agg"][k], f) if k in m["agg"] else "" for k, _, f in COLS]
             lrs = ", ".join(f"{p['lr']:g}@{p['fraction']:g}" for p in m["per_seed"])
+            best = m.get("frontier_best_mu")
+            best = "none" if best is None else f"{best:.3f}"
             out.append(f"| {name} | " + " | ".join(cells)
-                       + f" | {m['n_fq_ok']}/{m['n']} | {m['n_target']}/{m['n']} | {lrs} |")
+                       + f" | {m['n_fq_ok']}/{m['n']} | {m['n_target']}/{m['n']} | {best} | {lrs} |")
     out += ["", "Methods:"] + [f"- {n}: {d}" for n, d in result.get("methods", {}).items()]
     return "\n".join(out)
 

@@ -55,6 +55,13 @@ def _frontier(entries: list[dict]) -> list[dict]:
     return out
 
 
+def _best_mu(frontier: list[dict]) -> float | None:
+    """The highest validation MU among frontier points whose forget quality (geometric mean over
+    data seeds) exceeds 0.05; ``None`` when no point does."""
+    ok = [p["model_utility"] for p in frontier if p["log10_fq"] > math.log10(FQ_OK)]
+    return max(ok) if ok else None
+
+
 def _curve(entries: list[dict]) -> list[dict]:
     """Validation metrics along the budget at each data seed's chosen learning rate."""
     groups: dict = {}
@@ -93,7 +100,8 @@ def summarize(result: dict) -> dict:
                 "per_seed": per,
                 "agg": {k: agg([p[k] for p in per]) for k in KEYS if all(k in p for p in per)},
                 "n_fq_ok": sum(p["fq_ok"] for p in per), "n_target": sum(p["target_met"] for p in per),
-                "n": len(per), "frontier": _frontier(m["_entries"]), "curve": _curve(m["_entries"])}
+                "n": len(per), "frontier": (fr := _frontier(m["_entries"])), "curve": _curve(m["_entries"]),
+                "frontier_best_mu": _best_mu(fr)}
         out[pct] = {"data_seeds": s["data_seeds"], "n_forget_qa": s["n_forget_qa"],
                     "retain_mu": agg(s["retain_mu"]),
                     "target_fq": agg([t["forget_quality"] for t in s["target"]]),
