@@ -169,6 +169,20 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     assert summ["n"] == 1 and len(summ["frontier"]) >= 1
     assert sorted(p.name.split("-")[2] for p in cache.iterdir()) == ["base", "retain10", "target"]
     assert "forget 10%" in capsys.readouterr().out
+    # merging per-seed runs: the worlds side by side, the summary over both; no duplicates
+    from ofmu.studies.lm.report import merge
+    other = json.loads(json.dumps(res))
+    other["worlds"] = {"7": other["worlds"].pop("0")}
+    other["config"]["data_seeds"] = [7]
+    merged = merge([res, other])
+    assert merged["config"]["data_seeds"] == [0, 7] and merged["summary"]["10"]["methods"]["OFMU"]["n"] == 2
+    fq = [p["forget_quality"] for p in merged["summary"]["10"]["methods"]["OFMU"]["per_seed"]]
+    assert fq[0] == fq[1] == pytest.approx(np.mean([r["forget_quality"] for r in split["methods"]["OFMU"]["test"]]))
+    with pytest.raises(ValueError, match="appear in more than one run"):
+        merge([res, res])
+    other["config"]["budget"] += 1
+    with pytest.raises(ValueError, match="budget"):
+        merge([res, other])
 
 
 def test_fluency_nll_matches_the_models_own_loss(small):

@@ -140,13 +140,14 @@ def write_outputs(result: dict, out: str | Path) -> dict:
 
 
 def merge(results: list[dict]) -> dict:
-    """One result from runs of the same configuration on different data seeds (for example one
-    process per data seed): their worlds together, the summary recomputed."""
+    """One result from runs of the same configuration on different data seeds or different
+    forget percentages (for example one process per data seed and split): their worlds and
+    splits together, the summary recomputed. A (data seed, split) may appear only once."""
     from .summary import summarize
 
     if not results:
         raise ValueError("nothing to merge")
-    skip = ("data_seeds", "threads")
+    skip = ("data_seeds", "threads", "forget")
     base = {k: v for k, v in results[0]["config"].items() if k not in skip}
     worlds: dict = {}
     for r in results:
@@ -154,15 +155,22 @@ def merge(results: list[dict]) -> dict:
         if other != base:
             diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
             raise ValueError(f"cannot merge runs whose settings differ: {diff}")
-        dup = set(worlds) & set(r["worlds"])
-        if dup:
-            raise ValueError(f"data seeds {sorted(dup)} appear in more than one run")
-        worlds.update(r["worlds"])
-    seeds = sorted(int(s) for r in results for s in r["config"]["data_seeds"])
-    out = {**results[0], "config": {**results[0]["config"], "data_seeds": seeds},
+        for ds, w in r["worlds"].items():
+            if ds not in worlds:
+                worlds[ds] = {**w, "splits": dict(w["splits"])}
+                continue
+            dup = set(worlds[ds]["splits"]) & set(w["splits"])
+            if dup:
+                raise ValueError(f"data seed {ds}: forget splits {sorted(dup)} appear in more than one run")
+            worlds[ds]["splits"].update(w["splits"])
+    seeds = sorted({int(s) for r in results for s in r["config"]["data_seeds"]})
+    forget = sorted({f for r in results for f in r["config"]["forget"]}, reverse=True)
+    out = {**results[0], "config": {**results[0]["config"], "data_seeds": seeds, "forget": forget},
            "worlds": {k: worlds[k] for k in sorted(worlds, key=int)},
            "complete": all(r.get("complete") for r in results),
            "total_time_s": sum(r.get("total_time_s", 0) for r in results)}
+    for w in out["worlds"].values():
+        w["splits"] = {k: w["splits"][k] for k in sorted(w["splits"], key=float, reverse=True)}
     out["summary"] = summarize(out)
     return out
 
