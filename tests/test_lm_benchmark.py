@@ -177,7 +177,8 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     merged = merge([res, other])
     assert merged["config"]["data_seeds"] == [0, 7] and merged["summary"]["10"]["methods"]["OFMU"]["n"] == 2
     fq = [p["forget_quality"] for p in merged["summary"]["10"]["methods"]["OFMU"]["per_seed"]]
-    assert fq[0] == fq[1] == pytest.approx(np.mean([r["forget_quality"] for r in split["methods"]["OFMU"]["test"]]))
+    want = np.mean([r["forget_quality"] for r in split["methods"]["OFMU"]["test"]])
+    assert fq[0] == fq[1] == pytest.approx(want)
     with pytest.raises(ValueError, match="appear in more than one run"):
         merge([res, res])
     other["config"]["budget"] += 1
