@@ -181,6 +181,12 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     assert fq[0] == fq[1] == pytest.approx(want)
     with pytest.raises(ValueError, match="appear in more than one run"):
         merge([res, res])
+    part = json.loads(json.dumps(res))  # the same seed and split, another group of methods
+    gd = part["worlds"]["0"]["splits"]["10"]["methods"].pop("GradDiff-KL")
+    res_b = json.loads(json.dumps(res))
+    res_b["worlds"]["0"]["splits"]["10"]["methods"] = {"GradDiff-KL": gd}
+    both = merge([part, res_b])
+    assert list(both["worlds"]["0"]["splits"]["10"]["methods"]) == list(split["methods"])
     other["config"]["budget"] += 1
     with pytest.raises(ValueError, match="budget"):
         merge([res, other])

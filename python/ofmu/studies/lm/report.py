@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .methods import ALL_METHODS as DEFAULT_ORDER
 from .summary import FQ_OK, MU_SHARE
 
 COLS = (("forget_quality", "FQ", "{:.2g}"), ("model_utility", "MU", "{:.3f}"),
@@ -140,14 +141,15 @@ def write_outputs(result: dict, out: str | Path) -> dict:
 
 
 def merge(results: list[dict]) -> dict:
-    """One result from runs of the same configuration on different data seeds or different
-    forget percentages (for example one process per data seed and split): their worlds and
-    splits together, the summary recomputed. A (data seed, split) may appear only once."""
+    """One result from runs of the same configuration on different data seeds, forget
+    percentages or methods (for example one process per data seed, split and group of methods):
+    their worlds, splits and methods together, the summary recomputed. A (data seed, split,
+    method) may appear only once."""
     from .summary import summarize
 
     if not results:
         raise ValueError("nothing to merge")
-    skip = ("data_seeds", "threads", "forget")
+    skip = ("data_seeds", "threads", "forget", "methods")
     base = {k: v for k, v in results[0]["config"].items() if k not in skip}
     worlds: dict = {}
     for r in results:
@@ -156,16 +158,27 @@ def merge(results: list[dict]) -> dict:
             diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
             raise ValueError(f"cannot merge runs whose settings differ: {diff}")
         for ds, w in r["worlds"].items():
-            if ds not in worlds:
-                worlds[ds] = {**w, "splits": dict(w["splits"])}
-                continue
-            dup = set(worlds[ds]["splits"]) & set(w["splits"])
-            if dup:
-                raise ValueError(f"data seed {ds}: forget splits {sorted(dup)} appear in more than one run")
-            worlds[ds]["splits"].update(w["splits"])
+            into = worlds.setdefault(ds, {**w, "splits": {}})
+            for pct, split in w["splits"].items():
+                if pct not in into["splits"]:
+                    into["splits"][pct] = {**split, "methods": dict(split["methods"])}
+                    continue
+                dup = set(into["splits"][pct]["methods"]) & set(split["methods"])
+                if dup:
+                    raise ValueError(f"data seed {ds}, forget {pct}%: methods {sorted(dup)} appear in "
+                                     "more than one run")
+                into["splits"][pct]["methods"].update(split["methods"])
     seeds = sorted({int(s) for r in results for s in r["config"]["data_seeds"]})
     forget = sorted({f for r in results for f in r["config"]["forget"]}, reverse=True)
-    out = {**results[0], "config": {**results[0]["config"], "data_seeds": seeds, "forget": forget},
+    names = [m for r in results for m in r["config"]["methods"]]
+    methods = [m for m in DEFAULT_ORDER if m in names] + sorted(set(names) - set(DEFAULT_ORDER))
+    docs = {k: v for r in results for k, v in r.get("methods", {}).items()}
+    for w in worlds.values():
+        for split in w["splits"].values():
+            split["methods"] = {m: split["methods"][m] for m in methods if m in split["methods"]}
+    out = {**results[0], "config": {**results[0]["config"], "data_seeds": seeds, "forget": forget,
+                                    "methods": methods},
+           "methods": {m: docs[m] for m in methods if m in docs},
            "worlds": {k: worlds[k] for k in sorted(worlds, key=int)},
            "complete": all(r.get("complete") for r in results),
            "total_time_s": sum(r.get("total_time_s", 0) for r in results)}
