@@ -252,6 +252,9 @@ def config_from_args(args):
         over["budget"] = int(args.budget)
     if getattr(args, "device", None):
         over["device"] = args.device
+    if getattr(args, "lrs", None):
+        over["lrs"] = tuple(float(x) for x in str(args.lrs).split(","))
+        over["sgd_lrs"] = tuple(100 * x for x in over["lrs"])  # the paper form's plain SGD steps
     preset = getattr(args, "preset", None) or ("smoke" if getattr(args, "smoke", False) else "power")
     return config_for(args.model, preset, **over)
 
@@ -285,6 +288,8 @@ def cli(argv=None) -> int:
     p.add_argument("--seed0", type=int, default=0)
     p.add_argument("--methods", default=None)
     p.add_argument("--budget", type=int, default=None)
+    p.add_argument("--lrs", default=None,
+                   help="the learning-rate grid, e.g. 3e-3,1e-2,3e-2 (OFMU-paper: x100)")
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--no-cache", action="store_true")
