@@ -77,9 +77,10 @@ MODEL_SETTINGS = {
                     sgd_lrs=(1e-3, 2e-3), methods=("GA", "GradDiff", "NPO", "SimNPO", "OFMU", "OFMU-KL")),
 }
 
-# The power run of the tiny rung is sized for about 45 minutes of one CPU core per data seed
-# group (docs/lm-benchmark.md has the measured times); on a GPU raise n_test / n_val to TOFU's
-# 200 authors and the budget.
+# The power run of the tiny rung: on a loaded 2-core AMD EPYC one data seed at forget 10% took
+# about 7.5 min of CPU time (base, target and retain models ~3 min, ten methods ~4.5 min), so the
+# whole preset (3 data seeds, forget 1/5/10%) is about an hour of one core (docs/lm-benchmark.md);
+# on a GPU raise n_test / n_val to TOFU's 200 authors and the budget.
 POWER = {
     "tiny": dict(data_seeds=(0, 1, 2), seeds=(0, 1)),
     "small": dict(data_seeds=(0, 1, 2), seeds=(0, 1)),
