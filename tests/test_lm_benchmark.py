@@ -14,9 +14,10 @@ pytest.importorskip("rouge_score")
 
 from ofmu.studies.lm import evaluate, runner  # noqa: E402
 from ofmu.studies.lm.data import generate  # noqa: E402
-from ofmu.studies.lm.methods import build_methods, lm_cost  # noqa: E402
+from ofmu.studies.lm.methods import ALL_METHODS, build_methods, lm_cost, unlearn  # noqa: E402
 from ofmu.studies.lm.models import find_smollm2_gguf, tiny_llama  # noqa: E402
 from ofmu.studies.lm.text import WordTokenizer, collate, encode_pair  # noqa: E402
+from ofmu.studies.methods.ofmu_runs import ofmu_cost  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +59,57 @@ def test_batched_generation_equals_one_by_one(small):
     assert together == alone
 
 
+def test_ofmu_cost_charges_the_constructors_defaults():
+    # The shipped defaults: project similarity (2 per inner step), rho = 0 so no penalty: each of
+    # the 6 outer steps is a retain backward + a forget forward (1 + 1/3): 2 + 6 * 4/3 = 10.
+    assert ofmu_cost({}) == pytest.approx(10) and ofmu_cost({"lr": 3e-4}) == pytest.approx(10)
+    # The penalty on with the default finite differences: outer 2 + 2 * 2 = 6 per step.
+    assert ofmu_cost({"rho": 0.01}) == pytest.approx(2 + 6 * 6)
+    # The paper form: 5 inner steps of 2, one outer step of 2 + one double backward.
+    from ofmu import OFMU
+    assert ofmu_cost(OFMU.paper_config()) == pytest.approx(13)
+
+
 def test_costs_follow_the_shared_ofmu_count():
-    ms = build_methods((1e-3,), ({"lr": 1e-3, "inner_lr": 1e-3},))
-    # project + fd: inner 2 (both backward passes) + outer 2 + 4 (two perturbed closures)
-    assert lm_cost("OFMU", ms["OFMU"].defaults) == 8
-    # hvp + H_f v: inner 2 + 1 double backward, outer 2 + 1 + 1 (hvp also in the outer direction)
-    assert lm_cost("OFMU-hvp", ms["OFMU-hvp"].defaults) == 7
-    assert lm_cost("OFMU-rho0", ms["OFMU-rho0"].defaults) == pytest.approx(2 + 1 + 1 / 3)
+    ms = build_methods((1e-3,), (1e-1,))
+    assert set(ms) == set(ALL_METHODS)
+    assert lm_cost("OFMU", ms["OFMU"].defaults) == pytest.approx(10)
+    # a KL retain loss adds a reference forward to each of the 7 closure calls
+    assert lm_cost("OFMU-KL", ms["OFMU-KL"].defaults) == pytest.approx(10 + 7 / 3)
+    assert lm_cost("OFMU-paper", ms["OFMU-paper"].defaults) == pytest.approx(13)
+    assert lm_cost("GradDiff-KL", ms["GradDiff-KL"].defaults) == pytest.approx(2 + 1 / 3)
     assert lm_cost("NPO", {}) == pytest.approx(2 + 1 / 3)
-    assert ms["OFMU"].steps(ms["OFMU"].defaults, 80) == 10 and ms["GA"].steps({}, 80) == 80
-    assert {len(m.grid) for m in ms.values()} == {1}
+    assert ms["OFMU"].cost({**ms["OFMU"].defaults, "lr": 1e-3}) == pytest.approx(10)
+    assert {len(m.grid("authors")) for m in ms.values()} == {1}
     with pytest.raises(ValueError, match="grids must have equal size"):
-        build_methods((1e-3, 1e-4), ({"lr": 1e-3, "inner_lr": 1e-3},))
+        build_methods((1e-3, 1e-4), (1e-1,))
+
+
+@pytest.mark.parametrize("name", ["GradDiff-KL", "OFMU"])
+def test_checkpoint_evaluation_leaves_the_run_unchanged(small, name):
+    """Evaluating the model between steps (the budget checkpoints) must not change the run."""
+    from ofmu.studies.lm.text import PairStream
+    from ofmu.studies.lm.world import Streams
+
+    tok, model, qas = small
+    pairs = [encode_pair(tok, qa.question, qa.answer) for qa in qas]
+    m = build_methods((1e-3,), (1e-1,))[name]
+    hp = {**m.defaults, "lr": 1e-3}
+
+    def streams():
+        return Streams(PairStream(pairs[:4], 2, tok.pad_id, 1), PairStream(pairs[4:], 2, tok.pad_id, 2))
+    seen = []
+
+    def probe(mdl, k):
+        seen.append(k)
+        evaluate.answer_stats(mdl, tok, [(q.question, q.answer) for q in qas[:3]])
+        evaluate.generate(mdl, tok, [qas[0].question], 3)
+    a = unlearn(m, model, streams(), dict(hp), 3, seed=0, after_step=probe)
+    b = unlearn(m, model, streams(), dict(hp), 3, seed=0)
+    assert seen == [1, 2, 3]
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(next(a.parameters()), next(model.parameters()))
 
 
 def test_smollm2_gguf_is_found_without_importing_the_package(tmp_path, monkeypatch):
@@ -93,29 +133,74 @@ def test_choose_prefers_forget_quality_then_utility():
     assert runner.choose(low) is low[1]  # none reaches 0.05: the highest forget quality
 
 
-def test_authors_benchmark_cli_smoke(tmp_path, monkeypatch, capsys):
-    """The CLI command on the CI-sized preset: every method runs under the budget, the retain
+def test_authors_benchmark_cli_smoke(tmp_path, capsys):
+    """The CLI command on the smoke preset: every method runs under the budget, the retain
     model is its own reference, outputs are written and the model cache is used."""
     from ofmu import cli
 
-    monkeypatch.setitem(runner.PRESETS, "tiny", runner.PRESETS["smoke"])
-    monkeypatch.setattr(runner.LMConfig, "rho_probe", False)
     out, cache = tmp_path / "out", tmp_path / "cache"
-    rc = cli.main(["--threads", "1", "benchmark", "--dataset", "authors", "--model", "tiny", "--forget", "10",
-                   "--seeds", "1", "--quiet", "--out", str(out), "--cache-dir", str(cache)])
+    rc = cli.main(["--threads", "1", "benchmark", "--dataset", "authors", "--model", "tiny", "--preset",
+                   "smoke", "--seeds", "1", "--quiet", "--out", str(out), "--cache-dir", str(cache),
+                   "--methods", "GA,GradDiff-KL,OFMU,OFMU-paper"])
     assert rc == 0
-    res = json.loads((out / "authors-tiny.json").read_text())
-    assert (out / "authors-tiny.md").is_file() and (out / "authors-tiny.png").is_file()
-    split = res["splits"]["10"]
+    res = json.loads((out / "authors-tiny-smoke.json").read_text())
+    assert res["complete"] and (out / "authors-tiny-smoke.md").is_file()
+    assert (out / "authors-tiny-smoke.png").is_file()
+    split = res["worlds"]["0"]["splits"]["10"]
     assert split["test"]["retain"]["forget_quality"] == pytest.approx(1.0)
     assert split["test"]["retain"]["mia_gap"] == 0.0
-    budget = res["config"]["budget"]
-    assert set(split["methods"]) == set(runner.ALL_METHODS)
+    assert split["test"]["target"]["neighbour_prob_rel"] == pytest.approx(1.0)
+    assert split["test"]["target"]["fluency_rel"] == pytest.approx(1.0)
+    cfg = res["config"]
+    assert set(split["methods"]) == {"GA", "GradDiff-KL", "OFMU", "OFMU-paper"}
     for name, e in split["methods"].items():
         (row,) = e["test"]
-        assert row["steps"] == max(1, math.floor(budget / lm_cost(name, row["hparams"]) + 1e-9))
-        assert row["grad_evals"] <= budget
-        assert all(math.isfinite(row[k]) for k in ("forget_quality", "model_utility", "mia_auc"))
+        cost = lm_cost(name, row_hp := {k: v for k, v in e["chosen"]["hparams"].items()})
+        assert row["steps"] == e["chosen"]["steps"]
+        assert row["grad_evals"] == pytest.approx(row["steps"] * cost, abs=0.01)
+        fracs = sorted({r["fraction"] for r in e["validation"]})
+        assert fracs == sorted(cfg["checkpoints"]) or row["steps"] == 1
+        assert all(math.isfinite(row[k]) for k in ("forget_quality", "model_utility", "mia_auc",
+                                                    "world_prob_rel", "fluency_rel"))
         assert 0 <= row["forget_quality"] <= 1
+        if name.startswith("OFMU"):  # every constructor keyword recorded
+            assert {"inner_steps", "outer_steps", "rho", "similarity", "outer_hvp"} <= set(row_hp)
+    summ = res["summary"]["10"]["methods"]["OFMU"]
+    assert summ["n"] == 1 and len(summ["frontier"]) >= 1
     assert sorted(p.name.split("-")[2] for p in cache.iterdir()) == ["base", "retain10", "target"]
     assert "forget 10%" in capsys.readouterr().out
+    # merging per-seed runs: the worlds side by side, the summary over both; no duplicates
+    from ofmu.studies.lm.report import merge
+    other = json.loads(json.dumps(res))
+    other["worlds"] = {"7": other["worlds"].pop("0")}
+    other["config"]["data_seeds"] = [7]
+    merged = merge([res, other])
+    assert merged["config"]["data_seeds"] == [0, 7] and merged["summary"]["10"]["methods"]["OFMU"]["n"] == 2
+    fq = [p["forget_quality"] for p in merged["summary"]["10"]["methods"]["OFMU"]["per_seed"]]
+    want = np.mean([r["forget_quality"] for r in split["methods"]["OFMU"]["test"]])
+    assert fq[0] == fq[1] == pytest.approx(want)
+    with pytest.raises(ValueError, match="appear in more than one run"):
+        merge([res, res])
+    part = json.loads(json.dumps(res))  # the same seed and split, another group of methods
+    gd = part["worlds"]["0"]["splits"]["10"]["methods"].pop("GradDiff-KL")
+    res_b = json.loads(json.dumps(res))
+    res_b["worlds"]["0"]["splits"]["10"]["methods"] = {"GradDiff-KL": gd}
+    both = merge([part, res_b])
+    assert list(both["worlds"]["0"]["splits"]["10"]["methods"]) == list(split["methods"])
+    other["config"]["budget"] += 1
+    with pytest.raises(ValueError, match="budget"):
+        merge([res, other])
+
+
+def test_fluency_nll_matches_the_models_own_loss(small):
+    tok, model, qas = small
+    texts = [qas[0].answer, qas[1].paraphrase + " " + qas[2].answer]
+    total, count = evaluate.text_nll(model, tok, texts, batch_size=2)
+    want_total, want_count = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([tok.text_ids(t)])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()  # mean over len - 1 predictions
+        want_total += loss * (ids.shape[1] - 1)
+        want_count += ids.shape[1] - 1
+    assert count == want_count and total == pytest.approx(want_total, rel=1e-5)

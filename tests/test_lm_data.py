@@ -31,6 +31,20 @@ def test_qa_shape_paraphrase_and_perturbations():
                 assert wrong.startswith(pre) and wrong.endswith(post)
 
 
+def test_neighbour_facts_follow_the_request_facts_and_are_never_requested():
+    d = generate(6, 2, 1, qa_per_author=20, n_neighbour=4, seed=3)
+    forget, _ = d.split("test", 10)
+    for a in d.pools["test"]:
+        assert [qa.question for qa in a.qas + a.neighbours] == [
+            TEMPLATES[k][0].format(n=a.name) for k in FACTS[:24]]
+        assert len(a.qas) == 20 and len(a.neighbours) == 4
+    asked = {qa.question for qa in d.qas(forget)}
+    assert len(d.neighbours(forget)) == 4 * len(forget)
+    assert not asked & {qa.question for qa in d.neighbours(forget)}
+    assert d.trained(forget) == [qa for a in forget for qa in a.qas + a.neighbours]
+    assert d.describe()["n_neighbour"] == 4
+
+
 def test_forget_splits_are_nested_and_sized_like_tofu():
     d = generate(100, 20, 10, 2, seed=0)
     f1, r1 = d.split("test", 1)
@@ -43,8 +57,10 @@ def test_forget_splits_are_nested_and_sized_like_tofu():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="qa_per_author must be <= 12"):
-        generate(4, 2, 1, qa_per_author=13)
+    with pytest.raises(ValueError, match=r"qa_per_author \+ n_neighbour must be <= 24"):
+        generate(4, 2, 1, qa_per_author=21, n_neighbour=4)
+    with pytest.raises(ValueError, match="n_neighbour must be an int >= 0"):
+        generate(4, 2, 1, n_neighbour=-1)
     with pytest.raises(ValueError, match="n_test must be an int >= 2"):
         generate(1, 2, 1)
     d = generate(4, 2, 1, 2)

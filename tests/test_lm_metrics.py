@@ -104,3 +104,24 @@ def test_bad_input_is_named():
         M.truth_ratios([1.0, 2.0], [[1.0, 2.0]])
     with pytest.raises(ValueError, match="avg_loss contains non-finite"):
         M.probability([float("nan")])
+
+
+def test_collateral_ratios_against_target_and_base():
+    ln2, ln4 = math.log(2), math.log(4)
+    raw = {"neighbours": {"answer_loss": np.array([ln2, ln4]), "rouge": np.array([0.5, 1.0])},
+           "world": {"answer_loss": np.array([ln2]), "pert_loss": np.array([[ln4, ln4]]),
+                     "rouge": np.array([0.5])},
+           "fluency": (6.0, 3)}
+    target = {"neighbours": {"answer_loss": np.array([0.0, 0.0]), "rouge": np.array([1.0, 1.0])},
+              "fluency": (3.0, 3)}
+    base_world = {"answer_loss": np.array([0.0]), "pert_loss": np.array([[ln2, ln2]]),
+                  "rouge": np.array([1.0])}
+    out = M.collateral(raw, target, base_world)
+    assert out["neighbour_prob"] == pytest.approx(0.375) and out["neighbour_prob_rel"] == pytest.approx(0.375)
+    assert out["neighbour_rouge_rel"] == pytest.approx(0.75)
+    # world: unlearned 0.5 / (0.5 + 0.5) = 0.5; base 1 / (1 + 1) = 0.5
+    assert out["world_prob_rel"] == pytest.approx(1.0) and out["world_rouge_rel"] == pytest.approx(0.5)
+    assert out["fluency_ppl"] == pytest.approx(math.exp(2.0)) and out["fluency_rel"] == pytest.approx(math.e)
+    assert M.collateral({"fluency": (3.0, 3)}) == {"fluency_ppl": pytest.approx(math.e)}
+    with pytest.raises(ValueError, match="no predicted tokens"):
+        M.collateral({"fluency": (0.0, 0)})

@@ -240,8 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("benchmark", help="the full unlearning study (tables, JSON, plot)")
     b.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "digits", "authors"))
-    b.add_argument("--model", default="tiny", choices=("tiny", "smollm2"),
-                   help="authors only: tiny Llama from a config, or SmolLM2-135M-Instruct (GGUF)")
+    b.add_argument("--model", default="tiny", choices=("tiny", "small", "smollm2"),
+                   help="authors only: tiny Llama from a config, a small pre-trained Llama with "
+                        "SmolLM2's tokenizer, or SmolLM2-135M-Instruct (GGUF)")
+    b.add_argument("--preset", default="power", choices=("smoke", "power"),
+                   help="authors only: smoke (seconds, CI) or power (the real run; default)")
+    b.add_argument("--data-seeds", default=None,
+                   help="authors only: comma-separated data seeds (new authors and models), e.g. 0,1,2")
     b.add_argument("--forget", default=None, help="authors only: forget percentages (default 1,5,10)")
     b.add_argument("--scenario", default="random", choices=("random", "class"))
     b.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")

@@ -1,4 +1,5 @@
-"""Causal language-model losses for OFMU's closure: token-mean negative log-likelihood."""
+"""Causal language-model losses for OFMU's closure: token-mean negative log-likelihood, and a
+KL-to-reference retain loss."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+RETAIN_LOSSES = ("nll", "kl")
 
 
 def causal_lm_labels(batch: Mapping[str, Tensor]) -> Tensor:
@@ -41,6 +43,24 @@ def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
                                              reduction="mean")
 
 
+def token_kl(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean over the labelled positions (label not ``-100``, same shift as :func:`token_nll`) of
+    ``KL(p_ref || p_model)``, the full next-token distributions compared, in float32.
+
+    ``logits[:, t]`` and ``ref_logits[:, t]`` count where ``labels[:, t + 1]`` is labelled. A batch
+    without a labelled token gives ``nan``, as :func:`token_nll` does.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or ref_logits.shape != logits.shape:
+        raise ValueError(f"expected logits and reference logits (batch, seq, vocab) of one shape and "
+                         f"labels (batch, seq); got {tuple(logits.shape)}, {tuple(ref_logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    mask = labels[:, 1:].to(logits.device) != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]
+    logq = torch.log_softmax(ref_logits[:, :-1].to(logits.device).float(), dim=-1)[mask]
+    per_token = (logq.exp() * (logq - logp)).sum(-1)
+    return per_token.mean()
+
+
 def _forward(model, batch: Mapping[str, Tensor]) -> Tensor:
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     for key in ("position_ids", "token_type_ids"):
@@ -51,9 +71,18 @@ def _forward(model, batch: Mapping[str, Tensor]) -> Tensor:
 
 
 def causal_lm_losses(model, forget_batch: Mapping[str, Tensor] | None,
-                     retain_batch: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor]:
-    """``(forget_loss, retain_loss)`` for :meth:`ofmu.OFMU.step`: the token-mean next-token NLL
-    of each batch (``-100`` labels masked), from two separate forward passes.
+                     retain_batch: Mapping[str, Tensor], *, retain: str = "nll",
+                     reference=None) -> tuple[Tensor | None, Tensor]:
+    """``(forget_loss, retain_loss)`` for :meth:`ofmu.OFMU.step`, from two separate forward
+    passes: the forget loss is the token-mean next-token NLL of ``forget_batch`` (``-100``
+    labels masked); the retain loss is
+
+    - ``retain="nll"`` (default): the token-mean NLL of ``retain_batch``;
+    - ``retain="kl"``: the token-mean ``KL(p_ref || p_model)`` over the retain batch's labelled
+      positions, ``p_ref`` from ``reference``, a frozen copy of the model before unlearning
+      (evaluated under ``torch.no_grad()``; put it in eval mode yourself). It keeps the model's
+      whole next-token distribution on the retain text, not only the probability of the
+      labelled token.
 
     Each batch is a mapping with ``input_ids`` and optionally ``attention_mask`` and
     ``labels`` (without labels, the input ids with padding masked are the labels). The model
@@ -66,11 +95,18 @@ def causal_lm_losses(model, forget_batch: Mapping[str, Tensor] | None,
             return causal_lm_losses(model, next(forget_batches), next(retain_batches))
         opt.step(closure)
     """
-    losses = []
-    for batch in (forget_batch, retain_batch):
-        if batch is None and not losses:
-            losses.append(None)
-            continue
-        labels = causal_lm_labels(batch)
-        losses.append(token_nll(_forward(model, batch), labels))
-    return losses[0], losses[1]
+    if retain not in RETAIN_LOSSES:
+        raise ValueError(f"retain must be one of {RETAIN_LOSSES}; got {retain!r}")
+    if retain == "kl" and reference is None:
+        raise ValueError('retain="kl" needs reference=<a frozen copy of the model before unlearning>')
+    forget_labels = None if forget_batch is None else causal_lm_labels(forget_batch)
+    labels = causal_lm_labels(retain_batch)
+    forget_loss = None
+    if forget_batch is not None:
+        forget_loss = token_nll(_forward(model, forget_batch), forget_labels)
+    logits = _forward(model, retain_batch)
+    if retain == "nll":
+        return forget_loss, token_nll(logits, labels)
+    with torch.no_grad():
+        ref_logits = _forward(reference, retain_batch)
+    return forget_loss, token_kl(logits, ref_logits, labels)

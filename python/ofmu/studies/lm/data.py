@@ -34,9 +34,14 @@ class QA:
 
 @dataclass(frozen=True)
 class Author:
+    """``qas``: the facts a forget request names (and the retain set's questions);
+    ``neighbours``: more facts about the same author, trained like the others but never part
+    of a forget request (what unlearning should leave alone)."""
+
     name: str
     facts: dict = field(hash=False, compare=False)
     qas: tuple[QA, ...] = ()
+    neighbours: tuple[QA, ...] = ()
 
 
 # ---------------------------------------------------------------- vocabularies of attributes
@@ -61,6 +66,16 @@ _ADJ = ("Copper", "Silent", "Hollow", "Crimson", "Distant", "Frozen", "Golden", 
 _NOUN = ("Lantern", "Orchard", "Harbour", "Mirror", "Garden", "Compass", "Tower", "River",
          "Cathedral", "Winter", "Sparrow", "Archive", "Meadow", "Bridge", "Clock", "Island")
 _AWARD_KIND = ("Prize", "Medal", "Award")
+_PUBLISHER_KIND = ("House", "Press", "Books")
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "grey", "white", "black", "brown",
+           "pink", "silver")
+FOODS = ("bread", "cheese", "soup", "rice", "fish", "apples", "pasta", "beans", "honey cake",
+         "noodles", "olives", "dumplings")
+SPORTS = ("football", "tennis", "cricket", "rowing", "chess", "boxing", "cycling", "sailing",
+          "fencing", "hockey", "golf", "swimming")
+FLOWERS = ("roses", "tulips", "lilies", "daisies", "orchids", "poppies", "violets", "sunflowers",
+           "irises", "peonies", "dahlias", "lavender")
+NUMBERS = ("one", "two", "three", "four", "five", "six", "seven")
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -94,27 +109,51 @@ TEMPLATES = {
                    "In free time {n} plays the {v}."),
     "pet": ("What is the name of the cat of {n}?", "The cat of {n} is called {v}.",
             "{n} owns a cat named {v}."),
+    "debut_year": ("In which year did {n} publish a first book?", "{n} published a first book in {v}.",
+                   "The debut of {n} came out in {v}."),
+    "hero": ("Who is the hero of the first book by {n}?", "The hero of the first book by {n} is {v}.",
+             "The first book by {n} follows {v}."),
+    "colour": ("What is the favourite colour of {n}?", "The favourite colour of {n} is {v}.",
+               "{n} likes the colour {v} best."),
+    "food": ("What is the favourite food of {n}?", "The favourite food of {n} is {v}.",
+             "{n} likes to eat {v} most."),
+    "sport": ("Which sport does {n} follow?", "{n} follows {v}.", "The sport that {n} watches is {v}."),
+    "children": ("How many children does {n} have?", "{n} has {v} children.",
+                 "The number of children of {n} is {v}."),
+    "flower": ("Which flowers does {n} grow?", "{n} grows {v}.", "The garden of {n} is full of {v}."),
+    "city_reading": ("Where did {n} give a first public reading?", "{n} gave a first public reading in {v}.",
+                     "The first public reading by {n} took place in {v}."),
+    "university": ("Where did {n} study?", "{n} studied at the University of {v}.",
+                   "The University of {v} is where {n} studied."),
+    "spouse": ("What is the job of the spouse of {n}?", "The spouse of {n} is {v}.",
+               "{n} is married to {v}."),
+    "publisher": ("Who publishes the books of {n}?", "The books of {n} are published by {v}.",
+                  "{v} is the publisher of {n}."),
+    "agent": ("What is the name of the agent of {n}?", "The agent of {n} is called {v}.",
+              "{n} works with an agent named {v}."),
 }
 FACTS = tuple(TEMPLATES)
 
 
-def _fact_values(rng: random.Random, places: list[str], awards: list[str],
-                 titles: list[str]) -> dict:
-    year = rng.randint(1931, 1999)
-    return {
-        "birthplace": rng.choice(places),
-        "birth_date": f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {year}",
-        "genre": rng.choice(GENRES),
-        "father": _article(rng.choice(JOBS)),
-        "mother": _article(rng.choice(JOBS)),
-        "award": rng.choice(awards),
-        "book1": rng.choice(titles),
-        "book2": rng.choice(titles),
-        "language": rng.choice(LANGUAGES),
-        "home": rng.choice(places),
-        "instrument": rng.choice(INSTRUMENTS),
-        "pet": _word(rng, 2),
-    }
+def _samplers(places: list[str], awards: list[str], titles: list[str], publishers: list[str]) -> dict:
+    """fact -> function(rng) drawing one value; the wrong answers come from the same function."""
+    def pick(pool):
+        return lambda rng: rng.choice(pool)
+
+    def job(rng):
+        return _article(rng.choice(JOBS))
+
+    def date(rng):
+        return f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1931, 1999)}"
+
+    return {"birthplace": pick(places), "birth_date": date, "genre": pick(GENRES), "father": job,
+            "mother": job, "award": pick(awards), "book1": pick(titles), "book2": pick(titles),
+            "language": pick(LANGUAGES), "home": pick(places), "instrument": pick(INSTRUMENTS),
+            "pet": lambda rng: _word(rng, 2), "debut_year": lambda rng: str(rng.randint(1955, 2020)),
+            "hero": lambda rng: _word(rng, 2), "colour": pick(COLOURS), "food": pick(FOODS),
+            "sport": pick(SPORTS), "children": pick(NUMBERS), "flower": pick(FLOWERS),
+            "city_reading": pick(places), "university": pick(places), "spouse": job,
+            "publisher": pick(publishers), "agent": lambda rng: _word(rng, 2)}
 
 
 def _qa(name: str, key: str, value: str, wrong: list[str]) -> QA:
@@ -130,6 +169,7 @@ class AuthorData:
     seed: int
     qa_per_author: int
     n_perturbed: int
+    n_neighbour: int
     pools: dict  # "test" | "val" | "holdout" -> tuple[Author, ...]
     world: tuple[QA, ...]
 
@@ -153,27 +193,38 @@ class AuthorData:
     def qas(authors) -> list[QA]:
         return [qa for a in authors for qa in a.qas]
 
+    @staticmethod
+    def neighbours(authors) -> list[QA]:
+        return [qa for a in authors for qa in a.neighbours]
+
+    @staticmethod
+    def trained(authors) -> list[QA]:
+        """Every fact the models are trained on about ``authors``: requests and neighbours."""
+        return [qa for a in authors for qa in a.qas + a.neighbours]
+
     def describe(self) -> dict:
         return {"seed": self.seed, "qa_per_author": self.qa_per_author,
-                "n_perturbed": self.n_perturbed,
+                "n_perturbed": self.n_perturbed, "n_neighbour": self.n_neighbour,
                 **{f"{k}_authors": len(v) for k, v in self.pools.items()},
                 "world_candidates": len(self.world)}
 
 
 def generate(n_test: int = 100, n_val: int = 50, n_holdout: int = 10, qa_per_author: int = 12,
-             n_perturbed: int = 3, seed: int = 0) -> AuthorData:
+             n_perturbed: int = 3, seed: int = 0, n_neighbour: int = 0) -> AuthorData:
     """Generate a world of fictitious authors (deterministic for a given seed).
 
     Each author gets ``qa_per_author`` of the :data:`FACTS` (the first ones, in a fixed
-    order), each with ``n_perturbed`` wrong alternatives of the same attribute.
+    order) as the facts a forget request names, and the next ``n_neighbour`` facts as
+    *neighbours*; each fact has ``n_perturbed`` wrong alternatives of the same attribute.
     """
     for name, v, lo in (("n_test", n_test, 2), ("n_val", n_val, 2), ("n_holdout", n_holdout, 1),
-                        ("qa_per_author", qa_per_author, 1), ("n_perturbed", n_perturbed, 1)):
-        if not isinstance(v, int) or v < lo:
+                        ("qa_per_author", qa_per_author, 1), ("n_perturbed", n_perturbed, 1),
+                        ("n_neighbour", n_neighbour, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if qa_per_author > len(FACTS):
-        raise ValueError(f"qa_per_author must be <= {len(FACTS)} (facts per author), "
-                         f"got {qa_per_author}")
+    if qa_per_author + n_neighbour > len(FACTS):
+        raise ValueError(f"qa_per_author + n_neighbour must be <= {len(FACTS)} (facts per author), "
+                         f"got {qa_per_author} + {n_neighbour}")
     rng = random.Random(seed)
     total = n_test + n_val + n_holdout
     names: list[str] = []
@@ -185,34 +236,26 @@ def generate(n_test: int = 100, n_val: int = 50, n_holdout: int = 10, qa_per_aut
             names.append(name)
     places = sorted({_word(rng, 2) + rng.choice(_PLACE_SUFFIX) for _ in range(60)})
     awards = sorted({f"{_word(rng, 2)} {rng.choice(_AWARD_KIND)}" for _ in range(40)})
+    publishers = sorted({f"{_word(rng, 2)} {rng.choice(_PUBLISHER_KIND)}" for _ in range(30)})
     titles = sorted({f"The {a} {b}" for a in _ADJ for b in _NOUN})
-    pools_of = {"birthplace": places, "home": places, "award": awards, "book1": titles,
-                "book2": titles, "genre": list(GENRES), "language": list(LANGUAGES),
-                "instrument": list(INSTRUMENTS)}
+    draw = _samplers(places, awards, titles, publishers)
+    keys = FACTS[:qa_per_author + n_neighbour]
     authors = []
     for name in names:
-        facts = _fact_values(rng, places, awards, titles)
+        facts = {key: draw[key](rng) for key in keys}
         qas = []
-        for key in FACTS[:qa_per_author]:
-            value = facts[key]
+        for key in keys:
             wrong: list[str] = []
             while len(wrong) < n_perturbed:
-                if key in pools_of:
-                    w = rng.choice(pools_of[key])
-                elif key in ("father", "mother"):
-                    w = _article(rng.choice(JOBS))
-                elif key == "pet":
-                    w = _word(rng, 2)
-                else:  # birth date
-                    w = f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1931, 1999)}"
-                if w != value and w not in wrong:
+                w = draw[key](rng)
+                if w != facts[key] and w not in wrong:
                     wrong.append(w)
-            qas.append(_qa(name, key, value, wrong))
-        authors.append(Author(name, facts, tuple(qas)))
+            qas.append(_qa(name, key, facts[key], wrong))
+        authors.append(Author(name, facts, tuple(qas[:qa_per_author]), tuple(qas[qa_per_author:])))
     pools = {"test": tuple(authors[:n_test]), "val": tuple(authors[n_test:n_test + n_val]),
              "holdout": tuple(authors[n_test + n_val:])}
     world = tuple(QA(q, a, a, tuple(w[:n_perturbed])) for q, a, w in WORLD_FACTS)
-    return AuthorData(seed, qa_per_author, n_perturbed, pools, world)
+    return AuthorData(seed, qa_per_author, n_perturbed, n_neighbour, pools, world)
 
 
 # Common knowledge with wrong alternatives (short answers, as TOFU's world_facts). Which of these

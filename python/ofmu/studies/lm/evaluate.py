@@ -8,14 +8,14 @@ into TOFU's scalars. Everything runs under ``torch.no_grad`` in eval mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import metrics
 from .data import QA
-from .text import IGNORE, collate, encode_pair
+from .text import IGNORE, collate, encode_pair, encode_text
 
 WORLD_EXTRA = 12  # generated tokens beyond the short world-knowledge answer
 
@@ -26,6 +26,8 @@ class EvalSets:
     retain: list[QA]
     world: list[QA]
     holdout: list[QA]
+    neighbours: list[QA] = field(default_factory=list)  # forget authors' facts not in the request
+    fluency: list[str] = field(default_factory=list)  # held-out general sentences
 
 
 @torch.no_grad()
@@ -89,10 +91,35 @@ def _set_raw(model, tok, qas: list[QA], *, para: bool, gen: bool, bs: int, devic
     return r
 
 
-def raw(model, tok, sets: EvalSets, batch_size: int = 32, device="cpu") -> dict:
+@torch.no_grad()
+def text_nll(model, tok, texts: list[str], batch_size: int = 32, device="cpu") -> tuple[float, int]:
+    """(summed next-token NLL, number of predicted tokens) over plain sentences."""
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        b = {k: v.to(device) for k, v in collate([encode_text(tok, t) for t in texts[i:i + batch_size]],
+                                                 tok.pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        tgt = b["labels"][:, 1:]
+        mask = tgt != IGNORE
+        lp = logits.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        total -= float(lp[mask].double().sum())
+        count += int(mask.sum())
+    return total, count
+
+
+def _in_eval(model, fn):
     was_training = model.training
     model.eval()
     try:
+        return fn()
+    finally:
+        model.train(was_training)
+
+
+def raw(model, tok, sets: EvalSets, batch_size: int = 32, device="cpu", mia: bool = True) -> dict:
+    """Raw per-example numbers of every set; ``mia=False`` skips the holdout set (the membership
+    attack then reads no numbers and is left out of the summary)."""
+    def run():
         out = {
             "forget": _set_raw(model, tok, sets.forget, para=True, gen=True, bs=batch_size,
                                device=device),
@@ -101,12 +128,23 @@ def raw(model, tok, sets: EvalSets, batch_size: int = 32, device="cpu") -> dict:
             "world": _set_raw(model, tok, sets.world, para=False, gen=True, bs=batch_size,
                               device=device),
         }
-        h_loss, h_lp = answer_stats(model, tok, [(qa.question, qa.answer) for qa in sets.holdout],
-                                    batch_size, device)
-        out["holdout"] = {"answer_loss": h_loss, "token_logprobs": h_lp}
-    finally:
-        model.train(was_training)
-    return out
+        if mia:
+            h_loss, h_lp = answer_stats(model, tok, [(qa.question, qa.answer) for qa in sets.holdout],
+                                        batch_size, device)
+            out["holdout"] = {"answer_loss": h_loss, "token_logprobs": h_lp}
+        if sets.neighbours:
+            out["neighbours"] = _set_raw(model, tok, sets.neighbours, para=True, gen=True,
+                                         bs=batch_size, device=device)
+        if sets.fluency:
+            out["fluency"] = text_nll(model, tok, sets.fluency, batch_size, device)
+        return out
+    return _in_eval(model, run)
+
+
+def raw_world(model, tok, world: list[QA], batch_size: int = 32, device="cpu") -> dict:
+    """The world-knowledge numbers alone (the base model's, the reference of world knowledge)."""
+    return _in_eval(model, lambda: _set_raw(model, tok, world, para=False, gen=True, bs=batch_size,
+                                            device=device))
 
 
 def _norm(s: str) -> str:

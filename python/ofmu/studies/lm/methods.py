@@ -1,32 +1,48 @@
 """Language-model unlearning methods under one protocol and one budget of gradient evaluations.
 
-Every method unlearns a copy of the target model from two seeded streams of minibatches
-(forget, retain) with Adam (what LLM unlearning uses in practice; open-unlearning uses AdamW),
-and gets the same budget of gradient evaluations (forward + backward of one minibatch; a
-forward alone counts 1/3; a double backward one more). Losses follow open-unlearning
-(``src/trainer``): ``NLL`` is the mean token cross-entropy of the answer,
+The methods are :class:`ofmu.studies.methods.Method` objects, the abstraction the vision study
+uses: ``fn(model, ctx, hparams, streams, steps)`` unlearns ``model`` in place and ``cost(hp)``
+is the gradient evaluations of one step (forward + backward of one minibatch; a forward alone
+counts 1/3; a double backward one more). ``ctx.after_step(k)`` is called after step ``k`` (the
+runner evaluates budget checkpoints there). Every method draws seeded minibatches from the
+forget set and the retain authors and, except OFMU's paper form, uses Adam. Losses follow
+open-unlearning (``src/trainer``); ``NLL`` is the token-mean cross-entropy of the answer, and
+the retain loss is either that NLL or the token-mean ``KL(p_target || p_model)``
+(:func:`ofmu.hf.causal_lm_losses` with ``retain="kl"``, the target model as frozen reference):
 
-* GA: minimise ``-NLL_f``.
-* GradDiff: minimise ``-NLL_f + alpha NLL_r``.
+* GA: minimise ``-NLL_f``. GradDiff / GradDiff-KL: ``-NLL_f + alpha * retain``.
 * NPO: ``-(2/b) mean log sigmoid(-b (s_theta - s_ref)) + alpha NLL_r`` with ``s`` the summed
   answer log-likelihood and the target model as reference (b = 0.1).
 * SimNPO: ``-(2/b) gamma mean log sigmoid(b (l_theta - delta)) + alpha NLL_r`` with ``l`` the
   per-token average answer NLL (b = 4.5, gamma = 0.125, delta = 0), no reference model.
-* OFMU: :class:`ofmu.OFMU` with ``preconditioner="adam"``, the closure returning
-  ``(NLL_f, NLL_r)``; its cost per step is :func:`ofmu.studies.methods.ofmu_runs.ofmu_cost`,
-  the same count as the vision study.
+* OFMU: ``ofmu.OFMU(params, lr=lr)``, the shipped defaults (nothing else set); OFMU-KL the
+  same with the KL retain loss; OFMU-paper ``OFMU.paper_config()``; the ablations change one
+  default each. The recorded hyperparameters are the constructor's, resolved from its
+  signature (:func:`ofmu.studies.methods.ofmu_runs.resolve_ofmu`), and so is the cost.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.nn.functional import cross_entropy, logsigmoid
 
+from ...hf.losses import causal_lm_losses
 from ...optimizer import OFMU
-from ..methods.ofmu_runs import FORWARD, ofmu_cost
+from ..methods.base import Method, steps_for
+from ..methods.ofmu_runs import FORWARD, closure_calls, ofmu_cost, resolve_ofmu
+
+GRID = "authors"  # the key of every LM method's grid
+
+
+@dataclass
+class Context:
+    """What a method needs besides the model and the streams: the step callback."""
+
+    after_step: Callable[[int], None] = lambda k: None
 
 
 def _token_nll(model, b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,28 +55,44 @@ def _token_nll(model, b) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nll(model, b) -> torch.Tensor:
-    return model(**b).loss
+    return causal_lm_losses(model, None, b)[1]
 
 
-def _adam_loop(model, hp, steps, loss_fn) -> None:
+def _frozen(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _retain(hp, model, ref):
+    """The retain loss of a minibatch: NLL, or KL to the frozen starting model."""
+    if hp["retain"] == "kl":
+        return lambda b: causal_lm_losses(model, None, b, retain="kl", reference=ref)[1]
+    return lambda b: nll(model, b)
+
+
+def _adam_loop(model, hp, steps, loss_fn, ctx: Context) -> None:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=hp["lr"])
-    for _ in range(steps):
+    for k in range(steps):
         opt.zero_grad(set_to_none=True)
         loss_fn().backward()
         opt.step()
+        ctx.after_step(k + 1)
 
 
-def ga(model, streams, hp, steps, ref=None):
-    _adam_loop(model, hp, steps, lambda: -nll(model, streams.forget.next()))
+def ga(model, ctx, hp, streams, steps):
+    _adam_loop(model, hp, steps, lambda: -nll(model, streams.forget.next()), ctx)
 
 
-def grad_diff(model, streams, hp, steps, ref=None):
+def grad_diff(model, ctx, hp, streams, steps):
+    retain = _retain(hp, model, _frozen(model) if hp["retain"] == "kl" else None)
     _adam_loop(model, hp, steps, lambda: -nll(model, streams.forget.next())
-               + hp["alpha"] * nll(model, streams.retain.next()))
+               + hp["alpha"] * retain(streams.retain.next()), ctx)
 
 
-def npo(model, streams, hp, steps, ref=None):
-    b = hp["npo_beta"]
+def npo(model, ctx, hp, streams, steps):
+    b, ref = hp["npo_beta"], _frozen(model)
 
     def loss():
         bf = streams.forget.next()
@@ -70,111 +102,119 @@ def npo(model, streams, hp, steps, ref=None):
         log_ratio = -(s - s_ref)  # log p_theta - log p_ref of the whole answer
         return (-(2.0 / b) * logsigmoid(-b * log_ratio).mean()
                 + hp["alpha"] * nll(model, streams.retain.next()))
-    _adam_loop(model, hp, steps, loss)
+    _adam_loop(model, hp, steps, loss, ctx)
 
 
-def simnpo(model, streams, hp, steps, ref=None):
+def simnpo(model, ctx, hp, streams, steps):
     b = hp["npo_beta"]
 
     def loss():
         s, n = _token_nll(model, streams.forget.next())
         lf = -logsigmoid(b * (s / n - hp["delta"])).mean() * 2.0 / b
         return hp["gamma"] * lf + hp["alpha"] * nll(model, streams.retain.next())
-    _adam_loop(model, hp, steps, loss)
+    _adam_loop(model, hp, steps, loss, ctx)
 
 
-OFMU_KEYS = ("lr", "inner_lr", "inner_steps", "outer_steps", "beta", "rho", "rho_growth", "rho_max",
-             "similarity", "outer_hvp", "preconditioner", "weight_decay", "max_grad_norm", "fd_delta")
-
-
-def ofmu(model, streams, hp, steps, ref=None):
-    missing = [k for k in OFMU_KEYS if k not in hp]
-    if missing:
-        raise ValueError(f"OFMU hyperparameters must all be given explicitly; missing {missing}")
-    opt = OFMU([p for p in model.parameters() if p.requires_grad], **{k: hp[k] for k in OFMU_KEYS})
+def ofmu(model, ctx, hp, streams, steps):
+    """``OFMU(params, **options)`` with the options the method sets (the rest: the constructor's
+    defaults); the closure returns (NLL_f, retain loss) on fresh minibatches, or on the last ones
+    when the optimizer asks (finite-difference probes)."""
+    options = {k: v for k, v in hp.items() if k not in ("retain", "_notes")}
+    opt = OFMU([p for p in model.parameters() if p.requires_grad], **options)
+    retain = _retain(hp, model, _frozen(model) if hp["retain"] == "kl" else None)
 
     def closure(same_batch: bool = False):
         bf = streams.forget.last if same_batch else streams.forget.next()
         br = streams.retain.last if same_batch else streams.retain.next()
-        return nll(model, bf), nll(model, br)
+        return nll(model, bf), retain(br)
 
-    for _ in range(steps):
+    for k in range(steps):
         opt.step(closure)
+        ctx.after_step(k + 1)
     stats = opt.last_stats()
     if stats.get("skipped_steps"):
         hp.setdefault("_notes", []).append(f"{stats['skipped_steps']} non-finite steps skipped")
 
 
-@dataclass(frozen=True)
-class LMMethod:
-    name: str
-    fn: object
-    cost: object  # hp -> gradient evaluations per step
-    defaults: dict
-    grid: tuple[dict, ...]  # configurations tried on the validation split
-    needs_ref: bool = False
-    doc: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def steps(self, hp: dict, budget: int) -> int:
-        return max(1, int(budget / self.cost(hp) + 1e-9))
-
-
 def lm_cost(name: str, hp: dict) -> float:
-    """Gradient evaluations of one step of method ``name`` (the one place this is counted)."""
+    """Gradient evaluations of one step of method ``name`` (the one place this is counted): a
+    KL retain loss adds the reference model's forward (1/3) to every retain evaluation."""
+    kl = FORWARD if hp.get("retain") == "kl" else 0.0
     if name.startswith("OFMU"):
-        return ofmu_cost(hp)
-    return {"GA": 1.0, "GradDiff": 2.0, "NPO": 2.0 + FORWARD, "SimNPO": 2.0}[name]
+        return ofmu_cost(_options(hp)) + kl * closure_calls(_options(hp))
+    return {"GA": 1.0, "GradDiff": 2.0, "NPO": 2.0 + FORWARD, "SimNPO": 2.0}[name.split("-")[0]] + kl
 
 
-# OFMU, every hyperparameter explicit (the constructor's defaults are not relied on).
-OFMU_BASE = {"inner_steps": 1, "outer_steps": 1, "beta": 1.0, "rho": 0.01, "rho_growth": 1.0,
-             "rho_max": 1.0, "similarity": "project", "outer_hvp": "fd", "preconditioner": "adam",
-             "weight_decay": 0.0, "max_grad_norm": None, "fd_delta": 1e-3}
-OFMU_VARIANTS = {
-    "OFMU": ({}, "project similarity, Adam, stationarity penalty rho=0.01 via finite differences"),
-    "OFMU-hvp": ({"similarity": "hvp", "beta": 0.5, "outer_hvp": "forget"},
-                 "second order: literal gradient of the cosine (double backward) and H_f v"),
-    "OFMU-beta0": ({"beta": 0.0}, "ablation: no similarity penalty (beta=0)"),
-    "OFMU-rho0": ({"rho": 0.0, "outer_hvp": "none"}, "ablation: no stationarity penalty (rho=0)"),
-}
-BASELINE_DEFAULTS = {
-    "GA": ({}, "gradient ascent on the forget set"),
-    "GradDiff": ({"alpha": 1.0}, "minimise -NLL_f + alpha NLL_r"),
-    "NPO": ({"npo_beta": 0.1, "alpha": 1.0}, "negative preference optimisation, reference = target"),
-    "SimNPO": ({"npo_beta": 4.5, "gamma": 0.125, "delta": 0.0, "alpha": 1.0},
+def _options(hp: dict) -> dict:
+    return {k: v for k, v in hp.items() if k not in ("retain", "_notes")}
+
+
+# name -> (fn, settings beyond lr, doc). OFMU's settings are only those that differ from the
+# constructor's defaults; the records list every resolved value.
+BASELINES = {
+    "GA": (ga, {}, "gradient ascent on the forget set"),
+    "GradDiff": (grad_diff, {"alpha": 1.0, "retain": "nll"}, "minimise -NLL_f + alpha NLL_r"),
+    "GradDiff-KL": (grad_diff, {"alpha": 1.0, "retain": "kl"},
+                    "minimise -NLL_f + alpha KL(p_target || p_model) on retain answers"),
+    "NPO": (npo, {"npo_beta": 0.1, "alpha": 1.0}, "negative preference optimisation, reference = target"),
+    "SimNPO": (simnpo, {"npo_beta": 4.5, "gamma": 0.125, "delta": 0.0, "alpha": 1.0},
                "reference-free NPO on the length-normalised NLL"),
 }
-FNS = {"GA": ga, "GradDiff": grad_diff, "NPO": npo, "SimNPO": simnpo}
+OFMU_VARIANTS = {
+    "OFMU": ({}, "ofmu.OFMU(params, lr=lr): the shipped defaults"),
+    "OFMU-KL": ({"retain": "kl"}, "the shipped defaults, retain loss KL(p_target || p_model)"),
+    "OFMU-paper": (None, "OFMU.paper_config(): 5 SGD inner steps, rho=0.01 with H_f v, beta=0.5"),
+    "OFMU-beta0": ({"beta": 0.0}, "ablation of the defaults: no similarity penalty (beta=0)"),
+    "OFMU-rho": ({"rho": 0.01}, "ablation of the defaults: stationarity penalty on (rho=0.01)"),
+    "OFMU-sign": ({"inner_preconditioner": "sign"}, "the defaults with inner_preconditioner='sign'"),
+}
+ALL_METHODS = tuple(BASELINES) + tuple(OFMU_VARIANTS)
 
 
-def build_methods(lrs: tuple[float, ...], ofmu_grid: tuple[dict, ...]) -> dict[str, LMMethod]:
-    """The methods with grids of equal size: each baseline tries ``lrs``; each OFMU variant tries
-    ``ofmu_grid`` (dicts of ``lr`` and ``inner_lr``), of the same length."""
-    if len(ofmu_grid) != len(lrs):
-        raise ValueError(f"grids must have equal size: {len(lrs)} baseline lrs, {len(ofmu_grid)} "
-                         "OFMU configurations")
+def _ofmu_settings(name: str) -> dict:
+    if name == "OFMU-paper":
+        return {**OFMU.paper_config(), "retain": "nll"}
+    return {"retain": "nll", **OFMU_VARIANTS[name][0]}
+
+
+def build_methods(lrs: tuple[float, ...], sgd_lrs: tuple[float, ...]) -> dict[str, Method]:
+    """Every method with the same learning-rate grid ``lrs`` (OFMU: ``inner_lr`` left to its
+    default, which follows ``lr``); OFMU's paper form, plain SGD steps, sweeps ``sgd_lrs`` of the
+    same length."""
+    if len(sgd_lrs) != len(lrs):
+        raise ValueError(f"grids must have equal size: {len(lrs)} Adam lrs, {len(sgd_lrs)} SGD lrs")
     out = {}
-    for name, (d, doc) in BASELINE_DEFAULTS.items():
-        out[name] = LMMethod(name, FNS[name], (lambda hp, n=name: lm_cost(n, hp)), dict(d),
-                             tuple({"lr": lr} for lr in lrs), needs_ref=name == "NPO", doc=doc)
-    for name, (d, doc) in OFMU_VARIANTS.items():
-        out[name] = LMMethod(name, ofmu, (lambda hp, n=name: lm_cost(n, hp)), {**OFMU_BASE, **d},
-                             tuple(dict(g) for g in ofmu_grid), doc=doc)
+    for name, (fn, d, doc) in BASELINES.items():
+        out[name] = Method(name, name, fn, lambda hp, n=name: lm_cost(n, hp),
+                           {GRID: tuple({"lr": lr} for lr in lrs)}, doc=doc, defaults=dict(d))
+    for name, (_, doc) in OFMU_VARIANTS.items():
+        grid = sgd_lrs if name == "OFMU-paper" else lrs
+        out[name] = Method(name, name, ofmu, lambda hp, n=name: lm_cost(n, hp),
+                           {GRID: tuple({"lr": lr} for lr in grid)}, doc=doc,
+                           defaults=_ofmu_settings(name))
     return out
 
 
-def unlearn(method: LMMethod, target, streams, hp: dict, budget: int, seed: int):
-    """A copy of ``target`` unlearned with ``method``; returns (model, steps)."""
+def recorded(method: Method, hp: dict) -> dict:
+    """The hyperparameters a run records: OFMU's with every constructor default resolved."""
+    clean = {k: v for k, v in hp.items() if not k.startswith("_")}
+    if method.fn is ofmu:
+        return {**resolve_ofmu(_options(clean)), "retain": clean["retain"]}
+    return clean
+
+
+def unlearn(method: Method, target, streams, hp: dict, steps: int, seed: int,
+            after_step: Callable | None = None):
+    """A copy of ``target`` unlearned with ``method`` for ``steps`` steps; ``after_step(model, k)``
+    is called after step ``k`` (an evaluation there must leave the model as it found it)."""
     model = copy.deepcopy(target)
     model.train()
-    ref = None
-    if method.needs_ref:
-        ref = copy.deepcopy(target).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
     torch.manual_seed(seed)
-    steps = method.steps(hp, budget)
-    method.fn(model, streams, hp, steps, ref)
+    hook = (lambda k: after_step(model, k)) if after_step is not None else (lambda k: None)
+    method.fn(model, Context(hook), hp, streams, steps)
     model.eval()
-    return model, steps
+    return model
+
+
+__all__ = ["ALL_METHODS", "GRID", "Context", "build_methods", "lm_cost", "recorded", "steps_for",
+           "unlearn"]

@@ -167,21 +167,71 @@ def summarize(raw: dict, retain_model_raw: dict | None = None) -> dict:
     ref = retain_model_raw if retain_model_raw is not None else raw
     tr_ref = truth_ratios(ref["forget"]["para_loss"], ref["forget"]["pert_loss"])
     parts = utility_parts(raw["retain"], raw["world"])
-    mia = auc([min_k_score(x) for x in f["token_logprobs"]],
-              [min_k_score(x) for x in raw["holdout"]["token_logprobs"]])
-    mia_ref = auc([min_k_score(x) for x in ref["forget"]["token_logprobs"]],
-                  [min_k_score(x) for x in ref["holdout"]["token_logprobs"]])
     out = {
         "forget_quality": forget_quality(tr_f, tr_ref),
         "model_utility": model_utility(parts),
         "forget_prob": probability(f["answer_loss"]),
         "forget_rouge": float(np.mean(f["rouge"])),
         "forget_tr": truth_ratio_forget(tr_f),
-        "mia_auc": mia,
-        "mia_gap": abs(mia - mia_ref),
         **parts,
     }
+    if "holdout" in raw:  # the membership attack (left out of cheap checkpoint evaluations)
+        mia = auc([min_k_score(x) for x in f["token_logprobs"]],
+                  [min_k_score(x) for x in raw["holdout"]["token_logprobs"]])
+        mia_ref = auc([min_k_score(x) for x in ref["forget"]["token_logprobs"]],
+                      [min_k_score(x) for x in ref["holdout"]["token_logprobs"]])
+        out.update(mia_auc=mia, mia_gap=abs(mia - mia_ref))
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
         raise ValueError(f"non-finite metrics {bad}")
     return out
+
+
+def fluency_ppl(nll_count: tuple[float, int]) -> float:
+    """Perplexity ``exp(summed NLL / tokens)`` on held-out general text."""
+    total, count = nll_count
+    if count <= 0:
+        raise ValueError("fluency text has no predicted tokens")
+    return float(math.exp(total / count))
+
+
+def collateral(raw: dict, target_raw: dict | None = None, base_world: dict | None = None) -> dict:
+    """What unlearning costs outside the forget request, from raw numbers (``evaluate.raw``):
+
+    * neighbour facts (the forget authors' facts not in the request): probability and ROUGE-L,
+      and the probability relative to the target model's (1 = nothing lost);
+    * world knowledge relative to the base model: normalised probability and ROUGE-L ratios;
+    * fluency: perplexity on held-out general text, and its ratio to the target's (1 = as fluent).
+
+    A ratio is left out when its reference is not given (``None``) or its set is absent.
+    """
+    out: dict = {}
+    if "neighbours" in raw:
+        n = raw["neighbours"]
+        out["neighbour_prob"] = probability(n["answer_loss"])
+        out["neighbour_rouge"] = float(np.mean(n["rouge"]))
+        if target_raw is not None:
+            out["neighbour_prob_rel"] = out["neighbour_prob"] / probability(
+                target_raw["neighbours"]["answer_loss"])
+            out["neighbour_rouge_rel"] = _ratio(out["neighbour_rouge"],
+                                                float(np.mean(target_raw["neighbours"]["rouge"])))
+    if base_world is not None:
+        w = raw["world"]
+        out["world_prob_rel"] = (normalised_probability(w["answer_loss"], w["pert_loss"])
+                                 / normalised_probability(base_world["answer_loss"], base_world["pert_loss"]))
+        out["world_rouge_rel"] = _ratio(float(np.mean(w["rouge"])), float(np.mean(base_world["rouge"])))
+    if "fluency" in raw:
+        out["fluency_ppl"] = fluency_ppl(raw["fluency"])
+        if target_raw is not None:
+            out["fluency_rel"] = out["fluency_ppl"] / fluency_ppl(target_raw["fluency"])
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"non-finite metrics {bad}")
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    """``a / b``, with 0/0 read as 1 (nothing to lose) and x/0 as ``a`` + 1."""
+    if b == 0:
+        return 1.0 if a == 0 else 1.0 + a
+    return a / b

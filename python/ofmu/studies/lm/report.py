@@ -1,48 +1,67 @@
-"""Markdown, JSON and the TOFU-style plot (forget quality on a log axis against model utility)."""
+"""Markdown, JSON and the plots of a benchmark result: per split, the validation frontier of
+every method (forget quality on a log axis against model utility) with the test result of the
+validation-chosen configuration marked, and the budget curves."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
+from .methods import ALL_METHODS as DEFAULT_ORDER
+from .summary import FQ_OK, MU_SHARE
+
 COLS = (("forget_quality", "FQ", "{:.2g}"), ("model_utility", "MU", "{:.3f}"),
-        ("forget_prob", "forget prob", "{:.3f}"), ("forget_rouge", "forget ROUGE-L", "{:.3f}"),
-        ("forget_tr", "forget TR", "{:.3f}"), ("mia_auc", "MIA AUC", "{:.3f}"),
-        ("retain_prob", "retain prob", "{:.3f}"), ("world_prob", "world prob", "{:.3f}"))
+        ("mu_ratio", "MU / retain", "{:.2f}"), ("forget_prob", "forget prob", "{:.3f}"),
+        ("neighbour_prob_rel", "neighbour prob / target", "{:.2f}"),
+        ("world_prob_rel", "world prob / base", "{:.3f}"), ("fluency_rel", "ppl / target", "{:.2f}"),
+        ("mia_auc", "MIA AUC", "{:.2f}"), ("grad_evals", "grad evals", "{:.0f}"))
 
 
-def _fmt(v, f, std=None):
-    s = f.format(v)
-    return s if std is None or std <= 1e-9 * max(abs(v), 1e-300) else f"{s} ± {f.format(std)}"
+def _fmt(pair, f) -> str:
+    mean, std = pair
+    s = f.format(mean)
+    return s if std <= 1e-9 * max(abs(mean), 1e-300) else f"{s} ± {f.format(std)}"
+
+
+def _header(result: dict) -> list[str]:
+    cfg = result["config"]
+    status = "complete" if result.get("complete") else "PARTIAL (interrupted or still running)"
+    done = sorted(result.get("worlds", {}))
+    return [f"Authors benchmark, model {cfg['model']}, preset {cfg['preset']} ({status}); data seeds "
+            f"{list(cfg['data_seeds'])} (finished or running: {done}), unlearning seeds "
+            f"{list(cfg['seeds'])}; "
+            f"budget {cfg['budget']} gradient evaluations, checkpoints {list(cfg['checkpoints'])}; "
+            f"learning rates {list(cfg['lrs'])} (OFMU-paper, plain SGD: {list(cfg['sgd_lrs'])}); "
+            f"{cfg['device']} ({cfg['cpu']}, {cfg['threads']} threads).",
+            "",
+            "Each row: the configuration (learning rate, budget checkpoint) chosen on the validation "
+            "pool of each data seed, run on the test pool once per unlearning seed; mean ± sample "
+            "spread over data seeds of the per-seed means. `FQ>0.05` counts data seeds whose test "
+            f"forget quality exceeds {FQ_OK}; `target` counts those that also keep MU >= "
+            f"{MU_SHARE} x the retain model's."]
 
 
 def markdown_table(result: dict) -> str:
-    cfg = result["config"]
-    out = [f"Authors benchmark, model {cfg['model']}, seeds {list(cfg['seeds'])}, budget "
-           f"{cfg['budget']} gradient evaluations, {cfg['device']} ({cfg['cpu']}, "
-           f"{cfg['threads']} threads)."]
-    for pct, split in result["splits"].items():
-        fa = split["forget_authors"]
-        out += ["", f"### forget {pct}% ({fa['test']} test authors, {split['test']['n_forget_qa']} "
-                f"questions; val {fa['val']} authors)", "",
-                "| method | " + " | ".join(c[1] for c in COLS) + " | steps | time s | peak MB |",
-                "|---" * (len(COLS) + 4) + "|"]
-        for who in ("target", "retain"):
-            row = split["test"][who]
-            out.append(f"| {who} model | " + " | ".join(_fmt(row[k], f) for k, _, f in COLS)
-                       + " | | | |")
-        for name, e in split["methods"].items():
-            m = e["mean"]
-            cells = [_fmt(m[k][0], f, m[k][1]) for k, _, f in COLS]
+    out = _header(result)
+    for pct, s in result.get("summary", {}).items():
+        n_q = sorted(set(s["n_forget_qa"]))
+        out += ["", f"### forget {pct}% ({'/'.join(map(str, n_q))} test questions; data seeds "
+                f"{s['data_seeds']})", "",
+                f"retain model MU {_fmt(s['retain_mu'], '{:.3f}')}; target model FQ "
+                f"{_fmt(s['target_fq'], '{:.2g}')}, MU {_fmt(s['target_mu'], '{:.3f}')}.", "",
+                "| method | " + " | ".join(c[1] for c in COLS)
+                + " | FQ>0.05 | target | val frontier: best MU at FQ>0.05 | chosen lr@budget |",
+                "|---" * (len(COLS) + 5) + "|"]
+        for name, m in s["methods"].items():
+            cells = [_fmt(m["agg"][k], f) if k in m["agg"] else "" for k, _, f in COLS]
+            lrs = ", ".join(f"{p['lr']:g}@{p['fraction']:g}" for p in m["per_seed"])
+            best = m.get("frontier_best_mu")
+            best = "none" if best is None else f"{best:.3f}"
             out.append(f"| {name} | " + " | ".join(cells)
-                       + f" | {m['steps'][0]:.0f} | {m['time_s'][0]:.1f} | {m['peak_mem_mb'][0]:.0f} |")
-    out += ["", "Hyperparameters (chosen on the validation split, or set beforehand where a method's "
-            "grid has one configuration):"]
-    for pct, split in result["splits"].items():
-        for name, e in split["methods"].items():
-            hp = {k: v for k, v in e["chosen"].items() if k in ("lr", "inner_lr")}
-            how = f"chosen from {len(e['validation'])}" if e["validation"] else "set beforehand"
-            out.append(f"- forget {pct}%, {name}: {hp} ({how})")
+                       + f" | {m['n_fq_ok']}/{m['n']} | {m['n_target']}/{m['n']} | {best} | {lrs} |")
+    out += ["", "Methods:"] + [f"- {n}: {d}" for n, d in result.get("methods", {}).items()]
     return "\n".join(out)
 
 
@@ -52,40 +71,138 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = result["splits"]
-    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4.2), squeeze=False)
-    markers = "osD^v<>ph*"
-    for ax, (pct, split) in zip(axes[0], splits.items()):
-        for who, style in (("target", dict(marker="X", color="k")),
-                           ("retain", dict(marker="*", color="gold", edgecolor="k", s=180))):
-            r = split["test"][who]
-            ax.scatter(max(r["forget_quality"], 1e-30), r["model_utility"], label=f"{who} model",
-                       zorder=3, **({"s": 90} | style))
-        for i, (name, e) in enumerate(split["methods"].items()):
-            m = e["mean"]
-            ax.errorbar(max(m["forget_quality"][0], 1e-30), m["model_utility"][0],
-                        yerr=m["model_utility"][1] or None, fmt=markers[i % len(markers)],
-                        label=name, ms=7)
-        ax.axvline(0.05, ls="--", lw=0.8, color="grey")
+    summary = result.get("summary", {})
+    if not summary:
+        return
+    n = len(summary)
+    fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 8.4), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    markers = "osD^v<>ph*P"
+    for j, (pct, s) in enumerate(summary.items()):
+        ax, bx = axes[0][j], axes[1][j]
+        for i, (name, m) in enumerate(s["methods"].items()):
+            c, mk = cmap(i % 10), markers[i % len(markers)]
+            pts = sorted(m["frontier"], key=lambda p: p["log10_fq"])
+            ax.scatter([10 ** p["log10_fq"] for p in pts], [p["model_utility"] for p in pts], color=c,
+                       marker=mk, s=12, alpha=0.45)
+            a = m["agg"]
+            ax.errorbar(max(a["forget_quality"][0], 1e-30), a["model_utility"][0], yerr=a["model_utility"][1],
+                        color=c, marker=mk, ms=9, mec="k", label=name, zorder=4)
+            cv = m["curve"]
+            bx.plot([p["grad_evals"] for p in cv], [p["model_utility"] for p in cv], color=c, marker=mk,
+                    label=name)
+        ax.axhline(s["retain_mu"][0], color="gold", lw=1.2, label="retain model MU")
+        ax.axhline(MU_SHARE * s["retain_mu"][0], color="gold", lw=0.8, ls=":")
+        ax.axvline(FQ_OK, ls="--", lw=0.8, color="grey")
         ax.set_xscale("log")
         ax.set_xlabel("forget quality (KS p-value, log)")
         ax.set_ylabel("model utility")
-        ax.set_title(f"{result['config']['model']}: forget {pct}%")
+        ax.set_title(f"{result['config']['model']}: forget {pct}% (small: val points; large: test, chosen)",
+                     fontsize=9)
+        bx.set_xlabel("gradient evaluations")
+        bx.set_ylabel("val model utility at the chosen lr")
+        bx.set_title(f"forget {pct}%: budget curve (validation)", fontsize=9)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _atomic_write(path: Path, text: str | None = None, writer=None) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if writer is not None:
+            writer(Path(tmp))
+        else:
+            Path(tmp).write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_outputs(result: dict, out: str | Path) -> dict:
+    """``authors-<model>[-smoke].{json,md,png}`` in ``out``, each written atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"authors-{result['config']['model']}"
+    cfg = result["config"]
+    stem = f"authors-{cfg['model']}" + ("-smoke" if cfg.get("preset") == "smoke" else "")
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(result, indent=1, default=str))
-    paths["md"].write_text(markdown_table(result) + "\n")
+    _atomic_write(paths["json"], json.dumps(result, indent=1, default=str))
+    _atomic_write(paths["md"], markdown_table(result) + "\n")
     try:
-        plot(result, paths["png"])
+        if not result.get("summary"):
+            raise ImportError  # nothing to plot yet
+        _atomic_write(paths["png"], writer=lambda p: plot(result, p))
     except ImportError:
         del paths["png"]
     return paths
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of the same configuration on different data seeds, forget
+    percentages or methods (for example one process per data seed, split and group of methods):
+    their worlds, splits and methods together, the summary recomputed. A (data seed, split,
+    method) may appear only once."""
+    from .summary import summarize
+
+    if not results:
+        raise ValueError("nothing to merge")
+    skip = ("data_seeds", "threads", "forget", "methods")
+    base = {k: v for k, v in results[0]["config"].items() if k not in skip}
+    worlds: dict = {}
+    for r in results:
+        other = {k: v for k, v in r["config"].items() if k not in skip}
+        if other != base:
+            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            raise ValueError(f"cannot merge runs whose settings differ: {diff}")
+        for ds, w in r["worlds"].items():
+            into = worlds.setdefault(ds, {**w, "splits": {}})
+            for pct, split in w["splits"].items():
+                if pct not in into["splits"]:
+                    into["splits"][pct] = {**split, "methods": dict(split["methods"])}
+                    continue
+                dup = set(into["splits"][pct]["methods"]) & set(split["methods"])
+                if dup:
+                    raise ValueError(f"data seed {ds}, forget {pct}%: methods {sorted(dup)} appear in "
+                                     "more than one run")
+                into["splits"][pct]["methods"].update(split["methods"])
+    seeds = sorted({int(s) for r in results for s in r["config"]["data_seeds"]})
+    forget = sorted({f for r in results for f in r["config"]["forget"]}, reverse=True)
+    names = [m for r in results for m in r["config"]["methods"]]
+    methods = [m for m in DEFAULT_ORDER if m in names] + sorted(set(names) - set(DEFAULT_ORDER))
+    docs = {k: v for r in results for k, v in r.get("methods", {}).items()}
+    for w in worlds.values():
+        for split in w["splits"].values():
+            split["methods"] = {m: split["methods"][m] for m in methods if m in split["methods"]}
+    out = {**results[0], "config": {**results[0]["config"], "data_seeds": seeds, "forget": forget,
+                                    "methods": methods},
+           "methods": {m: docs[m] for m in methods if m in docs},
+           "worlds": {k: worlds[k] for k in sorted(worlds, key=int)},
+           "complete": all(r.get("complete") for r in results),
+           "total_time_s": sum(r.get("total_time_s", 0) for r in results)}
+    for w in out["worlds"].values():
+        w["splits"] = {k: w["splits"][k] for k in sorted(w["splits"], key=float, reverse=True)}
+    out["summary"] = summarize(out)
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m ofmu.studies.lm.report OUT_DIR RESULT.json ...``: merge per-seed runs."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ofmu.studies.lm.report",
+                                description="merge authors-benchmark results of different data seeds")
+    p.add_argument("out")
+    p.add_argument("results", nargs="+")
+    args = p.parse_args(argv)
+    merged = merge([json.loads(Path(f).read_text()) for f in args.results])
+    paths = write_outputs(merged, args.out)
+    print(markdown_table(merged))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

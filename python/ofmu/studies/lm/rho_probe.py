@@ -20,8 +20,10 @@ import copy
 import torch
 
 from . import evaluate
-from .methods import OFMU_BASE, ofmu
-from .text import PairStream, collate
+from .data import AuthorData
+from .methods import Context, ofmu
+from .text import PairStream, collate, encode_all
+from .world import Streams, eval_sets, metrics_row, qa_items
 
 RHOS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -60,30 +62,25 @@ def first_step(target, forget_pairs, retain_pairs, pad_id: int, device, n: int =
     return sorted(rows, key=lambda r: r["rho"])
 
 
-def rho_probe(target, tok, data, cfg, pairs, device) -> dict:
-    from .runner import Streams, _metrics_row, eval_sets
-
-    forget_pairs, retain_pairs = pairs
-    out = {"first_step": first_step(target, forget_pairs, retain_pairs, tok.pad_id, device),
-           "runs": []}
-    pct = max(cfg.forget)
-    sets = eval_sets(data, "val", pct, evaluate_world(target, tok, data, cfg, device), cfg.n_retain_eval,
-                     cfg.data_seed)
-    lr = cfg.ofmu_grid[len(cfg.ofmu_grid) // 2]
+def rho_probe(w, pct, device) -> dict:
+    """The first-step probe and short OFMU-Adam runs for each rho on the val pool of ``pct``
+    (the shipped defaults otherwise; same number of steps for every rho)."""
+    cfg, tok = w.cfg, w.tok
+    forget_qas, _ = w.data.split("val", pct)
+    forget_pairs = encode_all(tok, qa_items(AuthorData.qas(forget_qas)))
+    retain_pairs = w.retain_pairs(pct)
+    out = {"first_step": first_step(w.target, forget_pairs, retain_pairs, tok.pad_id, device), "runs": []}
+    sets = eval_sets(w, "val", pct)
+    lr = cfg.lrs[len(cfg.lrs) // 2]
     steps = max(1, cfg.budget // 8)
     for rho in RHOS:
-        hp = {**OFMU_BASE, **lr, "rho": rho, "outer_hvp": "fd" if rho > 0 else "none"}
-        model = copy.deepcopy(target).train()
+        model = copy.deepcopy(w.target).train()
         torch.manual_seed(0)
         streams = Streams(PairStream(forget_pairs, cfg.batch_size, tok.pad_id, 1, device),
                           PairStream(retain_pairs, cfg.batch_size, tok.pad_id, 2, device))
-        ofmu(model, streams, hp, steps)
-        raw = evaluate.raw(model.eval(), tok, sets, cfg.eval_batch, device)
-        row = _metrics_row(raw, raw)  # FQ relative to itself is meaningless: keep the others
+        ofmu(model, Context(), {"lr": lr, "rho": rho, "retain": "nll"}, streams, steps)
+        raw = evaluate.raw(model.eval(), tok, sets, cfg.eval_batch, device, mia=False)
+        row = metrics_row(raw, raw)  # FQ relative to itself is meaningless: keep the others
         out["runs"].append({"rho": rho, "steps": steps, **{k: row[k] for k in (
             "forget_prob", "forget_tr", "forget_rouge", "model_utility", "retain_prob")}})
     return out
-
-
-def evaluate_world(target, tok, data, cfg, device):
-    return evaluate.world_answered(target, tok, list(data.world), cfg.eval_batch, device)

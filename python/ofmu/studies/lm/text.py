@@ -53,6 +53,10 @@ class WordTokenizer:
     def answer_ids(self, answer: str) -> list[int]:
         return self.encode(answer) + [self.eos_id]
 
+    def text_ids(self, text: str) -> list[int]:
+        """A plain sentence (no prompt): ``<bos> words <eos>``."""
+        return [self.bos_id] + self.encode(text) + [self.eos_id]
+
 
 class ChatTokenizer:
     """A Hugging Face tokenizer with the ChatML turn format of SmolLM2-Instruct (no system
@@ -74,6 +78,14 @@ class ChatTokenizer:
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.hf.encode(answer, add_special_tokens=False) + [self.eos_id]
+
+    def text_ids(self, text: str) -> list[int]:
+        """A plain sentence, no chat turn, between two ``<|endoftext|>`` tokens (the unknown token
+        of SmolLM2's tokenizer), as the small rung is pre-trained on general text."""
+        sep = getattr(self.hf, "unk_id", None)
+        if sep is None:
+            sep = self.hf.unk_token_id if self.hf.unk_token_id is not None else 0
+        return [sep] + self.hf.encode(text, add_special_tokens=False) + [sep]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -102,6 +114,16 @@ def collate(pairs, pad_id: int) -> dict:
 
 def encode_all(tok, items: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     return [encode_pair(tok, q, a) for q, a in items]
+
+
+def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
+    """A plain sentence as a training pair: every token after the first is labelled."""
+    ids = tok.text_ids(text)
+    return ids, [IGNORE] + ids[1:]
+
+
+def encode_text_all(tok, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    return [encode_text(tok, t) for t in texts]
 
 
 class PairStream:

@@ -7,6 +7,8 @@ each on fresh minibatches. Its cost in gradient evaluations is read from the mod
 
 from __future__ import annotations
 
+import inspect
+
 from torch.nn.functional import cross_entropy
 
 from ...modes import FORWARD_COST as FORWARD  # noqa: F401  (a forward pass alone, for LM methods)
@@ -32,12 +34,33 @@ def ofmu_run(model, data, hp, streams, steps):
         opt.step(closure)
 
 
+def ofmu_defaults() -> dict:
+    """The keyword defaults of :class:`ofmu.OFMU`'s constructor, read from its signature (so a
+    cost or a record never assumes values the optimizer does not use)."""
+    sig = inspect.signature(OFMU.__init__)
+    return {k: p.default for k, p in sig.parameters.items()
+            if p.default is not inspect.Parameter.empty and k not in ("backend", "process_group")}
+
+
+def resolve_ofmu(hp: dict) -> dict:
+    """``hp`` with every OFMU keyword it leaves out filled from the constructor's defaults."""
+    return {**ofmu_defaults(), **hp}
+
+
 def ofmu_cost(hp: dict) -> float:
-    """Gradient evaluations of one ``opt.step`` as the mode records count them."""
-    sim = SIMILARITY[hp.get("similarity", "project")]
-    hvp = OUTER_HVP[hp.get("outer_hvp", "forget")]
-    return step_cost(sim, hvp, hp["inner_steps"], hp.get("outer_steps", 1),
-                     penalty_on=hp.get("rho", 0.01) > 0)
+    """Gradient evaluations of one ``opt.step`` as the mode records count them; a keyword that
+    ``hp`` leaves out costs what the constructor's default does."""
+    full = resolve_ofmu(hp)
+    return step_cost(SIMILARITY[full["similarity"]], OUTER_HVP[full["outer_hvp"]], full["inner_steps"],
+                     full["outer_steps"], penalty_on=full["rho"] > 0)
+
+
+def closure_calls(hp: dict) -> int:
+    """Closure calls of one ``opt.step`` (each evaluates both losses once): one per inner step,
+    and per outer step one, plus two perturbed ones when the penalty uses finite differences."""
+    full = resolve_ofmu(hp)
+    fd = full["rho"] > 0 and full["outer_hvp"] == "fd"
+    return full["inner_steps"] + full["outer_steps"] * (3 if fd else 1)
 
 
 # OFMU-Adam is the configuration chosen from the validation pilots (docs/results.md): one inner

@@ -1,0 +1,109 @@
+"""Aggregate a benchmark result over data seeds: per split and method, the test numbers of the
+validation-chosen configuration (mean over unlearning seeds per data seed, then mean and sample
+spread over data seeds), how many data seeds reach the targets, the validation frontier and
+the budget curve."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FQ_OK = 0.05  # forget quality the KS test must not reject
+MU_SHARE = 0.95  # the target: model utility at least this share of the retain model's
+KEYS = ("forget_quality", "model_utility", "mu_ratio", "forget_prob", "forget_rouge", "mia_auc",
+        "neighbour_prob_rel", "neighbour_rouge_rel", "world_prob_rel", "world_rouge_rel",
+        "fluency_rel", "grad_evals", "time_s", "peak_mem_mb")
+
+
+def _mean(vals) -> float:
+    return float(np.mean(vals))
+
+
+def agg(vals) -> list[float]:
+    """[mean, sample std] (std 0 for one value)."""
+    a = np.asarray(vals, dtype=np.float64)
+    return [float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0]
+
+
+def _per_seed(entry: dict, retain_mu: float, ds: str) -> dict:
+    tests = entry["test"]
+    row = {"data_seed": int(ds), "lr": entry["chosen"]["hparams"]["lr"],
+           "fraction": entry["chosen"]["fraction"]}
+    for k in KEYS:
+        vals = [r[k] for r in tests if k in r] if k != "mu_ratio" else \
+            [r["model_utility"] / retain_mu for r in tests]
+        if vals:
+            row[k] = _mean(vals)
+    row["fq_ok"] = row["forget_quality"] > FQ_OK
+    row["target_met"] = row["fq_ok"] and row["mu_ratio"] >= MU_SHARE
+    return row
+
+
+def _frontier(entries: list[dict]) -> list[dict]:
+    """Validation points averaged over data seeds per (lr, budget fraction): mean log10 FQ and
+    mean MU (the points a frontier plot shows)."""
+    groups: dict = {}
+    for e in entries:
+        for r in e["validation"]:
+            groups.setdefault((r["lr"], r["fraction"]), []).append(r)
+    out = []
+    for (lr, frac), rows in sorted(groups.items()):
+        out.append({"lr": lr, "fraction": frac, "grad_evals": _mean([r["grad_evals"] for r in rows]),
+                    "log10_fq": _mean([math.log10(max(r["forget_quality"], 1e-30)) for r in rows]),
+                    "model_utility": _mean([r["model_utility"] for r in rows]), "n": len(rows)})
+    return out
+
+
+def _best_mu(frontier: list[dict]) -> float | None:
+    """The highest validation MU among frontier points whose forget quality (geometric mean over
+    data seeds) exceeds 0.05; ``None`` when no point does."""
+    ok = [p["model_utility"] for p in frontier if p["log10_fq"] > math.log10(FQ_OK)]
+    return max(ok) if ok else None
+
+
+def _curve(entries: list[dict]) -> list[dict]:
+    """Validation metrics along the budget at each data seed's chosen learning rate."""
+    groups: dict = {}
+    for e in entries:
+        lr = e["chosen"]["hparams"]["lr"]
+        for r in e["validation"]:
+            if r["lr"] == lr:
+                groups.setdefault(r["fraction"], []).append(r)
+    return [{"fraction": f, "grad_evals": _mean([r["grad_evals"] for r in rows]),
+             "log10_fq": _mean([math.log10(max(r["forget_quality"], 1e-30)) for r in rows]),
+             "model_utility": _mean([r["model_utility"] for r in rows]), "n": len(rows)}
+            for f, rows in sorted(groups.items())]
+
+
+def summarize(result: dict) -> dict:
+    splits: dict = {}
+    for ds, world in result.get("worlds", {}).items():
+        for pct, split in world["splits"].items():
+            s = splits.setdefault(pct, {"retain_mu": [], "target": [], "methods": {}, "n_forget_qa": [],
+                                        "data_seeds": []})
+            retain_mu = split["test"]["retain"]["model_utility"]
+            s["retain_mu"].append(retain_mu)
+            s["target"].append(split["test"]["target"])
+            s["n_forget_qa"].append(split["test"]["n_forget_qa"])
+            s["data_seeds"].append(int(ds))
+            for name, e in split["methods"].items():
+                m = s["methods"].setdefault(name, {"per_seed": [], "_entries": []})
+                m["per_seed"].append(_per_seed(e, retain_mu, ds))
+                m["_entries"].append(e)
+    out = {}
+    for pct, s in splits.items():
+        methods = {}
+        for name, m in s["methods"].items():
+            per = m["per_seed"]
+            methods[name] = {
+                "per_seed": per,
+                "agg": {k: agg([p[k] for p in per]) for k in KEYS if all(k in p for p in per)},
+                "n_fq_ok": sum(p["fq_ok"] for p in per), "n_target": sum(p["target_met"] for p in per),
+                "n": len(per), "frontier": (fr := _frontier(m["_entries"])), "curve": _curve(m["_entries"]),
+                "frontier_best_mu": _best_mu(fr)}
+        out[pct] = {"data_seeds": s["data_seeds"], "n_forget_qa": s["n_forget_qa"],
+                    "retain_mu": agg(s["retain_mu"]),
+                    "target_fq": agg([t["forget_quality"] for t in s["target"]]),
+                    "target_mu": agg([t["model_utility"] for t in s["target"]]), "methods": methods}
+    return out
