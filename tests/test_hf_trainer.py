@@ -212,6 +212,11 @@ def test_trainer_kl_retain_loss_takes_the_own_loop_step(tmp_path):
     moved = (own - start).norm()
     assert moved > 1e-3
     assert (flat_params(model) - own).norm() <= 1e-6 * moved
+    # A reference passed in gives the same run.
+    given = memorised("llama")
+    trainer(given, tmp_path / "given", max_steps=3,
+            trainer_kwargs=dict(retain_loss="kl", reference_model=memorised("llama"))).train()
+    assert (flat_params(given) - own).norm() <= 1e-6 * moved
     # ... and it is not the NLL run: the retain loss really changed.
     nll_model = memorised("llama")
     trainer(nll_model, tmp_path / "nll", max_steps=3).train()

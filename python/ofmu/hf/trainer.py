@@ -130,6 +130,9 @@ class OFMUTrainer(Trainer):
         self._check_setup()
         self.reference_model, self._own_reference = None, False
         if retain_loss == "kl":
+            if self.model is None:
+                raise ValueError('retain_loss="kl" needs the model at construction (model=...), '
+                                 "to take the reference from; model_init is not supported with it")
             self.reference_model, self._own_reference = _reference_for(self.model, reference_model)
             self.compute_losses = functools.partial(causal_lm_losses, retain="kl",
                                                     reference=self.reference_model)
