@@ -261,6 +261,8 @@ def test_trainer_retain_loss_options_are_checked_before_any_work(tmp_path):
         trainer(model, tmp_path, trainer_kwargs=dict(retain_loss="kl", reference_model=model))
     with pytest.raises(TypeError, match="reference_model must be a model"):
         trainer(model, tmp_path, trainer_kwargs=dict(retain_loss="kl", reference_model="gpt2"))
+    with pytest.raises(ValueError, match="needs the model at construction"):
+        OFMUTrainer(None, None, forget_dataset=[1], retain_dataset=[1], retain_loss="kl")
     with pytest.raises(ValueError, match="custom compute_losses"):
         OFMUTrainer(model, None, forget_dataset=[1], retain_dataset=[1], retain_loss="kl",
                     compute_losses=lambda m, f, r: (f, r))

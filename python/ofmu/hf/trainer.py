@@ -130,9 +130,6 @@ class OFMUTrainer(Trainer):
         self._check_setup()
         self.reference_model, self._own_reference = None, False
         if retain_loss == "kl":
-            if self.model is None:
-                raise ValueError('retain_loss="kl" needs the model at construction (model=...), '
-                                 "to take the reference from; model_init is not supported with it")
             self.reference_model, self._own_reference = _reference_for(self.model, reference_model)
             self.compute_losses = functools.partial(causal_lm_losses, retain="kl",
                                                     reference=self.reference_model)
@@ -311,6 +308,9 @@ def _check_retain_loss(retain_loss, reference_model, compute_losses, model) -> N
         raise ValueError('retain_loss="kl" selects the built-in causal_lm_losses(..., retain="kl"); '
                          "a custom compute_losses computes its own retain loss (leave retain_loss "
                          "at 'nll' and use the reference inside compute_losses)")
+    if retain_loss == "kl" and model is None:
+        raise ValueError('retain_loss="kl" needs the model at construction (model=...), to take the '
+                         "reference from; model_init is not supported with it")
     if reference_model is not None:
         if not callable(reference_model):
             raise TypeError("reference_model must be a model (callable); got "
