@@ -154,7 +154,10 @@ def cached_model(template, kind: str, spec: dict, build, cache: str | os.PathLik
 # ``min_count``), the world facts' and chat markers' tokens, the special tokens and the byte
 # tokens: 12,626 tokens with the defaults, 4.2M parameters (2.4M of them the tied embedding).
 # The tokenization stays SmolLM2's: a token outside the compact vocabulary is spelled out with
-# its bytes' tokens, so every text encodes losslessly.
+# its bytes' tokens, so every text encodes losslessly. Measured with the defaults (AMD EPYC, one
+# thread, a busy shared machine): 550 Adam steps in 778 CPU seconds (42 minutes of wall time
+# under a load of 12-16 on 2 cores); held-out WordNet perplexity 58.5 per token (a uniform guess:
+# 12,626); 39 of the 40 world facts answered by greedy generation.
 
 SMALL_DEFAULTS = dict(hidden=192, layers=4, heads=3, intermediate=512, max_len=128,
                       n_sentences=16000, max_words=16, min_count=2, world_repeats=40,
