@@ -94,13 +94,16 @@ def training_args(out_dir, **overrides):
     return transformers.TrainingArguments(**kw)
 
 
-def trainer(model, out_dir, ofmu_kwargs=None, **overrides):
+def trainer(model, out_dir, ofmu_kwargs=None, trainer_kwargs=None, **overrides):
+    """An OFMUTrainer on ``sequences()``: ``overrides`` go to TrainingArguments,
+    ``trainer_kwargs`` to OFMUTrainer."""
     from ofmu.hf import OFMUTrainer
 
     forget, retain = sequences()
     return OFMUTrainer(model, training_args(out_dir, **overrides), forget_dataset=records(forget),
                        retain_dataset=records(retain),
-                       ofmu_kwargs=FIRST_ORDER if ofmu_kwargs is None else ofmu_kwargs)
+                       ofmu_kwargs=FIRST_ORDER if ofmu_kwargs is None else ofmu_kwargs,
+                       **(trainer_kwargs or {}))
 
 
 def flat_params(model) -> torch.Tensor:

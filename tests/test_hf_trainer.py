@@ -170,3 +170,116 @@ def test_trainer_closure_streams_and_batch_reuse(tmp_path):
     stream = tr._streams["forget"]
     seen = [i for k in range(8) for i in stream.indices(k)]
     assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:16]) == list(range(8))
+
+
+def _own_loop_kl(model, reference, tr, steps: int) -> torch.Tensor:
+    """The documented own-loop closure with the KL retain loss, on the minibatches the Trainer's
+    streams draw (their order is tested above), with the optimizer settings the Trainer derives
+    from its TrainingArguments (lr 1e-3 constant, clip 1.0, Adam betas/eps, no weight decay)."""
+    forget, retain = sequences()
+    fs, rs = tr._streams["forget"], tr._streams["retain"]
+    drawn = [-1]
+
+    def batch(ids):
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def closure(same_batch=False, need_forget=True):
+        if not same_batch:
+            drawn[0] += 1
+        k = drawn[0]
+        fb = batch(forget[fs.indices(k)]) if need_forget else None
+        return causal_lm_losses(model, fb, batch(retain[rs.indices(k)]), retain="kl", reference=reference)
+
+    model.train()
+    opt = OFMU(model.parameters(), lr=1e-3, betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0,
+               max_grad_norm=1.0, **FIRST_ORDER)
+    for _ in range(steps):
+        opt.step(closure)
+    return flat_params(model)
+
+
+def test_trainer_kl_retain_loss_takes_the_own_loop_step(tmp_path):
+    start = flat_params(memorised("llama"))
+    model = memorised("llama")
+    tr = trainer(model, tmp_path / "kl", max_steps=3, trainer_kwargs=dict(retain_loss="kl"))
+    tr.train()
+    # The reference is a frozen copy taken at construction: it has not moved.
+    assert torch.equal(flat_params(tr.reference_model), start)
+    assert not any(p.requires_grad for p in tr.reference_model.parameters())
+
+    reference = memorised("llama").eval()
+    own = _own_loop_kl(memorised("llama"), reference, tr, steps=3)
+    moved = (own - start).norm()
+    assert moved > 1e-3
+    assert (flat_params(model) - own).norm() <= 1e-6 * moved
+    # A reference passed in gives the same run.
+    given = memorised("llama")
+    trainer(given, tmp_path / "given", max_steps=3,
+            trainer_kwargs=dict(retain_loss="kl", reference_model=memorised("llama"))).train()
+    assert (flat_params(given) - own).norm() <= 1e-6 * moved
+    # ... and it is not the NLL run: the retain loss really changed.
+    nll_model = memorised("llama")
+    trainer(nll_model, tmp_path / "nll", max_steps=3).train()
+    assert (flat_params(nll_model) - own).norm() > 1e-2 * moved
+
+
+def test_trainer_kl_reference_of_a_lora_model_is_the_base_without_a_copy(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(memorised("llama"), peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"]))
+    tr = trainer(model, tmp_path, dict(FIRST_ORDER, inner_lr=1e-2), learning_rate=1e-2, max_steps=4,
+                 trainer_kwargs=dict(retain_loss="kl"))
+    assert tr.reference_model.module is model  # no copy of the weights
+    forget, retain = sequences()
+    rb = {"input_ids": retain[:6], "labels": retain[:6]}
+    model.eval()
+    with torch.no_grad():  # no graph left holding views of the adapters
+        _, kl0 = tr.compute_losses(model, None, rb)
+    assert abs(kl0.item()) < 1e-6  # fresh adapters (B = 0): the model is its reference
+    tr.train()
+    assert model.training  # the reference call restored the mode it found
+    base = memorised("llama").eval()
+    with torch.no_grad():
+        want = base(input_ids=retain).logits
+        got = tr.reference_model(input_ids=retain).logits
+    assert torch.equal(got, want)
+    model.eval()
+    with torch.no_grad():
+        _, kl1 = tr.compute_losses(model, None, rb)
+    assert kl1.item() > 1e-4  # the adapters moved the model away from the base
+
+
+def test_trainer_retain_loss_options_are_checked_before_any_work(tmp_path):
+    from ofmu.hf import OFMUTrainer
+
+    model = memorised("llama")
+    with pytest.raises(ValueError, match="retain_loss must be one of"):
+        trainer(model, tmp_path, trainer_kwargs=dict(retain_loss="KL"))
+    with pytest.raises(ValueError, match="reference_model is used only with"):
+        trainer(model, tmp_path, trainer_kwargs=dict(reference_model=memorised("llama")))
+    with pytest.raises(ValueError, match="reference_model is the model being trained"):
+        trainer(model, tmp_path, trainer_kwargs=dict(retain_loss="kl", reference_model=model))
+    with pytest.raises(TypeError, match="reference_model must be a model"):
+        trainer(model, tmp_path, trainer_kwargs=dict(retain_loss="kl", reference_model="gpt2"))
+    with pytest.raises(ValueError, match="needs the model at construction"):
+        OFMUTrainer(None, None, forget_dataset=[1], retain_dataset=[1], retain_loss="kl")
+    with pytest.raises(ValueError, match="custom compute_losses"):
+        OFMUTrainer(model, None, forget_dataset=[1], retain_dataset=[1], retain_loss="kl",
+                    compute_losses=lambda m, f, r: (f, r))
+    assert torch.equal(flat_params(model), flat_params(memorised("llama")))
+
+
+def test_optimizer_statistics_are_reachable_after_train(tmp_path):
+    tr = trainer(memorised("llama"), tmp_path, max_steps=4, logging_steps=4)
+    assert tr.ofmu_optimizer is None
+    tr.train()
+    # what users type first: the Trainer's optimizer is accelerate's wrapper around OFMU
+    stats = tr.optimizer.last_stats()
+    assert isinstance(tr.ofmu_optimizer, OFMU) and tr.optimizer.optimizer is tr.ofmu_optimizer
+    assert stats.keys() == tr.ofmu_optimizer.last_stats().keys()
+    logged = [h for h in tr.state.log_history if "ofmu_retain_grad_norm" in h][-1]
+    assert stats["retain_grad_norm"] == pytest.approx(logged["ofmu_retain_grad_norm"], rel=1e-6)
+    assert stats["retain_grad_norm"] > 0 and stats["rho"] == 0.0 and stats["skipped_steps"] == 0
+    assert tr.optimizer.inner_steps == FIRST_ORDER["inner_steps"]
+    with pytest.raises(AttributeError, match="no_such_setting"):
+        tr.optimizer.no_such_setting  # noqa: B018

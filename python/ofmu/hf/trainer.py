@@ -15,21 +15,29 @@ How it maps onto the Trainer's loop (transformers 5.x):
 * With several processes the model is not wrapped in DDP: OFMU all-reduces its own flat
   gradient buffers after every backward pass (DDP's reducer would synchronise only the first
   of a step's backward passes, and its buckets would hold one more copy of every gradient).
+* ``trainer.optimizer`` is accelerate's wrapper around the OFMU instance; it forwards what it
+  does not define itself (``last_stats()``, ``backend_summary()``, ...) to that instance, which
+  is also ``trainer.ofmu_optimizer``.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..optimizer import OFMU
 from .losses import causal_lm_losses
+
+RETAIN_LOSSES = ("nll", "kl")
 
 # Set from TrainingArguments; passing them in ``ofmu_kwargs`` as well would be ambiguous.
 _FROM_ARGS = ("lr", "weight_decay", "max_grad_norm")
@@ -55,8 +63,27 @@ class OFMUTrainer(Trainer):
             ``rho``, ``outer_hvp``, ``preconditioner``, ...).
         compute_losses: ``(model, forget_batch, retain_batch) -> (forget_loss, retain_loss)``
             from two separate forward passes (default :func:`ofmu.hf.causal_lm_losses`).
+        retain_loss: the built-in retain loss: ``"nll"`` (default; token-mean NLL of the retain
+            batch) or ``"kl"`` (token-mean ``KL(p_ref || p_model)`` over the retain batch's
+            labelled positions: it keeps the model's whole next-token distribution on the retain
+            text close to the reference's, not only the labelled token's probability; see
+            :func:`ofmu.hf.causal_lm_losses`). Only with the default ``compute_losses``.
+        reference_model: the frozen reference of ``retain_loss="kl"``, evaluated under
+            ``torch.no_grad()`` in eval mode, on the model's device. Default: the model as it is
+            at construction. For a PEFT model that is the base with its adapters disabled (no
+            copy; equal to the model at construction while the adapters are freshly initialised,
+            as LoRA's are); otherwise a frozen deep copy, which costs one more copy of the
+            weights in their dtype (plus one forward pass per retain evaluation, without
+            activations kept). Build the trainer on the model *before* unlearning; a resumed
+            run (``resume_from_checkpoint``) loads its weights after construction and so keeps
+            the same reference.
         **kwargs: passed to ``Trainer`` (``eval_dataset``, ``callbacks``, ...);
             ``train_dataset`` and ``optimizers`` are not accepted (OFMU builds its own).
+
+    Statistics: after (or during) ``train()``, ``trainer.optimizer.last_stats()`` and
+    ``trainer.ofmu_optimizer.last_stats()`` give :meth:`ofmu.OFMU.last_stats` of the last step;
+    ``trainer.ofmu_optimizer`` is the :class:`ofmu.OFMU` instance (``None`` until the Trainer
+    creates the optimizer, at the start of ``train()`` or by ``create_optimizer()``).
 
     Logged at logging steps: ``loss`` (retain loss at the last outer step), ``forget_loss`` and
     ``retain_loss`` (at the first evaluation of each step, averaged since the last log), and
@@ -71,7 +98,8 @@ class OFMUTrainer(Trainer):
     def __init__(self, model=None, args=None, *, forget_dataset, retain_dataset,
                  forget_collator: Callable | None = None, retain_collator: Callable | None = None,
                  ofmu_kwargs: Mapping[str, Any] | None = None,
-                 compute_losses: Callable = causal_lm_losses, **kwargs):
+                 compute_losses: Callable = causal_lm_losses, retain_loss: str = "nll",
+                 reference_model: torch.nn.Module | None = None, **kwargs):
         for key in ("train_dataset", "optimizers", "optimizer_cls_and_kwargs"):
             if kwargs.get(key) not in (None, (None, None)):
                 raise TypeError(f"OFMUTrainer does not take {key!r}: it trains on forget_dataset and "
@@ -91,10 +119,20 @@ class OFMUTrainer(Trainer):
         for key in ("params", "process_group"):
             if key in self.ofmu_kwargs:
                 raise ValueError(f"ofmu_kwargs[{key!r}] is chosen by OFMUTrainer")
+        _check_retain_loss(retain_loss, reference_model, compute_losses, model)
         self.forget_dataset, self.retain_dataset = forget_dataset, retain_dataset
         self.compute_losses = compute_losses
+        self.retain_loss = retain_loss
+        # The built-in losses may skip the forget forward pass (need_forget=False); a custom
+        # compute_losses always gets both batches.
+        self._builtin_losses = compute_losses is causal_lm_losses
         super().__init__(model=model, args=args, **kwargs)
         self._check_setup()
+        self.reference_model, self._own_reference = None, False
+        if retain_loss == "kl":
+            self.reference_model, self._own_reference = _reference_for(self.model, reference_model)
+            self.compute_losses = functools.partial(causal_lm_losses, retain="kl",
+                                                    reference=self.reference_model)
         self.forget_collator = forget_collator or self.data_collator
         self.retain_collator = retain_collator or self.data_collator
         world, rank = self.args.world_size, self.args.process_index
@@ -133,6 +171,12 @@ class OFMUTrainer(Trainer):
                              "gradients with respect to named inputs, which OFMU's backward passes "
                              "need; use {'use_reentrant': False} (the transformers default)")
 
+    @property
+    def ofmu_optimizer(self) -> OFMU | None:
+        """The :class:`ofmu.OFMU` instance that trains the model (``trainer.optimizer`` is
+        accelerate's wrapper around it during ``train()``); ``None`` before it is created."""
+        return self._ofmu
+
     def _prepare_without_ddp(self) -> None:
         """Make ``accelerator.prepare`` apply autocast/compile to the model without the DDP
         wrapper (OFMU averages its gradient buffers across processes itself), and without a
@@ -148,6 +192,16 @@ class OFMUTrainer(Trainer):
             return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
 
         acc.prepare_model = prepare_model_no_ddp
+        # The optimizer wrapper forwards what it lacks (last_stats, ...) to OFMU.
+        prepare_optimizer = acc.prepare_optimizer
+
+        def prepare_optimizer_forwarding(optimizer, device_placement=None):
+            wrapped = prepare_optimizer(optimizer, device_placement=device_placement)
+            if type(wrapped) is AcceleratedOptimizer and isinstance(optimizer, OFMU):
+                wrapped.__class__ = _ForwardingOptimizer
+            return wrapped
+
+        acc.prepare_optimizer = prepare_optimizer_forwarding
 
     def get_train_dataloader(self) -> DataLoader:
         """Step counter: the minibatches themselves are drawn inside OFMU's closure."""
@@ -162,6 +216,8 @@ class OFMUTrainer(Trainer):
         args = self.args
         if self.accelerator.num_processes > 1:
             _broadcast_from_rank0(opt_model)
+            if self._own_reference and isinstance(self.reference_model, torch.nn.Module):
+                _broadcast_from_rank0(self.reference_model)
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameter with requires_grad=True")
@@ -192,15 +248,15 @@ class OFMUTrainer(Trainer):
 
     def _closure_for(self, model):
         # ``need_forget=False``: an optimizer that will not use the forget loss (an outer step
-        # without the penalty) may say so; the forget minibatch is still drawn, so the data
-        # order does not depend on it, but its forward pass is skipped.
+        # without the penalty) says so; the forget minibatch is still drawn, so the data order
+        # does not depend on it, but its forward pass is skipped.
         def closure(same_batch: bool = False, need_forget: bool = True):
             if not same_batch or self._last_batches is None:
                 self._last_batches = (self._to_device(self._streams["forget"].draw()),
                                       self._to_device(self._streams["retain"].draw()))
             fb, rb = self._last_batches
-            if not need_forget and self.compute_losses is causal_lm_losses:
-                fb = None  # a custom compute_losses always gets both batches
+            if not need_forget and self._builtin_losses:
+                fb = None
             loss_f, loss_r = self.compute_losses(model, fb, rb)
             if self._first_call and not same_batch and loss_f is not None:
                 self._first_call = False
@@ -240,6 +296,77 @@ class OFMUTrainer(Trainer):
                 if value == value:  # NaN marks what the last step did not compute
                     logs[f"ofmu_{key}"] = value
         super().log(logs, start_time)
+
+
+def _check_retain_loss(retain_loss, reference_model, compute_losses, model) -> None:
+    if retain_loss not in RETAIN_LOSSES:
+        raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}; got {retain_loss!r}")
+    if retain_loss != "kl" and reference_model is not None:
+        raise ValueError('reference_model is used only with retain_loss="kl"; '
+                         f"got retain_loss={retain_loss!r}")
+    if retain_loss == "kl" and compute_losses is not causal_lm_losses:
+        raise ValueError('retain_loss="kl" selects the built-in causal_lm_losses(..., retain="kl"); '
+                         "a custom compute_losses computes its own retain loss (leave retain_loss "
+                         "at 'nll' and use the reference inside compute_losses)")
+    if retain_loss == "kl" and model is None:
+        raise ValueError('retain_loss="kl" needs the model at construction (model=...), to take the '
+                         "reference from; model_init is not supported with it")
+    if reference_model is not None:
+        if not callable(reference_model):
+            raise TypeError("reference_model must be a model (callable); got "
+                            f"{type(reference_model).__name__}")
+        if reference_model is model:
+            raise ValueError("reference_model is the model being trained: pass a frozen copy (or "
+                             "leave it None for a copy made at construction)")
+
+
+def _reference_for(model, given):
+    """(reference, made_here): ``given``; else the PEFT base with adapters disabled; else a
+    frozen deep copy of ``model``. A given or PEFT reference runs in eval mode for the call only
+    (its modules may be shared with the model, whose mode the Trainer sets)."""
+    if given is not None:
+        if isinstance(given, torch.nn.Module):
+            devices = {p.device for p in given.parameters()} | {p.device for p in model.parameters()}
+            if len(devices) > 1:
+                raise ValueError(f"reference_model and the model must be on one device; got "
+                                 f"{sorted(str(d) for d in devices)}")
+            return _EvalCall(given), False
+        return given, False
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        return _EvalCall(model, disable_adapters=True), True
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref, True
+
+
+class _EvalCall:
+    """Calls ``module`` in eval mode (no dropout), optionally with its PEFT adapters disabled
+    (the frozen base as the reference, without a copy of the weights), restoring its mode."""
+
+    def __init__(self, module, disable_adapters: bool = False):
+        self.module, self.disable_adapters = module, disable_adapters
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            if self.disable_adapters:
+                with self.module.disable_adapter():
+                    return self.module(*args, **kwargs)
+            return self.module(*args, **kwargs)
+        finally:
+            self.module.train(was_training)
+
+
+class _ForwardingOptimizer(AcceleratedOptimizer):
+    """accelerate's optimizer wrapper that forwards the attributes it lacks to the wrapped OFMU,
+    so ``trainer.optimizer.last_stats()`` works as on the optimizer itself."""
+
+    def __getattr__(self, name: str):
+        inner = self.__dict__.get("optimizer")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
 
 
 class _TrainerOFMU(OFMU):
