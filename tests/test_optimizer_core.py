@@ -85,7 +85,7 @@ def test_state_is_per_parameter_views_into_the_flat_moments():
         assert st["inner_exp_avg"].shape == p.shape and st["outer_exp_avg_sq"].shape == p.shape
         assert st["outer_step"].item() == 1.0 and st["inner_step"].item() == 1.0
         assert st["outer_exp_avg"].abs().sum() > 0
-    buf = opt._parts[0].buf
+    buf = opt.flat_buffers[0]
     assert opt.state[params[0]]["outer_exp_avg"].untyped_storage().data_ptr() == \
         buf.buffer("outer_exp_avg")[0].untyped_storage().data_ptr()
 
@@ -95,7 +95,7 @@ def test_checkpoint_from_a_model_with_the_same_flat_size_is_rejected():
     _, a, ca = _adam_model([(3, 4), (5,)])
     a.step(ca)
     _, b, _ = _adam_model([(4, 3), (5,)])
-    assert a._parts[0].buf.numel == b._parts[0].buf.numel
+    assert a.flat_buffers[0].numel == b.flat_buffers[0].numel
     with pytest.raises(ValueError, match=r"shape \(3, 4\).*shape \(4, 3\).*different model"):
         b.load_state_dict(a.state_dict())
 
@@ -204,7 +204,7 @@ def test_adam_state_bytes_per_parameter():
         opt = ofmu.OFMU(m.parameters(), lr=1e-3, **kw)  # the defaults: Adam, rho = 0
         x = torch.randn(8, 64)
         opt.step(lambda: (m(x).pow(2).mean(), (m(x) - 1).pow(2).mean()))
-        buf = opt._parts[0].buf
+        buf = opt.flat_buffers[0]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for slot in buf._slots if slot.value != "param" for t in [buf.flat(slot)]}
         return sum(storages.values()) / buf.numel

@@ -15,9 +15,6 @@ PRECONDITIONERS = ("sgd", "adam", "sign")
 # Settings of the whole optimizer: they decide which backward passes run.
 GLOBAL_KEYS = ("similarity", "outer_hvp", "inner_steps", "outer_steps", "preconditioner", "eps",
                "fd_delta", "backend", "process_group", "forget_loss_cap", "inner_preconditioner")
-# Numeric hyperparameters any param group may override.
-GROUP_KEYS = ("lr", "inner_lr", "beta", "rho", "rho_growth", "rho_max", "weight_decay",
-              "max_grad_norm", "betas", "adam_eps")
 
 
 def check_number(name: str, value, where: str = "", positive: bool = False) -> None:
@@ -50,7 +47,8 @@ def validate_options(similarity, outer_hvp, inner_steps, outer_steps, preconditi
         _check_choice("inner_preconditioner", inner_preconditioner, PRECONDITIONERS)
     check_number("eps", eps, positive=True)
     check_number("fd_delta", fd_delta, positive=True)
-    _check_choice("backend", backend, ("auto",) + backends.NAMES)
+    if not isinstance(backend, backends.Backend):  # a Backend object: used as given
+        _check_choice("backend", backend, ("auto",) + backends.NAMES)
     if forget_loss_cap is not None:
         check_number("forget_loss_cap", forget_loss_cap, positive=True)
 
