@@ -170,15 +170,12 @@ def _grad_cos(parts: list[GroupBuffer], cfg: StepConfig, ad: Autodiff, ev: Evalu
            why="similarity='hvp'")
 
 
-_OPERAND = {"retain": Slot.GRAD_R, "grad_cos": Slot.HVP, None: None}
-
-
 def direction_operand(parts, cfg, ad, ev, stats, gstats):
     """``y`` of ``u = alpha*g_f + gamma*y``: ``(slot, per-buffer reduce3(g_f, y), finite flag)``.
     For ``hvp``, ``y = grad c`` is a new vector: its norm and finiteness take one more pass.
     The flag is None where ``y``'s statistics are ``stats`` (finalize checks those)."""
-    if cfg.sim.operand != "grad_cos":
-        return _OPERAND[cfg.sim.operand], stats, None
+    if not cfg.sim.second_order:
+        return (Slot.GRAD_R if cfg.sim.projects else None), stats, None
     _grad_cos(parts, cfg, ad, ev, gstats)
     ustats, ug = reduce(parts, Slot.GRAD_F, Slot.HVP)
     return Slot.HVP, ustats, torch.isfinite(ug).all() & torch.isfinite(gstats).all()
@@ -236,7 +233,7 @@ def _finalize(be: Backend, cfg: StepConfig, loop: str, group: int, gstats: Tenso
     at ``inner_lr``, the forget-loss cap; outer: ``g_r + 2 rho h``, descent at ``lr``."""
     hp = cfg.hypers[group]
     if loop == "inner":
-        project, gamma = cfg.sim.operand == "retain", (0.0 if cfg.sim.operand is None else -hp.beta)
+        project, gamma = cfg.sim.projects, (-hp.beta if cfg.sim.has_operand else 0.0)
         lr, cap = hp.inner_lr, cfg.forget_loss_cap
     else:
         project, gamma, lr, cap = False, 2.0 * hp.rho, -hp.lr, None
@@ -275,7 +272,7 @@ def finalize(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: 
 def apply(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: str, x: Slot,
           y: Slot | None, fins: list[Tensor]) -> None:
     """Apply ``alpha*x + gamma*y`` with each buffer's packed coefficients from :func:`finalize`
-    (clipped per group; skipped unless its ``go`` flag): ascent for the inner loop, descent for
+    (clipped per group; skipped unless its ``proceed`` flag): ascent for the inner loop, descent for
     the outer one, as written (``"sgd"``), through Adam, or through stateless Adam (``"sign"``).
     Adam's direction is formed in place in ``x`` (the gradient it started from is no longer
     needed), so no buffer is added for it."""
@@ -386,7 +383,7 @@ def _hvp_exact(parts, cfg, ad, ev, closure, phi_sq) -> tuple[Slot, Slot]:
 def _u_graph(parts, cfg, ad, ev) -> list[Tensor | None]:
     """``u(theta)`` per parameter, as a differentiable function of the parameters."""
     gf, gr = ev.gf, ev.gr
-    if cfg.sim.operand is None:
+    if not cfg.sim.has_operand:
         return gf
     betas = [cfg.hypers[p.group].beta for p in parts for _ in p.buf.params]
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
@@ -402,7 +399,7 @@ def _u_graph(parts, cfg, ad, ev) -> list[Tensor | None]:
         if b is not None:
             nr2 = nr2 + (b * b).sum().to(z.device)
     c, k = C.similarity_scalars(torch.stack([d, nf2, nr2]), cfg.eps)
-    if cfg.sim.operand == "retain":
+    if cfg.sim.projects:
         y, coef = gr, [-beta * k for beta in betas]
     elif not c.requires_grad:
         return gf
