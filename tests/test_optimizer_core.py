@@ -237,3 +237,25 @@ def test_closure_told_to_skip_the_unused_forget_forward():
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
     with pytest.raises(TypeError, match="forget_loss returned by the closure must be a Tensor"):
         o2.inner_step(lambda need_forget=True: (None, (m2(x) - 1).pow(2).mean()))
+
+
+def test_rebuild_follows_parameters_replaced_before_the_first_step():
+    """A wrapper may put new tensors into param_groups before the first step (accelerate's FSDP2
+    prepare): the step rebuilds the buffers on them (OFMU.rebuild) and updates them, not the old
+    ones; once steps were taken, replacing them is refused with the fix."""
+    torch.manual_seed(0)
+    old, new = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ce = torch.nn.functional.cross_entropy
+    opt = ofmu.OFMU(old.parameters(), lr=1e-2)
+    old_values = [p.detach().clone() for p in old.parameters()]
+    new_values = [p.detach().clone() for p in new.parameters()]
+    opt.param_groups[0]["params"] = list(new.parameters())
+    opt.step(lambda: (ce(new(x[:4]), y[:4]), ce(new(x[4:]), y[4:])))
+    assert [p for b in opt.flat_buffers for p in b.params] == list(new.parameters())
+    assert set(opt.state) == set(new.parameters())
+    assert all(torch.equal(p, v) for p, v in zip(old.parameters(), old_values))
+    assert all(not torch.equal(p, v) for p, v in zip(new.parameters(), new_values))
+    opt.param_groups[0]["params"] = list(old.parameters())
+    with pytest.raises(RuntimeError, match="replaced after OFMU took steps"):
+        opt.step(lambda: (ce(old(x[:4]), y[:4]), ce(old(x[4:]), y[4:])))
