@@ -18,7 +18,7 @@
 namespace ofmu {
 
 // Output layout (ofmu.coefficients.FIN_* names the same slots):
-//   [0:4]  update coefficients   decay, lr*scale*alpha, lr*scale*gamma, go (0: skip)
+//   [0:4]  update coefficients   decay, lr*scale*alpha, lr*scale*gamma, proceed (0: skip)
 //   [4:8]  combine coefficients  alpha, gamma, 0, 0  (u = alpha*x + gamma*y)
 //   [8]    clip scale (1 without max_norm)
 //   [9]    skipped: 1 when an input was non-finite
@@ -69,11 +69,11 @@ OFMU_HD inline void finalize_math(const T* g, const T* u, const T* checks, int64
   }
   const double abs_lr = a.lr < 0 ? -a.lr : a.lr;
   const T step = a.has_max_norm ? static_cast<T>(a.lr) * scale : static_cast<T>(a.lr);
-  const bool go = ok && below;
+  const bool proceed = ok && below;
   out[0] = static_cast<T>(1.0 - abs_lr * a.weight_decay);
   out[1] = alpha * step;
   out[2] = gamma * step;
-  out[3] = go ? T(1) : T(0);
+  out[3] = proceed ? T(1) : T(0);
   out[4] = alpha;
   out[5] = gamma;
   out[6] = T(0);

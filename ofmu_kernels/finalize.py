@@ -51,16 +51,16 @@ def _finalize_kernel(g_ptr, u_ptr, c_ptr, n_checks, ok_ptr, out_ptr, gamma, one_
         scale = (zero + max_norm) / (tl.sqrt(sq) + (zero + 1e-6))
         scale = tl.where(scale > 1.0, one, scale)
         step = step * scale
-    go = ok
+    proceed = ok
     capped = zero
     if HAS_CAP:  # the forget loss (checks[0]) at or above the cap: no ascent
         below = tl.load(c_ptr).to(tl.float64) < (tl.zeros([], tl.float64) + cap)
-        go = ok & below
+        proceed = ok & below
         capped = tl.where(ok & ~below, one, zero)
     tl.store(out_ptr, zero + decay)
     tl.store(out_ptr + 1, alpha * step)
     tl.store(out_ptr + 2, gam * step)
-    tl.store(out_ptr + 3, tl.where(go, one, zero))
+    tl.store(out_ptr + 3, tl.where(proceed, one, zero))
     tl.store(out_ptr + 4, alpha)
     tl.store(out_ptr + 5, gam)
     tl.store(out_ptr + 6, zero)

@@ -476,8 +476,8 @@ def _lm_shard(m):
 
 def _state_bytes(opt):
     if isinstance(opt, OFMU):
-        return sum(flat.numel() * flat.element_size() for part in opt._parts
-                   for flat, _ in part.buf._slots.values())
+        return sum(flat.numel() * flat.element_size() for buf in opt.flat_buffers
+                   for flat, _ in buf._slots.values())
     return sum(v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else
                v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
 

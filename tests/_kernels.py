@@ -6,7 +6,7 @@ files (test_kernels_cpp.py: the AVX2 fast path; test_kernels_triton.py: launch g
 interpreter; test_kernels_gpu.py: CUDA graphs, misaligned pointers, indices past 2**31).
 
 Tolerance rule (flash-attention's): a kernel's error against the float64 (or exact) reference is
-at most twice the error of the plain torch reference (:mod:`ofmu.functional`) run in the buffers'
+at most twice the error of the plain torch reference (:mod:`ofmu.reference`) run in the buffers'
 own dtype, plus a slack of one epsilon relative to the *scale* of the quantity -- ``|x||y|`` for
 a dot product, ``|c0 x| + |c1 y|`` per element for ``combine`` -- never relative to the result
 itself (a dot product of orthogonal vectors is ~0). Reductions use the accumulation dtype's
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from ofmu import functional as F
+from ofmu import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [1, 3, 4095, 65537, 2**20 + 7]
@@ -143,7 +143,7 @@ def make_pair(n: int, dtype: torch.dtype, kind: str = "random", device="cpu", se
 
 def make_coeffs(dtype: torch.dtype, device="cpu", c3: float = 0.4, values=None) -> torch.Tensor:
     vals = values if values is not None else (0.7, -1.3, 2.1, c3)
-    return torch.tensor(vals, dtype=F.acc_dtype(dtype), device=device)
+    return torch.tensor(vals, dtype=reference.acc_dtype(dtype), device=device)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -168,12 +168,12 @@ def _f64(t):
 def reference_reduce3(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """float64 ``[<x,y>, |x|^2, |y|^2]`` on the host.
 
-    For fp32/bf16/fp16 inputs: :func:`ofmu.functional.reduce3` on float64 copies (products
+    For fp32/bf16/fp16 inputs: :func:`ofmu.reference.reduce3` on float64 copies (products
     exact, sums ~1e-16 relative: exact for our purpose). For float64 inputs that would be the very
     computation under test, so the sums are ``math.fsum`` (correctly rounded) of the products.
     """
     if x.dtype != torch.float64:
-        return F.reduce3(x.double(), _f64(y)).cpu()
+        return reference.reduce3(x.double(), _f64(y)).cpu()
     xs = x.cpu()
     ys = y.cpu() if y is not None else None
     xy = math.fsum((xs * ys).tolist()) if ys is not None else 0.0
@@ -185,8 +185,8 @@ def assert_reduce3_close(x: torch.Tensor, y: torch.Tensor | None, got: torch.Ten
                          exact: list[float] | None = None, slack_eps: float = 1.0) -> None:
     """``|got - exact| <= 2 |torch - exact| + slack_eps * eps(acc) * scale`` for each stat."""
     ref = torch.tensor(exact, dtype=torch.float64) if exact is not None else reference_reduce3(x, y)
-    acc = F.acc_dtype(x.dtype)
-    plain = F.reduce3(x, y).double().cpu()
+    acc = reference.acc_dtype(x.dtype)
+    plain = reference.reduce3(x, y).double().cpu()
     got64 = got.double().cpu()
     nx, ny = math.sqrt(ref[1]), math.sqrt(ref[2])
     scale = torch.tensor([nx * ny, nx * nx, ny * ny], dtype=torch.float64)
@@ -198,7 +198,7 @@ def assert_reduce3_close(x: torch.Tensor, y: torch.Tensor | None, got: torch.Ten
 
 def check_reduce3(kb: KernelBackend, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     got = kb.ops.reduce3(x, y)
-    assert got.dtype == F.acc_dtype(x.dtype) and got.shape == (3,) and got.device == x.device
+    assert got.dtype == reference.acc_dtype(x.dtype) and got.shape == (3,) and got.device == x.device
     assert_reduce3_close(x, y, got, slack_eps=kb.reduce_slack_eps)
     return got
 
@@ -222,9 +222,9 @@ def check_combine(kb: KernelBackend, x, y, coeffs, with_b: bool = True):
     c64 = coeffs.double()
     a64 = torch.empty_like(x, dtype=torch.float64)
     b64 = torch.empty_like(a64) if with_b else None
-    F.combine(x.double(), _f64(y), c64, a64, b64)
+    reference.combine(x.double(), _f64(y), c64, a64, b64)
     pa, pb = torch.empty_like(x), torch.empty_like(x) if with_b else None
-    F.combine(x, y, coeffs, pa, pb)
+    reference.combine(x, y, coeffs, pa, pb)
     ax, ay = x.double().abs(), (y.double().abs() if y is not None else torch.zeros_like(a64))
     assert_elementwise_close("out_a", a, a64, pa, c64[0].abs() * ax + c64[1].abs() * ay)
     if with_b:
@@ -237,9 +237,9 @@ def check_update(kb: KernelBackend, theta, x, y, coeffs):
     kb.ops.update(t, x, y, coeffs)
     c64 = coeffs.double()
     t64 = theta.to(torch.float64, copy=True)  # .double() would alias a float64 theta
-    F.update(t64, x.double(), _f64(y), c64)
+    reference.update(t64, x.double(), _f64(y), c64)
     tp = theta.clone()
-    F.update(tp, x, y, coeffs)
+    reference.update(tp, x, y, coeffs)
     scale = c64[0].abs() * theta.double().abs() + c64[1].abs() * x.double().abs()
     if y is not None:
         scale = scale + c64[2].abs() * y.double().abs()

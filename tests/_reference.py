@@ -46,8 +46,10 @@ class BatchStream:
         return ce(self.model(xf), yf), ce(self.model(xr), yr)
 
 
-def _eps(nf2, nr2, eps):
-    return eps * (nf2 + nr2) + torch.finfo(nf2.dtype).tiny
+def _den(x, eps):
+    """A denominator as docs/design.md defines it: ``x (1 + eps) + tiny``, every epsilon relative
+    to its own denominator (scaling one loss leaves u/|u| unchanged)."""
+    return x * (1 + eps) + torch.finfo(x.dtype).tiny
 
 
 def direction(params, betas, lf, lr, similarity, eps, create_graph=False):
@@ -60,12 +62,11 @@ def direction(params, betas, lf, lr, similarity, eps, create_graph=False):
     d = sum((a * b).sum() for a, b in zip(gf, gr))
     nf2 = sum((a * a).sum() for a in gf)
     nr2 = sum((b * b).sum() for b in gr)
-    e = _eps(nf2, nr2, eps)
-    cos = d / (torch.sqrt(nf2 * nr2) + e)
+    cos = d / _den(torch.sqrt(nf2 * nr2), eps)
     if similarity == "none":
         u = list(gf)
     elif similarity == "project":
-        k = d / (nr2 + e)
+        k = d / _den(nr2, eps)
         u = [a - beta * k * b for a, b, beta in zip(gf, gr, betas)]
     else:  # hvp: grad of the cosine itself, by autograd
         gc = torch.autograd.grad(cos, params, create_graph=create_graph, allow_unused=True)

@@ -1,5 +1,8 @@
 """The one dispatch point: preference order, overrides, and errors that say why."""
 
+import dataclasses
+
+import ofmu
 import pytest
 import torch
 from _reference import PaperOFMU as OFMU  # the paper-form defaults these tests assume
@@ -55,3 +58,36 @@ def test_backends_share_the_contract_on_a_small_case():
         theta = torch.ones(3)
         b.update(theta, x, y, torch.tensor([0.5, 1.0, 2.0, 1.0]))
         assert theta.tolist() == [9.5, -7.5, 15.5], name
+
+
+def _counting(be: backends.Backend, calls: dict) -> backends.Backend:
+    def counted(op):
+        fn = getattr(be, op)
+
+        def run(*a, **k):
+            calls[op] = calls.get(op, 0) + 1
+            return fn(*a, **k)
+        return run
+    return dataclasses.replace(be, **{op: counted(op) for op in backends.OPS})
+
+
+@pytest.mark.parametrize("preconditioner,op", [("adam", "adam"), ("sign", "sign"), ("sgd", "update")])
+def test_a_backend_record_passed_as_backend_runs_every_update(preconditioner, op):
+    """backend= takes a Backend record; the preconditioned updates go through it too (the one
+    place that chooses kernels), with the same result bit for bit as the selected backend."""
+    def run(backend):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 3)
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        ce = torch.nn.functional.cross_entropy
+        opt = ofmu.OFMU(m.parameters(), lr=1e-2, preconditioner=preconditioner, backend=backend)
+        opt.step(lambda: (ce(m(x[:4]), y[:4]), ce(m(x[4:]), y[4:])))
+        return torch.cat([p.detach().flatten() for p in m.parameters()]), opt
+
+    calls: dict = {}
+    plain = backends.select("auto", torch.device("cpu"))[0]
+    want, _ = run("auto")
+    got, opt = run(_counting(plain, calls))
+    assert calls.get(op, 0) == 7  # one inner and six outer updates
+    assert "given as a Backend object" in opt.backend_summary()[0]
+    assert torch.equal(got, want)

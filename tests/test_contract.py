@@ -267,7 +267,7 @@ def test_zero_grad_keeps_flat_views_and_grads_show_retain_gradient():
     opt = OFMU(m.parameters(), inner_steps=0, rho=0.0)
     s = BatchStream(m, dtype=torch.float32)
     opt.step(s)
-    buf = opt._buffers[0]
+    buf = opt.flat_buffers[0]
     lo, hi = buf.grad_r.data_ptr(), buf.grad_r.data_ptr() + buf.grad_r.numel() * 4
     assert all(lo <= p.grad.data_ptr() < hi for p in m.parameters())
     opt.zero_grad()

@@ -176,7 +176,7 @@ def test_setup_default_and_refusal(tmp_path, monkeypatch):
 def fake_cuda_build(monkeypatch):
     """A cuda backend that exists, built for ``targets``, on a GPU of capability ``cap``."""
     def install(targets: tuple[str, ...] | None, cap: tuple[int, int]):
-        fake = backends.Backend("cuda", None, None, None)
+        fake = backends.Backend("cuda", None, None, None, None)
         monkeypatch.setattr(backends, "_CACHE", {**backends._CACHE, "cuda": (fake, "")})
         monkeypatch.setattr(backends, "built_cuda_targets", lambda: targets)
         monkeypatch.setattr(backends, "_capability", lambda device: cap)

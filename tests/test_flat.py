@@ -32,7 +32,7 @@ def test_padding_stays_zero_through_steps():
     x = torch.randn(4, 3)
     for _ in range(3):
         opt.step(lambda: (m(x).pow(2).mean(), (m(x) - 1).pow(2).mean()))
-    buf = opt._buffers[0]
+    buf = opt.flat_buffers[0]
     used = torch.zeros(buf.numel, dtype=torch.bool)
     for p, o in zip(buf.params, buf.offsets):
         used[o : o + p.numel()] = True

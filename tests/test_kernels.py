@@ -1,4 +1,4 @@
-"""The kernel contract (``reduce3``, ``combine``, ``update``, ``finalize``; see ``ofmu.functional``),
+"""The kernel contract (``reduce3``, ``combine``, ``update``, ``finalize``; see ``ofmu.reference``),
 one test body for every backend.
 
 Each test runs over (backend, device): the C++ ops of ``ofmu._C`` on CPU, the Triton kernels on
@@ -33,7 +33,6 @@ from _kernels import (
     make_coeffs,
     make_pair,
 )
-from ofmu import functional as F
 from ofmu import reference as R
 
 
@@ -131,7 +130,7 @@ def test_reduce3_nonfinite(kb, dtype, bad):
     # Same non-finite values (inf signs included) as the float64 reference.
     y[4094] = bad
     got = kb.ops.reduce3(x, y).double().cpu()
-    ref = F.reduce3(x.double(), y.double()).cpu()
+    ref = R.reduce3(x.double(), y.double()).cpu()
     for g, r in zip(got.tolist(), ref.tolist()):
         assert math.isnan(g) if math.isnan(r) else g == r, (got.tolist(), ref.tolist())
 
@@ -202,7 +201,7 @@ def test_combine_nonfinite_like_reference(kb, with_y):
         c = make_coeffs(dtype, device=kb.device, values=cl)
         got_a, got_b, ref_a, ref_b = (torch.empty_like(x) for _ in range(4))
         kb.ops.combine(x, y, c, got_a, got_b)
-        F.combine(x, y, c, ref_a, ref_b)
+        R.combine(x, y, c, ref_a, ref_b)
         for got, ref in ((got_a, ref_a), (got_b, ref_b)):
             assert torch.equal(got.isnan(), ref.isnan())
             assert torch.equal(got.isinf(), ref.isinf())
@@ -288,7 +287,7 @@ def test_update_nan_flag_is_not_a_skip(kb, dtype):
     assert not torch.equal(t, theta)
     want, got = theta.clone(), theta.clone()
     c = make_coeffs(dtype, device=kb.device, values=(1.0, 0.5, 0.0, math.nan))
-    F.update(want, x, None, c)
+    R.update(want, x, None, c)
     kb.ops.update(got, x, None, c)
     assert_bitwise_equal(got, want)  # 1*theta + 0.5*x: exact products, so FMA or not, same bits
 
@@ -491,13 +490,13 @@ def test_meta_tensors(dtype):
     ops = make_backend("cpp-cpu").ops
     x = torch.empty(1000, dtype=dtype, device="meta")
     s = ops.reduce3(x, x)
-    assert s.device.type == "meta" and s.shape == (3,) and s.dtype == F.acc_dtype(dtype)
-    c = torch.empty(4, dtype=F.acc_dtype(dtype), device="meta")
+    assert s.device.type == "meta" and s.shape == (3,) and s.dtype == R.acc_dtype(dtype)
+    c = torch.empty(4, dtype=R.acc_dtype(dtype), device="meta")
     assert ops.combine(x, x, c, x, None) is None
     assert ops.update(x, x, None, c) is None
     with pytest.raises(RuntimeError, match="`y` has 999 elements"):
         ops.reduce3(x, torch.empty(999, dtype=dtype, device="meta"))
-    st = torch.empty(3, dtype=F.acc_dtype(dtype), device="meta")
+    st = torch.empty(3, dtype=R.acc_dtype(dtype), device="meta")
     fin = ops.finalize(st, st, st[:2], None, True, -0.5, 1e-8, 0.1, 0.0, None, 20.0)
     assert fin.device.type == "meta" and fin.shape == (11,) and fin.dtype == st.dtype
 

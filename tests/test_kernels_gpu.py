@@ -21,7 +21,7 @@ from _kernels import (
     make_coeffs,
     make_pair,
 )
-from ofmu import functional as F
+from ofmu import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -51,7 +51,7 @@ def test_unaligned_views_use_the_scalar_path(kb, dtype, offset):
     c = make_coeffs(dtype, device=DEV)
     c64, t64 = c.double(), theta.to(torch.float64, copy=True)
     want = t64.clone()
-    F.update(want, x.double(), y.double(), c64)
+    reference.update(want, x.double(), y.double(), c64)
     ops.update(theta, x, y, c)
     # One rounding to dtype (plus fp32 intermediates) relative to the terms' scale.
     scale = c64[0].abs() * t64.abs() + c64[1].abs() * x.double().abs() + c64[2].abs() * y.double().abs()
@@ -104,12 +104,12 @@ def test_update_cuda_graph_capture(kb):
         ops.update(theta, x, y, coeffs)
     theta.copy_(start)
     want = start.clone()
-    F.update(want, x, y, coeffs)
+    reference.update(want, x, y, coeffs)
     g.replay()
     torch.cuda.synchronize()
     # FMA-contracted kernel vs torch's separate roundings: ~1 ulp of terms up to ~10 in size.
     torch.testing.assert_close(theta, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats, F.reduce3(x, y), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(stats, reference.reduce3(x, y), rtol=1e-5, atol=1e-3)
     # Coefficients are read from device memory at replay: writing the skip flag in place makes
     # the replayed update leave theta untouched.
     coeffs[3] = 0.0
@@ -143,7 +143,7 @@ def test_grid_stride_sizes_cuda(kb, dtype, offset):
     out = bo[offset:]
     ops.combine(x, y, c, out, None)
     want = torch.empty(n, dtype=torch.float64, device=DEV)
-    F.combine(x.double(), y.double(), c.double(), want)
+    reference.combine(x.double(), y.double(), c.double(), want)
     scale = c[0].double().abs() * x.double().abs() + c[1].double().abs() * y.double().abs()
     assert ((out.double() - want).abs() <= 2 * torch.finfo(dtype).eps * scale).all()
 
@@ -159,14 +159,14 @@ def test_one_unaligned_pointer_cuda(kb, which):
     out = torch.empty(n + 1, dtype=dtype, device=DEV)[1:] if which == "out" else torch.empty_like(x)
     ops.combine(x, y, c, out, None)
     want = torch.empty_like(x)
-    F.combine(x, y, c, want)
+    reference.combine(x, y, c, want)
     # FMA vs torch's separate roundings: a few ulps of the terms (|c1 y| <~ 6); a wrong index
     # would be off by O(1).
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     theta = torch.empty(n + 1, dtype=dtype, device=DEV)[1:] if which == "out" else x.clone()
     theta.copy_(x)
     ref = theta.clone()
-    F.update(ref, x, y, c)
+    reference.update(ref, x, y, c)
     ops.update(theta, x, y, c)
     torch.testing.assert_close(theta, ref, rtol=1e-5, atol=1e-5)
 

@@ -18,8 +18,7 @@ from _kernels import assert_elementwise_close, assert_reduce3_close
 
 triton = pytest.importorskip("triton")
 
-from ofmu import backends  # noqa: E402
-from ofmu import functional as F  # noqa: E402
+from ofmu import backends, reference  # noqa: E402
 
 import ofmu_kernels as K  # noqa: E402
 from ofmu_kernels import launch  # noqa: E402
@@ -35,7 +34,7 @@ def rand(n: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Ten
 
 
 def coeffs_for(dtype: torch.dtype, values=(0.75, -1.3, 2.2, 0.9)) -> torch.Tensor:
-    return torch.tensor(values, dtype=F.acc_dtype(dtype), device=DEV)
+    return torch.tensor(values, dtype=reference.acc_dtype(dtype), device=DEV)
 
 
 def combine_expectations(x, y, coeffs):
@@ -45,7 +44,7 @@ def combine_expectations(x, y, coeffs):
     c = coeffs.double()
     exact_a, exact_b = c[0] * xd + c[1] * yd, c[2] * xd + c[3] * yd
     plain_a, plain_b = torch.empty_like(x), torch.empty_like(x)
-    F.combine(x, y, coeffs, plain_a, plain_b)
+    reference.combine(x, y, coeffs, plain_a, plain_b)
     scale_a = (c[0] * xd).abs() + (c[1] * yd).abs()
     scale_b = (c[2] * xd).abs() + (c[3] * yd).abs()
     return (exact_a, plain_a, scale_a), (exact_b, plain_b, scale_b)
@@ -59,7 +58,7 @@ def update_expectations(theta, x, y, coeffs):
         exact = exact + c[2] * y.double()
         scale = scale + (c[2] * y.double()).abs()
     plain = theta.clone()
-    F.update(plain, x, y, coeffs)
+    reference.update(plain, x, y, coeffs)
     return exact, plain, scale
 
 
@@ -102,11 +101,11 @@ def test_interpreter_is_bitwise_the_reference(dtype):
     coeffs = coeffs_for(dtype)
     got_a, got_b, ref_a, ref_b = (torch.empty_like(x) for _ in range(4))
     K.combine(x, y, coeffs, got_a, got_b)
-    F.combine(x, y, coeffs, ref_a, ref_b)
+    reference.combine(x, y, coeffs, ref_a, ref_b)
     assert torch.equal(got_a, ref_a) and torch.equal(got_b, ref_b)
     got_t, ref_t = t.clone(), t.clone()
     K.update(got_t, x, y, coeffs)
-    F.update(ref_t, x, y, coeffs)
+    reference.update(ref_t, x, y, coeffs)
     assert torch.equal(got_t, ref_t)
 
 

@@ -85,7 +85,7 @@ def test_state_is_per_parameter_views_into_the_flat_moments():
         assert st["inner_exp_avg"].shape == p.shape and st["outer_exp_avg_sq"].shape == p.shape
         assert st["outer_step"].item() == 1.0 and st["inner_step"].item() == 1.0
         assert st["outer_exp_avg"].abs().sum() > 0
-    buf = opt._parts[0].buf
+    buf = opt.flat_buffers[0]
     assert opt.state[params[0]]["outer_exp_avg"].untyped_storage().data_ptr() == \
         buf.buffer("outer_exp_avg")[0].untyped_storage().data_ptr()
 
@@ -95,7 +95,7 @@ def test_checkpoint_from_a_model_with_the_same_flat_size_is_rejected():
     _, a, ca = _adam_model([(3, 4), (5,)])
     a.step(ca)
     _, b, _ = _adam_model([(4, 3), (5,)])
-    assert a._parts[0].buf.numel == b._parts[0].buf.numel
+    assert a.flat_buffers[0].numel == b.flat_buffers[0].numel
     with pytest.raises(ValueError, match=r"shape \(3, 4\).*shape \(4, 3\).*different model"):
         b.load_state_dict(a.state_dict())
 
@@ -204,7 +204,7 @@ def test_adam_state_bytes_per_parameter():
         opt = ofmu.OFMU(m.parameters(), lr=1e-3, **kw)  # the defaults: Adam, rho = 0
         x = torch.randn(8, 64)
         opt.step(lambda: (m(x).pow(2).mean(), (m(x) - 1).pow(2).mean()))
-        buf = opt._parts[0].buf
+        buf = opt.flat_buffers[0]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for slot in buf._slots if slot.value != "param" for t in [buf.flat(slot)]}
         return sum(storages.values()) / buf.numel
@@ -237,3 +237,25 @@ def test_closure_told_to_skip_the_unused_forget_forward():
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
     with pytest.raises(TypeError, match="forget_loss returned by the closure must be a Tensor"):
         o2.inner_step(lambda need_forget=True: (None, (m2(x) - 1).pow(2).mean()))
+
+
+def test_rebuild_follows_parameters_replaced_before_the_first_step():
+    """A wrapper may put new tensors into param_groups before the first step (accelerate's FSDP2
+    prepare): the step rebuilds the buffers on them (OFMU.rebuild) and updates them, not the old
+    ones; once steps were taken, replacing them is refused with the fix."""
+    torch.manual_seed(0)
+    old, new = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ce = torch.nn.functional.cross_entropy
+    opt = ofmu.OFMU(old.parameters(), lr=1e-2)
+    old_values = [p.detach().clone() for p in old.parameters()]
+    new_values = [p.detach().clone() for p in new.parameters()]
+    opt.param_groups[0]["params"] = list(new.parameters())
+    opt.step(lambda: (ce(new(x[:4]), y[:4]), ce(new(x[4:]), y[4:])))
+    assert [p for b in opt.flat_buffers for p in b.params] == list(new.parameters())
+    assert set(opt.state) == set(new.parameters())
+    assert all(torch.equal(p, v) for p, v in zip(old.parameters(), old_values))
+    assert all(not torch.equal(p, v) for p, v in zip(new.parameters(), new_values))
+    opt.param_groups[0]["params"] = list(old.parameters())
+    with pytest.raises(RuntimeError, match="replaced after OFMU took steps"):
+        opt.step(lambda: (ce(old(x[:4]), y[:4]), ce(old(x[4:]), y[4:])))

@@ -6,8 +6,9 @@ import pytest
 import torch
 from _reference import BatchStream, ReferenceOFMU
 from _reference import PaperOFMU as OFMU  # the paper-form defaults these tests assume
+from ofmu.modes import OUTER_HVP, SIMILARITY
 
-MODES = [(s, h) for s in ("project", "hvp", "none") for h in ("forget", "exact", "fd", "none")]
+MODES = [(s, h) for s in SIMILARITY for h in OUTER_HVP]  # every pair: a new mode is tested here
 
 
 def mlp(seed=0, dtype=torch.float64):
@@ -47,6 +48,38 @@ def test_matches_reference_float64(similarity, outer_hvp, backend):
     assert moved > 1e-3, "the test must move the parameters to mean anything"
     assert max_rel(list(m_opt.parameters()), list(m_ref.parameters())) < 1e-10
     assert [g["rho_k"] for g in opt.param_groups] == [g["rho_k"] for g in ref.groups]
+
+
+class LoudForget(BatchStream):
+    """The forget loss scaled by 300: |g_f| >> |g_r|, where a shared epsilon (eps times
+    |g_f|^2 + |g_r|^2) and the documented one (eps times each denominator) part ways."""
+
+    def __call__(self, same_batch=False):
+        lf, lr = super().__call__(same_batch)
+        return 300.0 * lf, lr
+
+
+@pytest.mark.parametrize("outer_hvp", ["forget", "exact", "fd"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_large_eps_is_relative_to_each_denominator(outer_hvp, backend):
+    """eps = 0.1 against the reference's own-denominator epsilons, at 1e-10: pins the documented
+    epsilon (at the default 1e-12 any epsilon would pass). The projection and the cosine are
+    closed forms; similarity='hvp' is left out: its seeds (coefficients.seed_coeffs) put the
+    epsilon on their own denominators, O(eps) away from differentiating the cosine."""
+    similarity = "project"
+    m_opt, m_ref = mlp(), mlp()
+    hp = dict(lr=0.05, inner_lr=2e-4, beta=1.0, rho=0.1, rho_growth=1.0, rho_max=1.0,
+              weight_decay=0.0, max_grad_norm=None)
+    kw = dict(similarity=similarity, outer_hvp=outer_hvp, inner_steps=2, eps=0.1)
+    opt = OFMU([dict(params=list(m_opt.parameters()), **hp)], backend=backend, **kw)
+    ref = ReferenceOFMU([dict(params=list(m_ref.parameters()), **hp)], **kw)
+    s_opt, s_ref = LoudForget(m_opt), LoudForget(m_ref)
+    start = [p.detach().clone() for p in m_ref.parameters()]
+    for _ in range(3):
+        opt.step(s_opt)
+        ref.step(s_ref)
+    assert max_rel(list(m_ref.parameters()), start) > 1e-3
+    assert max_rel(list(m_opt.parameters()), list(m_ref.parameters())) < 1e-10
 
 
 @pytest.mark.parametrize("similarity", ["project", "hvp"])

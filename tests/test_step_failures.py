@@ -378,8 +378,8 @@ def test_a_parameter_given_a_new_layout_over_its_slot_is_named(relayout):
         w.data = w.data.view(32)
     else:
         w.data = w.data.view(torch.float16)  # same size, shape and strides
-    before = opt._buffers[0].param.clone()
+    before = opt.flat_buffers[0].param.clone()
     x = torch.randn(5, 4, dtype=lin.bias.dtype)
     with pytest.raises(RuntimeError, match=r"params\[0\].*layout"):
         opt.step(lambda: (lin(x).pow(2).mean(), (lin(x) - 1).pow(2).mean()))
-    assert torch.equal(opt._buffers[0].param.view(torch.uint8), before.view(torch.uint8))
+    assert torch.equal(opt.flat_buffers[0].param.view(torch.uint8), before.view(torch.uint8))

@@ -569,12 +569,6 @@ OFMU_AVX2 void block_sums8(const c10::Half* x, const c10::Half* y, double* out) 
 }  // namespace avx2
 #endif  // OFMU_HAS_AVX2_PATH
 
-// Portable (baseline x86-64 / any CPU) instantiations of the same range code.
-template <typename T, bool HAS_Y>
-void partials_portable(const T* x, const T* y, int64_t n, int64_t b_lo, int64_t b_hi, double* p) {
-  partials_range<T, HAS_Y>(x, y, n, b_lo, b_hi, p);
-}
-
 // The per-block partials of reduce3 (3 doubles per block, see NOTE: [Deterministic CPU
 // reduction]), through the fast path where it applies. Tasks are runs of whole blocks, so the
 // thread count decides only who computes a block.
@@ -595,14 +589,14 @@ void block_partials(const T* x, const T* y, int64_t n, double* p) {
         }
       });
       // at most 8 blocks left: the portable code
-      partials_portable<T, HAS_Y>(x, y, n, 8 * groups, nb, p);
+      partials_range<T, HAS_Y>(x, y, n, 8 * groups, nb, p);
     } else {
       run([&](int64_t lo, int64_t hi) { avx2::partials<T, HAS_Y>(x, y, n, lo, hi, p); });
     }
     return;
   }
 #endif
-  run([&](int64_t lo, int64_t hi) { partials_portable<T, HAS_Y>(x, y, n, lo, hi, p); });
+  run([&](int64_t lo, int64_t hi) { partials_range<T, HAS_Y>(x, y, n, lo, hi, p); });
 }
 
 template <typename T, bool HAS_Y>
@@ -615,18 +609,6 @@ void reduce3_kernel(const T* x, const T* y, int64_t n, acc_t<T>* stats) {
   for (int64_t b = 0; b < nb; ++b)  // fixed block order (see NOTE above)
     for (int k = 0; k < 3; ++k) s[k] += p[3 * b + k];
   for (int k = 0; k < 3; ++k) stats[k] = static_cast<acc_t<T>>(s[k]);
-}
-
-template <typename T, bool HAS_Y, bool HAS_B>
-void combine_portable(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_b, int64_t lo,
-                      int64_t hi) {
-  combine_range_portable<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
-}
-
-template <typename T, bool HAS_Y>
-void update_portable(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t lo,
-                     int64_t hi) {
-  update_range_portable<T, HAS_Y>(theta, x, y, c, lo, hi);
 }
 
 // The elementwise ops: AVX2 kernels on a capable CPU (intrinsics for bf16/fp16, the portable
@@ -642,7 +624,7 @@ void combine_any(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_b, 
         return avx2::combine_wide<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
     }
 #endif
-    combine_portable<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
+    combine_range_portable<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
   });
 }
 
@@ -657,7 +639,7 @@ void update_any(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t n) 
         return avx2::update_wide<T, HAS_Y>(theta, x, y, c, lo, hi);
     }
 #endif
-    update_portable<T, HAS_Y>(theta, x, y, c, lo, hi);
+    update_range_portable<T, HAS_Y>(theta, x, y, c, lo, hi);
   });
 }
 

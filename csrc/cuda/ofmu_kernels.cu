@@ -2,7 +2,8 @@
 //
 // NOTE: [Vector loads and 64-bit indexing]
 // Each thread moves 16-byte packs (4 fp32, 2 fp64, 8 fp16/bf16) when every pointer of the call
-// is 16-byte aligned (flat buffers are; see FIELD_NOTES "Flat buffers"), else single elements.
+// is 16-byte aligned (OFMU's flat buffers are: each is a whole allocation, padded to 64
+// elements, ofmu/flat.py), else single elements.
 // The n % pack elements past the last whole pack form a scalar tail. All indices are int64_t:
 // buffers of more than 2^31 elements are normal for LLM flat buffers.
 //

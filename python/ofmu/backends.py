@@ -1,7 +1,8 @@
 """The one place that chooses which kernels run the step math.
 
-Order of preference: on CUDA tensors the CUDA extension, then Triton, then the torch
-reference; on CPU tensors the C++ extension, then the torch reference. ``backend=`` on the
+Order of preference (the order of :func:`register`): on CUDA tensors the CUDA extension, then
+Triton, then the torch reference; on CPU tensors the C++ extension, then the torch reference.
+A new backend is a module with its kernels and one :func:`register` line below. ``backend=`` on the
 optimizer or the ``OFMU_BACKEND`` environment variable overrides the choice (an unavailable
 explicit choice is an error, never a silent fallback). :func:`backend_info` says what exists
 here and why the rest does not.
@@ -10,7 +11,8 @@ Every backend implements the kernel contract (docs/design.md, "Kernel contract";
 reference is :mod:`ofmu.reference`):
 ``reduce3(x, y)``, ``combine(x, y, coeffs, out_a, out_b=None)``, ``update(theta, x, y, coeffs)``
 and ``finalize(gstats, ustats, checks, ok, project, gamma, eps, lr, weight_decay, max_norm, cap)``
-(the summed statistics into the packed coefficients of a step, docs/kernels.md).
+(the summed statistics into the packed coefficients of a step, docs/kernels.md); the record
+also carries the Adam and sign updates (:mod:`ofmu.preconditioned` unless a backend has its own).
 """
 
 from __future__ import annotations
@@ -22,27 +24,56 @@ from types import SimpleNamespace
 
 import torch
 
-from . import cuda_arch, reference
-
-NAMES = ("torch", "cpp", "cuda", "triton")
-_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+from . import cuda_arch, preconditioned, reference
 
 
 @dataclass(frozen=True)
 class Backend:
+    """What a backend can do: the four ops of the kernel contract, and the preconditioned
+    updates (``adam``, ``sign``; torch's by default, :mod:`ofmu.preconditioned`)."""
+
     name: str
     reduce3: Callable
     combine: Callable
     update: Callable
     finalize: Callable
+    adam: Callable = preconditioned.adam_apply
+    sign: Callable = preconditioned.sign_apply
 
 
-OPS = ("reduce3", "combine", "update", "finalize")
+OPS = ("reduce3", "combine", "update", "finalize", "adam", "sign")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How a backend is found: ``probe()`` gives ``(Backend or None, why not)``; ``runs_on``
+    lists the device classes (``"cpu"``, ``"cuda"``) it may be asked for, ``auto_on`` those
+    where ``backend="auto"`` tries it (in registration order); ``covers(device)`` says why the
+    backend cannot run on that device ("" when it can)."""
+
+    probe: Callable[[], tuple[Backend | None, str]]
+    runs_on: tuple[str, ...]
+    auto_on: tuple[str, ...]
+    covers: Callable[[torch.device], str] | None = None
+
+
+REGISTRY: dict[str, Registration] = {}
+
+
+def register(name: str, probe: Callable[[], tuple[Backend | None, str]], runs_on: tuple[str, ...],
+             auto_on: tuple[str, ...] | None = None,
+             covers: Callable[[torch.device], str] | None = None) -> None:
+    """Add a backend: the one line a new backend module needs here. ``auto`` prefers the
+    backends registered first; the torch reference, registered last, is always available."""
+    REGISTRY[name] = Registration(probe, runs_on, runs_on if auto_on is None else auto_on, covers)
 
 
 def _torch_backend() -> Backend:
     return Backend("torch", reference.reduce3, reference.combine, reference.update,
                    reference.finalize)
+
+
+_EXT_OPS = ("reduce3", "combine", "update", "finalize")  # what ofmu._C registers
 
 
 def _load_ext() -> tuple[object | None, str]:
@@ -64,10 +95,10 @@ def _ext_backend(name: str, key: str) -> tuple[Backend | None, str]:
     ops, why = _load_ext()
     if ops is None:
         return None, why
-    if not all(_has_kernel(op, "Meta") for op in OPS):  # built from older sources
+    if not all(_has_kernel(op, "Meta") for op in _EXT_OPS):  # built from older sources
         return None, ("ofmu._C lacks ops of this version (" + ", ".join(
-            op for op in OPS if not _has_kernel(op, "Meta")) + "): rebuild the extension")
-    if not all(_has_kernel(op, key) for op in OPS):
+            op for op in _EXT_OPS if not _has_kernel(op, "Meta")) + "): rebuild the extension")
+    if not all(_has_kernel(op, key) for op in _EXT_OPS):
         if key == "CUDA":
             if torch.version.cuda is None:
                 return None, "cuda extension not built: torch is a CPU build"
@@ -97,16 +128,23 @@ def _triton_backend() -> tuple[Backend | None, str]:
     return Backend("triton", K.reduce3, K.combine, K.update, K.finalize), ""
 
 
+def _cuda_covers(device: torch.device) -> str:
+    """Built for other GPUs only, the first launch would fail with "no kernel image"."""
+    targets = built_cuda_targets()
+    return "" if targets is None else cuda_arch.coverage(targets, _capability(device))
+
+
+register("cpp", lambda: _ext_backend("cpp", "CPU"), runs_on=("cpu",))
+register("cuda", lambda: _ext_backend("cuda", "CUDA"), runs_on=("cuda",), covers=_cuda_covers)
+register("triton", _triton_backend, runs_on=("cuda", "cpu"), auto_on=("cuda",))  # CPU: interpreter
+register("torch", lambda: (_torch_backend(), ""), runs_on=("cpu", "cuda"))
+NAMES = tuple(REGISTRY)
+
+
 def _probe(name: str) -> tuple[Backend | None, str]:
-    if name == "torch":
-        return _torch_backend(), ""
-    if name == "cpp":
-        return _ext_backend("cpp", "CPU")
-    if name == "cuda":
-        return _ext_backend("cuda", "CUDA")
-    if name == "triton":
-        return _triton_backend()
-    raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {NAMES}")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {NAMES}")
+    return REGISTRY[name].probe()
 
 
 _CACHE: dict[str, tuple[Backend | None, str]] = {}
@@ -133,33 +171,37 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def probe_on(name: str, device: torch.device) -> tuple[Backend | None, str]:
-    """:func:`probe`, and for ``cuda`` also whether the build covers ``device``'s architecture
-    (built for other GPUs only, the first launch would fail with "no kernel image")."""
+    """:func:`probe`, and whether the backend covers ``device`` (its registration's ``covers``:
+    the CUDA build's GPU architectures)."""
     b, why = probe(name)
-    if b is None or name != "cuda":
+    covers = REGISTRY[name].covers
+    if b is None or covers is None:
         return b, why
-    targets = built_cuda_targets()
-    why = "" if targets is None else cuda_arch.coverage(targets, _capability(device))
+    why = covers(device)
     return (None, why) if why else (b, "")
 
 
-def _device_class(device: torch.device) -> str:
+def device_class(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
-def select(requested: str, device: torch.device) -> tuple[Backend, str]:
-    """The backend for buffers on ``device`` and a sentence saying why it was chosen."""
+def select(requested: str | Backend, device: torch.device) -> tuple[Backend, str]:
+    """The backend for buffers on ``device`` and a sentence saying why it was chosen. A
+    :class:`Backend` object is taken as given (an instrumented one, say: the step benchmark
+    times the kernels through one)."""
+    if isinstance(requested, Backend):
+        return requested, f"{requested.name} given as a Backend object"
     env = os.environ.get("OFMU_BACKEND")
     if requested == "auto" and env:
         requested, source = env, "OFMU_BACKEND"
     else:
         source = "backend="
-    cls = _device_class(device)
+    cls = device_class(device)
     if requested != "auto":
         if requested not in NAMES:
             raise ValueError(f"unknown backend {requested!r} (from {source}); "
                              f"expected 'auto' or one of {NAMES}")
-        if requested == "cpp" and cls != "cpu" or requested in ("cuda",) and cls != "cuda":
+        if cls not in REGISTRY[requested].runs_on:
             raise ValueError(f"backend {requested!r} (from {source}) cannot run on {device}")
         b, why = probe_on(requested, device)
         if b is None:
@@ -167,7 +209,7 @@ def select(requested: str, device: torch.device) -> tuple[Backend, str]:
                                f"{why}")
         return b, f"{requested} requested via {source}"
     skipped = []
-    for name in _PREFERENCE[cls]:
+    for name in (n for n, r in REGISTRY.items() if cls in r.auto_on):
         b, why = probe_on(name, device)
         if b is not None:
             reason = f"first available for {cls}"

@@ -123,7 +123,7 @@ def check_sharing(params: list[Tensor], names: list[str]) -> None:
                 "model.state_dict() entry, or the graph of a forward pass still alive): the "
                 "optimizer re-views the parameter into its flat buffer, so those tensors keep the "
                 "old values and no longer see updates. Build the optimizer before taking views "
-                "(docs/guarantees.md)", stacklevel=4)
+                "(help(ofmu.OFMU): params are re-viewed into flat buffers)", stacklevel=4)
 
 
 def _shared_message(a: str, b: str) -> str:
@@ -167,8 +167,6 @@ class FlatBuffer:
             slot: (flat, self.views(flat)) for slot, flat in
             ((Slot.PARAM, self.param), (Slot.GRAD_F, self.grad_f), (Slot.GRAD_R, self.grad_r))}
         self.param_views = self._slots[Slot.PARAM][1]
-        self.grad_f_views = self._slots[Slot.GRAD_F][1]
-        self.grad_r_views = self._slots[Slot.GRAD_R][1]
         with torch.no_grad():
             for p, n, v in zip(params, names, self.param_views):
                 v.copy_(p)
@@ -197,9 +195,6 @@ class FlatBuffer:
     def flat(self, slot: Slot | str | None) -> Tensor | None:
         """The flat buffer of ``slot`` (``None`` passes through: an absent kernel operand)."""
         return None if slot is None else self.buffer(slot)[0]
-
-    def has(self, slot: Slot | str) -> bool:
-        return Slot(slot) in self._slots
 
     def bind_grads(self, slot: Slot | str) -> None:
         """Point every ``p.grad`` at its slice of buffer ``slot`` (autograd accumulates there)."""

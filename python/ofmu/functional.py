@@ -5,11 +5,12 @@ The class validates, gathers the hyperparameters of every param group into a
 its buffers, kernels and scalars explicitly. How one step flows through the modules is drawn
 in ``docs/design.md`` ("One step, module by module").
 
-Per flat buffer (a :class:`Part`): gradients arrive in ``GRAD_F`` / ``GRAD_R``
-(:mod:`ofmu.gradients`), the backend's ``reduce3`` gives ``[<g_f, g_r>, |g_f|^2, |g_r|^2]``,
-these are summed over all buffers (the cosine and projection are global), the backend's
-``finalize`` turns them into the packed coefficients on the device (finite checks, the cap,
-clipping, the projection: one op per param group) and ``update`` / ``combine`` apply them. No
+Per flat buffer (a :class:`GroupBuffer`; a step's list of them is ``parts``): gradients arrive
+in ``GRAD_F`` / ``GRAD_R`` (:mod:`ofmu.gradients`), the backend's ``reduce3`` gives
+``[<g_f, g_r>, |g_f|^2, |g_r|^2]``, these are summed over all buffers (the cosine and
+projection are global), the backend's ``finalize`` turns them into the packed coefficients on
+the device (finite checks, the cap, clipping, the projection: one op per param group) and
+``update`` / ``combine`` apply them. No
 step reads a device value on the host.
 """
 
@@ -24,29 +25,22 @@ from torch import Tensor
 
 from . import coefficients as C
 from .backends import Backend
-from .coefficients import (  # noqa: F401  (the kernels' tests use them from here)
-    direction_sqnorm,
-    seed_coeffs,
-    similarity_scalars,
-)
 from .devices import move, reduction_device
 from .flat import MOMENTS, FlatBuffer, Slot
 from .gradients import Autodiff, Evaluation, accepts
 from .modes import OuterHvpMode, SimilarityMode
-from .reference import acc_dtype, combine, reduce3, update  # noqa: F401  (reference kernels)
+from .reference import acc_dtype
 from .sharded import all_reduce_stats, copy_out
 
 __all__ = [
-    "Part", "Hyper", "StepConfig", "StepState", "inner_step", "outer_step", "adam_apply",
-    "sign_apply",
-    "acc_dtype", "reduce3", "combine", "update", "similarity_scalars", "seed_coeffs",
-    "direction_sqnorm",
+    "GroupBuffer", "Hyper", "StepConfig", "StepState", "inner_step", "outer_step",
 ]
 
 
 @dataclass(frozen=True)
-class Part:
-    """One flat buffer (a param group's parameters of one device and dtype) and its kernels."""
+class GroupBuffer:
+    """One flat buffer of a param group (its parameters of one device and dtype), the backend
+    whose kernels run on it, and the group's index (its hyperparameters in ``StepConfig``)."""
 
     buf: FlatBuffer
     backend: Backend
@@ -134,7 +128,7 @@ def diagnostics(state: StepState, eps: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------- reductions
 
 
-def reduce(parts: list[Part], x: Slot, y: Slot | None) -> tuple[list[Tensor], Tensor]:
+def reduce(parts: list[GroupBuffer], x: Slot, y: Slot | None) -> tuple[list[Tensor], Tensor]:
     """Per-buffer ``reduce3(x, y)`` and their sum (on :func:`reduction_device`; float64 if any
     buffer is float64, else float32)."""
     dev = reduction_device([p.buf.device for p in parts])
@@ -149,7 +143,7 @@ def _on(t: Tensor, buf: FlatBuffer) -> Tensor:
     return move(t, buf.device, acc_dtype(buf.dtype))
 
 
-def group_sqnorms(parts: list[Part], cfg: StepConfig, coefs: list[Tensor], stats: list[Tensor],
+def group_sqnorms(parts: list[GroupBuffer], cfg: StepConfig, coefs: list[Tensor], stats: list[Tensor],
                   clipped_only: bool = False) -> dict[int, Tensor]:
     """``|coef[0]*x + coef[1]*y|^2`` summed over each group's buffers, from ``reduce3(x, y)``
     (``clipped_only``: just the groups with ``max_grad_norm``)."""
@@ -165,7 +159,7 @@ def group_sqnorms(parts: list[Part], cfg: StepConfig, coefs: list[Tensor], stats
 # ------------------------------------------------------------------------ ascent direction u
 
 
-def _grad_cos(parts: list[Part], cfg: StepConfig, ad: Autodiff, ev: Evaluation,
+def _grad_cos(parts: list[GroupBuffer], cfg: StepConfig, ad: Autodiff, ev: Evaluation,
               gstats: Tensor) -> None:
     """``grad c = H_f a + H_r b`` into ``HVP`` (one double backward)."""
     seeds = C.seed_coeffs(gstats, cfg.eps)
@@ -176,21 +170,18 @@ def _grad_cos(parts: list[Part], cfg: StepConfig, ad: Autodiff, ev: Evaluation,
            why="similarity='hvp'")
 
 
-_OPERAND = {"retain": Slot.GRAD_R, "grad_cos": Slot.HVP, None: None}
-
-
 def direction_operand(parts, cfg, ad, ev, stats, gstats):
     """``y`` of ``u = alpha*g_f + gamma*y``: ``(slot, per-buffer reduce3(g_f, y), finite flag)``.
     For ``hvp``, ``y = grad c`` is a new vector: its norm and finiteness take one more pass.
     The flag is None where ``y``'s statistics are ``stats`` (finalize checks those)."""
-    if cfg.sim.operand != "grad_cos":
-        return _OPERAND[cfg.sim.operand], stats, None
+    if not cfg.sim.second_order:
+        return (Slot.GRAD_R if cfg.sim.projects else None), stats, None
     _grad_cos(parts, cfg, ad, ev, gstats)
     ustats, ug = reduce(parts, Slot.GRAD_F, Slot.HVP)
     return Slot.HVP, ustats, torch.isfinite(ug).all() & torch.isfinite(gstats).all()
 
 
-def direction_coefs(parts: list[Part], cfg: StepConfig, gstats: Tensor) -> list[Tensor]:
+def direction_coeffs(parts: list[GroupBuffer], cfg: StepConfig, gstats: Tensor) -> list[Tensor]:
     """Per buffer, ``combine`` coefficients ``[alpha, gamma, 0, 0]`` of ``u`` (finalize's
     ``[4:8]``; ``alpha, gamma`` are also what :func:`group_sqnorms` reads)."""
     empty = gstats.new_empty(0)
@@ -203,7 +194,7 @@ def combine_direction(parts, cfg, ad, ev, stats, gstats, out: Slot):
     """``u(theta)`` into ``out``; returns per-buffer ``(coef, stats)`` for its norm, and the
     finite flag."""
     y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
-    coefs = direction_coefs(parts, cfg, gstats)
+    coefs = direction_coeffs(parts, cfg, gstats)
     for p, coef in zip(parts, coefs):
         p.backend.combine(p.buf.grad_f, p.buf.flat(y), _on(coef, p.buf), p.buf.flat(out))
     return coefs, ustats, torch.isfinite(gstats).all() if ok is None else ok
@@ -212,7 +203,7 @@ def combine_direction(parts, cfg, ad, ev, stats, gstats, out: Slot):
 # ----------------------------------------------------------------------------------- applying
 
 
-def finite_inputs(parts: list[Part], cfg: StepConfig, losses: tuple[Tensor, ...],
+def finite_inputs(parts: list[GroupBuffer], cfg: StepConfig, losses: tuple[Tensor, ...],
                   ok: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor | None]:
     """What an update must find finite besides its statistics: ``(checks, ok)`` for finalize.
     ``checks``: the losses it backpropagated (a loss plus an infinite constant has a finite
@@ -242,7 +233,7 @@ def _finalize(be: Backend, cfg: StepConfig, loop: str, group: int, gstats: Tenso
     at ``inner_lr``, the forget-loss cap; outer: ``g_r + 2 rho h``, descent at ``lr``."""
     hp = cfg.hypers[group]
     if loop == "inner":
-        project, gamma = cfg.sim.operand == "retain", (0.0 if cfg.sim.operand is None else -hp.beta)
+        project, gamma = cfg.sim.projects, (-hp.beta if cfg.sim.has_operand else 0.0)
         lr, cap = hp.inner_lr, cfg.forget_loss_cap
     else:
         project, gamma, lr, cap = False, 2.0 * hp.rho, -hp.lr, None
@@ -252,7 +243,7 @@ def _finalize(be: Backend, cfg: StepConfig, loop: str, group: int, gstats: Tenso
                        hp.max_grad_norm, cap)
 
 
-def finalize(parts: list[Part], cfg: StepConfig, state: StepState, loop: str,
+def finalize(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: str,
              gstats: Tensor | None, ustats: list[Tensor], losses: tuple[Tensor, ...],
              ok: Tensor | None) -> list[Tensor]:
     """Per buffer, the packed coefficients of this loop's update, one finalize op per param
@@ -278,10 +269,10 @@ def finalize(parts: list[Part], cfg: StepConfig, state: StepState, loop: str,
     return [fins[p.group] for p in parts]
 
 
-def apply(parts: list[Part], cfg: StepConfig, state: StepState, loop: str, x: Slot,
+def apply(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: str, x: Slot,
           y: Slot | None, fins: list[Tensor]) -> None:
     """Apply ``alpha*x + gamma*y`` with each buffer's packed coefficients from :func:`finalize`
-    (clipped per group; skipped unless its ``go`` flag): ascent for the inner loop, descent for
+    (clipped per group; skipped unless its ``proceed`` flag): ascent for the inner loop, descent for
     the outer one, as written (``"sgd"``), through Adam, or through stateless Adam (``"sign"``).
     Adam's direction is formed in place in ``x`` (the gradient it started from is no longer
     needed), so no buffer is added for it."""
@@ -299,57 +290,18 @@ def apply(parts: list[Part], cfg: StepConfig, state: StepState, loop: str, x: Sl
         kw = dict(lr=lr, eps=hp.adam_eps, weight_decay=hp.weight_decay, ascend=loop == "inner",
                   scale=scale, ok=(fin[3] != 0).to(buf.device))
         if kind == "sign":
-            sign_apply(buf.param, direction, **kw)
+            part.backend.sign(buf.param, direction, **kw)
             continue
         m, v = (buf.flat(s) for s in MOMENTS[loop])
-        adam_apply(buf.param, direction, m, v, state.adam_steps[(i, loop)], betas=hp.betas, **kw)
+        part.backend.adam(buf.param, direction, m, v, state.adam_steps[(i, loop)], betas=hp.betas,
+                          **kw)
     copy_out(parts)  # FSDP2: the updated flat copies back into the local shards
-
-
-def sign_apply(theta: Tensor, direction: Tensor, *, lr: float, eps: float, weight_decay: float,
-               ascend: bool, scale: Tensor | None, ok: Tensor) -> None:
-    """Stateless Adam (betas = (0, 0): m = g, v = g^2, no bias correction): with
-    ``g = -+direction*scale + weight_decay*theta`` (Adam's L2 term; minus for the ascent),
-    ``theta -= lr * g / (|g| + eps)``; a zero step unless ``ok``. No moment buffers; two
-    transient buffers of the accumulation dtype (the step and its denominator)."""
-    acc = acc_dtype(theta.dtype)
-    g = direction.to(acc, copy=True)
-    g.mul_(-1.0 if ascend else 1.0)
-    if scale is not None:
-        g.mul_(scale.to(acc))
-    if weight_decay:
-        g.add_(theta.to(acc), alpha=weight_decay)
-    denom = g.abs().add_(eps)
-    g.div_(denom).mul_(-lr).masked_fill_(~ok, 0.0)  # where, not a product: g may be NaN
-    del denom
-    if theta.dtype == acc:
-        theta.add_(g)
-    else:
-        theta.copy_(theta.to(acc).add_(g))
-
-
-def adam_apply(theta: Tensor, direction: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-               step: Tensor, *, lr: float, betas: tuple[float, float], eps: float,
-               weight_decay: float, ascend: bool, scale: Tensor | None, ok: Tensor) -> None:
-    """Adam-preconditioned application of a direction (``preconditioner="adam"``).
-
-    Torch's fused Adam on the flat buffers: ``direction * scale`` (``scale=None``: 1) is the
-    gradient (``ascend`` flips its sign for the inner loop), and a false ``ok`` skips the whole
-    update, moments and step count included (torch's ``found_inf`` contract: no host sync)."""
-    found_inf = (~ok).to(torch.float32)
-    step.add_(1.0)
-    torch._fused_adam_([theta], [direction], [exp_avg], [exp_avg_sq], [], [step], lr=lr,
-                       beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
-                       amsgrad=False, maximize=ascend,
-                       grad_scale=None if scale is None else (1.0 / scale).to(torch.float32),
-                       found_inf=found_inf)
-    step.sub_(found_inf.to(step.dtype))
 
 
 # ---------------------------------------------------------------------------------- the loops
 
 
-def inner_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodiff,
+def inner_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: Autodiff,
                closure: Callable) -> Tensor:
     """One ascent step on ``Phi = L_f - beta*cos``: ``theta += inner_lr * u``. Returns the
     forget loss (detached)."""
@@ -365,7 +317,7 @@ def inner_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodif
     return ev.loss_f.detach()
 
 
-def outer_step(parts: list[Part], cfg: StepConfig, state: StepState, ad: Autodiff,
+def outer_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: Autodiff,
                closure: Callable) -> Tensor:
     """One penalised descent step on ``L_r + rho_k |grad Phi|^2``:
     ``theta -= lr * (g_r + 2 rho_k h)``. Returns the retain loss (detached). The caller
@@ -431,7 +383,7 @@ def _hvp_exact(parts, cfg, ad, ev, closure, phi_sq) -> tuple[Slot, Slot]:
 def _u_graph(parts, cfg, ad, ev) -> list[Tensor | None]:
     """``u(theta)`` per parameter, as a differentiable function of the parameters."""
     gf, gr = ev.gf, ev.gr
-    if cfg.sim.operand is None:
+    if not cfg.sim.has_operand:
         return gf
     betas = [cfg.hypers[p.group].beta for p in parts for _ in p.buf.params]
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
@@ -447,7 +399,7 @@ def _u_graph(parts, cfg, ad, ev) -> list[Tensor | None]:
         if b is not None:
             nr2 = nr2 + (b * b).sum().to(z.device)
     c, k = C.similarity_scalars(torch.stack([d, nf2, nr2]), cfg.eps)
-    if cfg.sim.operand == "retain":
+    if cfg.sim.projects:
         y, coef = gr, [-beta * k for beta in betas]
     elif not c.requires_grad:
         return gf

@@ -133,7 +133,7 @@ class Autodiff:
         # whether one succeeded (the model can do it: never tried again)
         self._pending: str | None = None
         self._double_ok = False
-        weakref.finalize(self, _remove_all, self._reach_hooks)
+        weakref.finalize(self, remove_handles, self._reach_hooks)
 
     def expect_double_backward(self, graph_f: bool, graph_r: bool, why: str) -> None:
         """A step is about to start that differentiates through these gradient graphs (``why``
@@ -354,7 +354,8 @@ def _sharded_mode_error(why: str, name: str) -> ValueError:
     return _mode_error(why, name)
 
 
-def _remove_all(handles: list) -> None:
+def remove_handles(handles: list) -> None:
+    """Remove every hook handle in ``handles`` and empty the list (also used by ``OFMU``)."""
     for h in handles:
         h.remove()
     handles.clear()

@@ -19,10 +19,16 @@ class SimilarityMode:
     """How the ``-beta * cos(g_f, g_r)`` term enters the ascent direction ``u = g_f + gamma*y``."""
 
     name: str
-    second_order: bool  # u needs grad(cos): the graphs of g_f and g_r and one double backward
-    operand: str | None  # y: "retain" (g_r), "grad_cos" (H_f a + H_r b), or None (u = g_f)
+    second_order: bool  # y = grad(cos) = H_f a + H_r b: the graphs of g_f, g_r, a double backward
+    projects: bool  # y = g_r, gamma = -beta * <g_f, g_r> / |g_r|^2 (the projection)
     cost: int  # gradient evaluations to form u from one closure call
     summary: str
+    beta_max: float | None = None  # the largest meaningful beta (None: no bound)
+
+    @property
+    def has_operand(self) -> bool:
+        """False: ``u = g_f`` (no ``y`` term)."""
+        return self.second_order or self.projects
 
 
 @dataclass(frozen=True)
@@ -33,12 +39,15 @@ class OuterHvpMode:
     penalised: bool  # False: h = 0 and the outer step is plain retain descent
     needs_graph_f: bool  # h differentiates through g_f
     needs_graph_r: bool  # ... and through g_r (only where u depends on g_r)
+    h_cost: float  # gradient evaluations of one h (on top of forming v) ...
+    h_cost_per_u: int  # ... plus this many evaluations of u (finite differences)
+    rank_local: bool  # h differentiates through each rank's own gradients: no averaging
     summary: str
 
     def graphs(self, sim: SimilarityMode) -> tuple[bool, bool]:
         """Which gradient graphs the outer evaluation keeps: ``(graph_f, graph_r)``."""
         return (sim.second_order or self.needs_graph_f,
-                sim.second_order or (self.needs_graph_r and sim.operand is not None))
+                sim.second_order or (self.needs_graph_r and sim.has_operand))
 
     def double_backward(self, sim: SimilarityMode) -> bool:
         """Whether the outer step differentiates through a gradient (fails on SDPA attention)."""
@@ -46,23 +55,25 @@ class OuterHvpMode:
 
     def cost(self, sim: SimilarityMode) -> float:
         """Gradient evaluations of one ``h`` on top of forming ``v``."""
-        return {"forget": 1, "exact": 2, "fd": 2 * sim.cost, "none": 0}[self.name]
+        return self.h_cost + self.h_cost_per_u * sim.cost
 
 
 SIMILARITY = {
-    "project": SimilarityMode("project", False, "retain", 2,
-                              "u = g_f - beta*(<g_f,g_r>/|g_r|^2)*g_r (first order)"),
-    "hvp": SimilarityMode("hvp", True, "grad_cos", 3,
+    "project": SimilarityMode("project", False, True, 2,
+                              "u = g_f - beta*(<g_f,g_r>/|g_r|^2)*g_r (first order)",
+                              beta_max=1.0),  # beta = 1 already removes the retain component
+    "hvp": SimilarityMode("hvp", True, False, 3,
                           "u = g_f - beta*grad(cos), grad(cos) = H_f a + H_r b (one double backward)"),
-    "none": SimilarityMode("none", False, None, 2, "u = g_f (plain gradient ascent)"),
+    "none": SimilarityMode("none", False, False, 2, "u = g_f (plain gradient ascent)"),
 }
 
 OUTER_HVP = {
-    "forget": OuterHvpMode("forget", True, True, False, "h = H_f v (one double backward of L_f)"),
-    "exact": OuterHvpMode("exact", True, True, True, "h = J_u^T v by autograd through u"),
-    "fd": OuterHvpMode("fd", True, False, False,
+    "forget": OuterHvpMode("forget", True, True, False, 1, 0, False,
+                           "h = H_f v (one double backward of L_f)"),
+    "exact": OuterHvpMode("exact", True, True, True, 2, 0, True, "h = J_u^T v by autograd through u"),
+    "fd": OuterHvpMode("fd", True, False, False, 0, 2, False,
                        "h = (u(theta+d*v/|v|) - u(theta-d*v/|v|))*|v|/(2d) (two more closures)"),
-    "none": OuterHvpMode("none", False, False, False, "h = 0 (retain descent only)"),
+    "none": OuterHvpMode("none", False, False, False, 0, 0, False, "h = 0 (retain descent only)"),
 }
 
 

@@ -15,11 +15,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, sharded
-from . import functional as F
+from . import backends, functional, sharded
 from .distributed import resolve_process_group
 from .flat import MOMENTS, FlatBuffer, Slot, check_distinct, check_frozen
-from .gradients import Autodiff
+from .gradients import Autodiff, remove_handles
 from .modes import OUTER_HVP, SIMILARITY, double_backward_graphs
 from .validation import (
     GLOBAL_KEYS,
@@ -85,7 +84,8 @@ class OFMU(Optimizer):
             runaway ascent, counted in ``last_stats()["capped_steps"]``; ``math.log(num_classes)``
             stops a classifier at chance level; None switches it off.
         eps, fd_delta: relative epsilon; step of ``outer_hvp="fd"``.
-        backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (``OFMU_BACKEND`` overrides auto).
+        backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (``OFMU_BACKEND`` overrides auto),
+            or an :class:`ofmu.backends.Backend` record, used on every device as given.
         process_group: "auto" averages the flat gradients across ranks when torch.distributed
             runs (every rank takes the single-process step); None keeps ranks apart.
             FSDP2-sharded (DTensor) parameters are detected: docs/scaling.md.
@@ -126,7 +126,7 @@ class OFMU(Optimizer):
                  max_grad_norm: float | None = None, eps: float = 1e-12, fd_delta: float = 1e-3,
                  outer_steps: int = 6, preconditioner: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
-                 backend: str = "auto", process_group="auto",
+                 backend: str | backends.Backend = "auto", process_group="auto",
                  forget_loss_cap: float | None = 20.0, inner_preconditioner: str | None = None):
         validate_options(similarity, outer_hvp, inner_steps, outer_steps, preconditioner, eps,
                          fd_delta, backend, forget_loss_cap, inner_preconditioner)
@@ -140,11 +140,11 @@ class OFMU(Optimizer):
         validate_distributed(outer_hvp, self.process_group)
         self._fixed = {key: getattr(self, key) for key in _FIXED}
         self._loops: tuple[bool, bool] | None = None  # the loops of the step about to start
-        self._parts: list[F.Part] = []
+        self._parts: list[functional.GroupBuffer] = []
         self.backend_reasons: list[str] = []
         self._hooks: list = []  # sparse-gradient checks, dropped after the first backward
-        weakref.finalize(self, _remove_hooks, self._hooks)
-        self._state = F.StepState()
+        weakref.finalize(self, remove_handles, self._hooks)
+        self._state = functional.StepState()
         self._guard = StepGuard()  # one step at a time (threads, a closure calling step)
         self._frozen: list[tuple[Tensor, str]] = []  # params left out (requires_grad=False)
         self._autodiff = Autodiff([], self.process_group, self._hooks)
@@ -183,10 +183,12 @@ class OFMU(Optimizer):
             self._hooks.append(p.register_hook(_dense_grad_check(name)))
         for (device, _), items in by_key.items():
             check_distinct([p for p, _ in items], [n for _, n in items])  # sharded buffers too
-            buf = sharded.flat_buffer(self, gi, [p for p, _ in items], [n for _, n in items])
+            buf = sharded.flat_buffer([p for p, _ in items], [n for _, n in items],
+                                      [part.buf for part in self._parts], self.sim_mode,
+                                      self.hvp_mode, float(group["rho"]))
             buf.bind_grads(Slot.GRAD_R)  # p.grad always shows the retain buffer (zeros here)
             backend, reason = backends.select(self.backend, device)
-            self._parts.append(F.Part(buf, backend, gi))
+            self._parts.append(functional.GroupBuffer(buf, backend, gi))
             self._autodiff.buffers.append(buf)
             self.backend_reasons.append(f"{buf.dtype} on {device}: {backend.name} ({reason})")
         self._init_state()
@@ -206,8 +208,53 @@ class OFMU(Optimizer):
                         st[slot.value] = sharded.state_view(part.buf, slot, pi)
                     st[_STEP_KEYS[loop]] = step
 
+    def rebuild(self) -> None:
+        """Rebuild the flat buffers, the per-parameter state and the backends from the tensors
+        in ``param_groups`` now (the same group dicts: schedulers and wrappers keep theirs).
+
+        For wrappers that replace the parameters after the optimizer was built and before its
+        first step, as torch's optimizers, which keep no state until then, allow: accelerate's
+        FSDP2 ``prepare(model, optimizer)`` applies ``fully_shard`` and then puts the sharded
+        ``DTensor`` parameters into ``param_groups`` in place. Every step (and ``state_dict``)
+        calls it when the tensors differ from the ones the buffers were built from. Refused once
+        a step was taken: the gradients, moments and updated parameters live in the old
+        buffers."""
+        taken = any(g.get("k", 0) > 0 for g in self.param_groups) or any(
+            bool(t) for t in self._state.adam_steps.values())
+        if taken:
+            raise RuntimeError(
+                "the tensors in param_groups were replaced after OFMU took steps; its gradients, "
+                "moments and the parameters it updates live in buffers built from the original "
+                "ones. Build a new optimizer on the new parameters (and load its state from a "
+                "checkpoint if needed).")
+        groups = list(self.param_groups)
+        self.param_groups.clear()
+        self.state.clear()
+        self._parts.clear()
+        self._autodiff.buffers.clear()
+        self.backend_reasons.clear()
+        self._frozen.clear()
+        self._state.adam_steps.clear()
+        for g in groups:
+            self.add_param_group(g)
+
+    def _follow_switched_params(self) -> None:
+        """:meth:`rebuild` when the tensors in ``param_groups`` are not the ones the buffers
+        hold (one pass over the parameter ids)."""
+        held = {id(p) for part in self._parts for p in part.buf.params}
+        held.update(id(p) for p, _ in self._frozen)
+        current = [p for g in self.param_groups for p in g["params"]]
+        if len(current) != len(held) or not all(id(p) in held for p in current):
+            self.rebuild()
+
+    @property
+    def flat_buffers(self) -> list[FlatBuffer]:
+        """The flat buffers, one per (param group, device, dtype), in construction order: what
+        the parameters, gradients and moments are views of (read them; resize nothing)."""
+        return [part.buf for part in self._parts]
+
     def state_dict(self) -> dict:
-        sharded.follow_switched_params(self)  # DCP may ask before the first step
+        self._follow_switched_params()  # DCP may ask before the first step
         sd = super().state_dict()
         sd["ofmu"] = {f"{k}_steps": t.clone() for k, t in self._state.counters.items()}
         return sd
@@ -296,27 +343,28 @@ class OFMU(Optimizer):
             return self._outer_step(closure)
 
     def _inner_step(self, closure: Callable) -> Tensor:
-        return F.inner_step(self._parts, self._config(), self._state, self._autodiff, closure)
+        return functional.inner_step(self._parts, self._prepare_update(), self._state,
+                                     self._autodiff, closure)
 
     def _outer_step(self, closure: Callable) -> Tensor:
-        cfg = self._config()
+        cfg = self._prepare_update()
         self._state.diag["rho"] = torch.tensor(self.param_groups[0]["rho_k"])
-        loss = F.outer_step(self._parts, cfg, self._state, self._autodiff, closure)
+        loss = functional.outer_step(self._parts, cfg, self._state, self._autodiff, closure)
         for group in self.param_groups:
             group["rho_k"] = min(group["rho_k"] * group["rho_growth"], group["rho_max"])
             group["k"] += 1
         return loss
 
-    def _config(self) -> F.StepConfig:
+    def _prepare_update(self) -> functional.StepConfig:
         """This update's settings; validates the options and every group (host values, no
         device sync). At a step's first update, arms the trial of the double backward the step
         will need (:meth:`Autodiff.expect_double_backward`)."""
-        sharded.follow_switched_params(self)  # accelerate's FSDP2 prepare switches param_groups
+        self._follow_switched_params()  # accelerate's FSDP2 prepare switches param_groups
         self._check_buffers()
         self._check_options()
         for gi, g in enumerate(self.param_groups):
             validate_group(g, gi, self.similarity)
-        cfg = self._settings([F.Hyper.from_group(g) for g in self.param_groups])
+        cfg = self._settings([functional.Hyper.from_group(g) for g in self.param_groups])
         loops, self._loops = self._loops, None
         if loops is not None:
             penalty_on = loops[1] and any(h.rho > 0 for h in cfg.hypers)
@@ -353,8 +401,8 @@ class OFMU(Optimizer):
                         f"and set OFMU.{key}, or pass it to OFMU(...)")
         self.sim_mode, self.hvp_mode = SIMILARITY[self.similarity], OUTER_HVP[self.outer_hvp]
 
-    def _settings(self, hypers: list | None = None) -> F.StepConfig:
-        return F.StepConfig(self.sim_mode, self.hvp_mode, self.eps, self.fd_delta,
+    def _settings(self, hypers: list | None = None) -> functional.StepConfig:
+        return functional.StepConfig(self.sim_mode, self.hvp_mode, self.eps, self.fd_delta,
                             self.preconditioner, self.forget_loss_cap, hypers or [],
                             self.inner_preconditioner)
 
@@ -368,15 +416,11 @@ class OFMU(Optimizer):
         ``rho`` (group 0's, used by the last outer step), and the cumulative counts
         ``skipped_steps`` (non-finite updates left out) and ``capped_steps`` (inner steps
         held back by ``forget_loss_cap``)."""
-        return F.diagnostics(self._state, self.eps)
+        return functional.diagnostics(self._state, self.eps)
 
     def backend_summary(self) -> list[str]:
         """One line per flat buffer: dtype, device, backend and why it was chosen."""
         return list(self.backend_reasons)
-
-    @property
-    def _buffers(self) -> list[FlatBuffer]:
-        return [p.buf for p in self._parts]
 
 
 def _check_saved_groups(groups: list[dict], saved: list | None, similarity: str) -> None:
@@ -411,7 +455,7 @@ def _check_saved_groups(groups: list[dict], saved: list | None, similarity: str)
             check_number("lr0", g["lr0"], where=f" (checkpoint param group {gi})")
 
 
-def _param_state_copies(state, p: Tensor, pid, saved, settings: F.StepConfig) -> list:
+def _param_state_copies(state, p: Tensor, pid, saved, settings: functional.StepConfig) -> list:
     """One parameter's saved state checked against its views: ``[(view, saved tensor)]``."""
     if not isinstance(saved, dict):
         raise ValueError(f"checkpoint state of parameter {pid} is a {type(saved).__name__}, "
@@ -471,12 +515,6 @@ def _check_param(p: Tensor, name: str) -> None:
                         "are real-valued. Keep the real and imaginary parts as a real parameter "
                         "(torch.view_as_real) and form the complex tensor in the forward pass, or "
                         "leave this parameter out of the optimizer")
-
-
-def _remove_hooks(hooks: list) -> None:
-    for h in hooks:
-        h.remove()
-    hooks.clear()
 
 
 def _dense_grad_check(name: str):

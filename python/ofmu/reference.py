@@ -15,7 +15,7 @@ from torch import Tensor
 __all__ = ["acc_dtype", "reduce3", "combine", "update", "finalize", "FINALIZE_LEN"]
 
 # finalize's output layout (csrc/finalize.h): [0:4] update coefficients (decay, lr*scale*alpha,
-# lr*scale*gamma, go), [4:8] combine coefficients (alpha, gamma, 0, 0), [8] clip scale,
+# lr*scale*gamma, proceed), [4:8] combine coefficients (alpha, gamma, 0, 0), [8] clip scale,
 # [9] skipped (an input was non-finite), [10] capped (finite, forget loss at or above the cap).
 FINALIZE_LEN = 11
 
@@ -68,8 +68,8 @@ def finalize(gstats: Tensor, ustats: Tensor, checks: Tensor, ok: Tensor | None, 
     ``u = alpha*x + gamma'*y`` with ``alpha = 1`` and ``gamma' = gamma * <x, y> / (|y|^2 (1 + eps)
     + tiny)`` (``gstats = [<x, y>, |x|^2, |y|^2]``) when ``project``, else ``gamma' = gamma``;
     ``scale = min(1, max_norm / (|u| + 1e-6))`` with ``|u|^2`` from ``ustats`` (1 without
-    ``max_norm``); ``theta = (1 - |lr| wd) theta + lr*scale*u`` unless skipped: ``go`` is 0 when
-    anything in ``gstats``, ``ustats``, ``checks`` is non-finite or ``ok`` is False (skipped), or
+    ``max_norm``); ``theta = (1 - |lr| wd) theta + lr*scale*u`` unless skipped: ``proceed`` is 0
+    when anything in ``gstats``, ``ustats``, ``checks`` is non-finite or ``ok`` is False (skipped), or
     when ``checks[0] >= cap`` (capped)."""
     fin = torch.isfinite(torch.cat([gstats, ustats, checks])).all()
     if ok is not None:
@@ -86,8 +86,8 @@ def finalize(gstats: Tensor, ustats: Tensor, checks: Tensor, ok: Tensor | None, 
     else:
         scale, step = alpha, torch.full_like(alpha, lr)
     below = checks[0] < cap if cap is not None else torch.ones_like(fin)
-    go = fin & below
+    proceed = fin & below
     zero = torch.zeros_like(alpha)
     return torch.stack([torch.full_like(alpha, 1.0 - abs(lr) * weight_decay), alpha * step,
-                        gam * step, go.to(alpha.dtype), alpha, gam, zero, zero, scale,
+                        gam * step, proceed.to(alpha.dtype), alpha, gam, zero, zero, scale,
                         (~fin).to(alpha.dtype), (fin & ~below).to(alpha.dtype)])

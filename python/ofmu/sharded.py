@@ -114,12 +114,13 @@ def check_placements(p: Tensor, name: str) -> None:
                              "rank (the losses are averaged over the default group)")
 
 
-def flat_buffer(opt, gi: int, params: list[Tensor], names: list[str]):
+def flat_buffer(params: list[Tensor], names: list[str], earlier: list[FlatBuffer], sim, hvp,
+                rho: float):
     """The flat buffer of one (group, device, dtype): a :class:`FlatBuffer` for plain
     parameters, a :class:`ShardedFlatBuffer` for FSDP2-sharded ones (after checking their
-    layout, the optimizer's modes and that the two kinds are not mixed)."""
+    layout, the modes ``sim``/``hvp`` at the group's ``rho``, and that the two kinds are not
+    mixed with the ``earlier`` buffers of the optimizer)."""
     dt = [is_dtensor(p) for p in params]
-    earlier = [part.buf for part in opt._parts]
     if not any(dt):
         if any(is_sharded(b) for b in earlier):
             raise ValueError(_mixed(names[0], earlier[0].names[0]))
@@ -131,7 +132,7 @@ def flat_buffer(opt, gi: int, params: list[Tensor], names: list[str]):
         raise ValueError(_mixed(plain, sharded))
     for p, n in zip(params, names):
         check_placements(p, n)
-    check_modes(opt.sim_mode, opt.hvp_mode, float(opt.param_groups[gi]["rho"]), names[0])
+    check_modes(sim, hvp, rho, names[0])
     buf = ShardedFlatBuffer(params, names)
     for b in earlier:
         if b.mesh != buf.mesh:
@@ -234,41 +235,6 @@ class ShardedFlatBuffer(FlatBuffer):
 
     def check_aliasing(self) -> None:
         self.refresh()
-
-
-# ----------------------------------------------------------------- hooks for the optimizer
-
-
-def follow_switched_params(opt) -> None:
-    """Rebuild the optimizer's buffers when the tensors in ``param_groups`` were switched before
-    the first step. accelerate's FSDP2 ``prepare(model, optimizer)`` (which insists on getting
-    both) applies ``fully_shard`` after the optimizer was built and then puts the sharded
-    ``DTensor`` parameters into ``param_groups`` in place (``fsdp2_switch_optimizer_parameters``),
-    as torch's optimizers, which keep no state before their first step, allow. Called at every
-    inner and outer step: one pass over the parameter ids."""
-    held = {id(p) for part in opt._parts for p in part.buf.params}
-    held.update(id(p) for p, _ in opt._frozen)
-    current = [p for g in opt.param_groups for p in g["params"]]
-    if len(current) == len(held) and all(id(p) in held for p in current):
-        return
-    taken = any(g.get("k", 0) > 0 for g in opt.param_groups) or any(
-        bool(t) for t in opt._state.adam_steps.values())
-    if taken:
-        raise RuntimeError(
-            "the tensors in param_groups were replaced after OFMU took steps; its gradients, "
-            "moments and the parameters it updates live in buffers built from the original "
-            "ones. Build a new optimizer on the new parameters (and load its state from a "
-            "checkpoint if needed).")
-    groups = list(opt.param_groups)  # the same dicts: schedulers and wrappers keep theirs
-    opt.param_groups.clear()
-    opt.state.clear()
-    opt._parts.clear()
-    opt._autodiff.buffers.clear()
-    opt.backend_reasons.clear()
-    opt._frozen.clear()
-    opt._state.adam_steps.clear()
-    for g in groups:
-        opt.add_param_group(g)
 
 
 # ------------------------------------------------------------------- hooks for functional.py

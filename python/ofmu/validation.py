@@ -15,9 +15,6 @@ PRECONDITIONERS = ("sgd", "adam", "sign")
 # Settings of the whole optimizer: they decide which backward passes run.
 GLOBAL_KEYS = ("similarity", "outer_hvp", "inner_steps", "outer_steps", "preconditioner", "eps",
                "fd_delta", "backend", "process_group", "forget_loss_cap", "inner_preconditioner")
-# Numeric hyperparameters any param group may override.
-GROUP_KEYS = ("lr", "inner_lr", "beta", "rho", "rho_growth", "rho_max", "weight_decay",
-              "max_grad_norm", "betas", "adam_eps")
 
 
 def check_number(name: str, value, where: str = "", positive: bool = False) -> None:
@@ -50,7 +47,8 @@ def validate_options(similarity, outer_hvp, inner_steps, outer_steps, preconditi
         _check_choice("inner_preconditioner", inner_preconditioner, PRECONDITIONERS)
     check_number("eps", eps, positive=True)
     check_number("fd_delta", fd_delta, positive=True)
-    _check_choice("backend", backend, ("auto",) + backends.NAMES)
+    if not isinstance(backend, backends.Backend):  # a Backend object: used as given
+        _check_choice("backend", backend, ("auto",) + backends.NAMES)
     if forget_loss_cap is not None:
         check_number("forget_loss_cap", forget_loss_cap, positive=True)
 
@@ -74,9 +72,10 @@ def validate_group(group: dict, gi: int, similarity: str) -> None:
                 for b in betas)):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}{where}")
     check_number("adam_eps", group["adam_eps"], where=where, positive=True)
-    if similarity == "project" and group["beta"] > 1.0:
-        raise ValueError(f"beta must be <= 1 with similarity='project' (beta = 1 already "
-                         f"removes the whole retain component), got {group['beta']}{where}")
+    beta_max = SIMILARITY[similarity].beta_max
+    if beta_max is not None and group["beta"] > beta_max:
+        raise ValueError(f"beta must be <= {beta_max:g} with similarity={similarity!r} (beta = 1 "
+                         f"already removes the whole retain component), got {group['beta']}{where}")
     if "rho_k" in group:
         check_number("rho_k", group["rho_k"], where=where)
 
@@ -104,7 +103,7 @@ class StepGuard:
 
 
 def validate_distributed(outer_hvp: str, process_group) -> None:
-    if process_group is not None and outer_hvp == "exact":
-        raise ValueError("outer_hvp='exact' differentiates through each rank's own gradients "
+    if process_group is not None and OUTER_HVP[outer_hvp].rank_local:
+        raise ValueError(f"outer_hvp={outer_hvp!r} differentiates through each rank's own gradients "
                          "and cannot be averaged across ranks; use 'forget' or 'fd' with "
                          "torch.distributed (or process_group=None to run ranks apart)")

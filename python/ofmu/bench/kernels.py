@@ -16,7 +16,7 @@ Providers (``--providers``):
 
 * ``eager``   — what a user writes: three ``torch.dot`` + tensor arithmetic + ``add_``.
 * ``foreach`` — ``torch._foreach_*`` over per-tensor views of the same buffers (model-like list).
-* ``compile`` — ``torch.compile(dynamic=True)`` of the ofmu.functional reference step.
+* ``compile`` — ``torch.compile(dynamic=True)`` of the ofmu.reference step.
 * ``cpp`` / ``cuda`` / ``triton`` — ofmu's backends (``ofmu.backends.probe``) with the
   backend's ``finalize`` op in between, exactly the optimizer's call sequence.
 * ``reference`` — ofmu's torch fallback backend (not in the default list).
@@ -51,8 +51,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ofmu import backends, reference
-from ofmu import functional as F
+from ofmu import backends
+from ofmu import reference as R
 from ofmu.bench import common as C
 
 DEFAULT_PROVIDERS = ("eager", "foreach", "compile", "cpp", "triton", "cuda")
@@ -116,7 +116,7 @@ def make_buffers(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0
 
 
 def ofmu_step(reduce3: Callable, update: Callable, theta, gf, gr, lr=LR, beta=BETA, eps=EPS,
-              finalize: Callable = reference.finalize):
+              finalize: Callable = R.finalize):
     """The optimizer's inner-step call sequence (``OFMU.inner_step``, project mode, no
     clipping, no cap): reduce, the coefficients on the device (``finalize``), update."""
     stats = reduce3(gf, gr)
@@ -150,7 +150,7 @@ def _compiled_reference() -> Callable:
     # thread count changes.
     if "fn" not in _COMPILED:
         def ref_step(theta, gf, gr):
-            ofmu_step(F.reduce3, F.update, theta, gf, gr)
+            ofmu_step(R.reduce3, R.update, theta, gf, gr)
 
         _COMPILED["fn"] = torch.compile(ref_step, dynamic=True)
     return _COMPILED["fn"]
@@ -173,13 +173,10 @@ def make_provider(name: str, device: torch.device) -> tuple[Callable | None, str
         return (lambda b: _compiled_reference()(b.theta, b.gf, b.gr)), ""
     if name == "reference":
         be = backends.probe("torch")[0]
-    elif name in ("cpp", "cuda", "triton"):
-        if name == "cpp" and device.type != "cpu":
-            return None, "cpp is the CPU extension"
-        if name == "cuda" and device.type != "cuda":
-            return None, "cuda kernels need a CUDA device"
-        if name == "triton" and device.type != "cuda":
-            return None, "triton runs on CPU only through the interpreter (not timed)"
+    elif name in backends.NAMES:
+        if backends.device_class(device) not in backends.REGISTRY[name].auto_on:
+            return None, (f"the {name} backend does not run on {device.type} tensors (or only "
+                          "through an interpreter: not timed)")
         be, why = backends.probe(name)
         if be is None:
             return None, why
@@ -250,11 +247,11 @@ def reference(b: Buffers, chunk: int = 1 << 22) -> Reference:
     abs_dot = torch.zeros((), dtype=torch.float64, device=b.gf.device)
     for s in range(0, n, chunk):
         f, r = b.gf[s:s + chunk].double(), b.gr[s:s + chunk].double()
-        stats += F.reduce3(f, r)
+        stats += R.reduce3(f, r)
         abs_dot += (f * r).abs().sum()
     stats, abs_dot = stats.cpu(), abs_dot.cpu()
     coeffs = coefficients(stats)
-    u_acc, u_buf = _unit_roundoff(F.acc_dtype(b.gf.dtype)), _unit_roundoff(b.gf.dtype)
+    u_acc, u_buf = _unit_roundoff(R.acc_dtype(b.gf.dtype)), _unit_roundoff(b.gf.dtype)
     gamma = LAMBDA * math.sqrt(n) * u_acc
     bound = torch.stack([gamma * abs_dot + u_buf * stats[0].abs(),
                          (gamma + u_buf) * stats[1], (gamma + u_buf) * stats[2]])
