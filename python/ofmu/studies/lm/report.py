@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..cache import write_text_atomic
+
 COLS = (("forget_quality", "FQ", "{:.2g}"), ("model_utility", "MU", "{:.3f}"),
         ("forget_prob", "forget prob", "{:.3f}"), ("forget_rouge", "forget ROUGE-L", "{:.3f}"),
         ("forget_tr", "forget TR", "{:.3f}"), ("mia_auc", "MIA AUC", "{:.3f}"),
@@ -82,8 +84,8 @@ def write_outputs(result: dict, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"authors-{result['config']['model']}"
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(result, indent=1, default=str))
-    paths["md"].write_text(markdown_table(result) + "\n")
+    write_text_atomic(json.dumps(result, indent=1, default=str), paths["json"])  # never half-written
+    write_text_atomic(markdown_table(result) + "\n", paths["md"])
     try:
         plot(result, paths["png"])
     except ImportError:
