@@ -221,8 +221,8 @@ def test_extras_cover_every_optional_import():
         assert cli.PIP_NAME.get(module, module) in extras[extra], (module, extra)
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -e ".[all]" --no-build-isolation && ofmu demo' in readme
-    assert 'pip install -q -e ".[all]" --no-build-isolation' in ci
+    assert 'pip install -c constraints.txt -e ".[all]" --no-build-isolation && ofmu demo' in readme
+    assert 'pip install -q -c constraints.txt -e ".[all]" --no-build-isolation' in ci
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", "two"])
