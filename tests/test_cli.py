@@ -406,3 +406,10 @@ def test_results_write_is_atomic(tmp_path, monkeypatch):
         report.write_outputs(result, tmp_path)
     assert (tmp_path / "digits-random.json").read_text() == "previous results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-random.json"]
+
+
+def test_backend_names_checked_by_the_cli_are_the_backends():
+    """The CLI checks OFMU_BACKEND without importing torch, from its own copy of the names."""
+    from ofmu import backends
+
+    assert cli.BACKEND_NAMES == ("auto",) + tuple(backends.NAMES)
