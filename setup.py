@@ -162,6 +162,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=packages + ["ofmu_kernels"],
     package_dir={"ofmu": "python/ofmu", "ofmu_kernels": "ofmu_kernels"},
+    package_data={"ofmu": ["py.typed"]},  # PEP 561: the public API is typed
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

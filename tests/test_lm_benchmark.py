@@ -146,6 +146,13 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     res = json.loads((out / "authors-tiny-smoke.json").read_text())
     assert res["complete"] and (out / "authors-tiny-smoke.md").is_file()
     assert (out / "authors-tiny-smoke.png").is_file()
+    assert not list(out.glob("*-partial*"))  # progress files, removed by the final write
+    # a run's progress never replaces a complete result: it goes to its own files
+    from ofmu.studies.lm.report import write_outputs
+    before = (out / "authors-tiny-smoke.json").read_bytes()
+    written = write_outputs({**res, "complete": False, "worlds": {}}, out, partial=True)
+    assert (out / "authors-tiny-smoke.json").read_bytes() == before
+    assert written["json"].name == "authors-tiny-smoke-partial.json"
     split = res["worlds"]["0"]["splits"]["10"]
     assert split["test"]["retain"]["forget_quality"] == pytest.approx(1.0)
     assert split["test"]["retain"]["mia_gap"] == 0.0

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CacheWarning", "load_or_build", "save_atomic"]
+__all__ = ["CacheWarning", "load_or_build", "save_atomic", "write_text_atomic"]
 
 # Leaf types that torch.load(weights_only=True) reads back without extra allow-listing.
 _LEAVES = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device,
@@ -74,18 +74,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to ``path`` atomically: write a temporary file in the same folder, flush
-    and fsync it, ``os.replace`` it onto ``path``, fsync the folder. ``obj`` must be
-    weights_only-loadable (tensors, dicts, lists, tuples, numbers, strings); anything else raises
-    ``TypeError`` before a byte is written."""
-    path = Path(path)
-    _check_loadable(obj)
+def _replace_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (binary), flush and fsync it, ``os.replace``
+    it onto ``path``, fsync the folder; on any error the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_tmp_prefix(path)}{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -96,6 +92,23 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically: write a temporary file in the same folder, flush
+    and fsync it, ``os.replace`` it onto ``path``, fsync the folder. ``obj`` must be
+    weights_only-loadable (tensors, dicts, lists, tuples, numbers, strings); anything else raises
+    ``TypeError`` before a byte is written."""
+    _check_loadable(obj)
+    _replace_atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`save_atomic` does: a reader, or a
+    run killed mid-write, sees the old file or the new one, never a truncated one."""
+    path = Path(path)
+    _replace_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    return path
 
 
 def _pid_alive(pid: int) -> bool:

@@ -122,13 +122,21 @@ def _atomic_write(path: Path, text: str | None = None, writer=None) -> None:
             os.unlink(tmp)
 
 
-def write_outputs(result: dict, out: str | Path) -> dict:
-    """``authors-<model>[-smoke].{json,md,png}`` in ``out``, each written atomically."""
+def _paths(out: Path, stem: str) -> dict[str, Path]:
+    return {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+
+
+def write_outputs(result: dict, out: str | Path, partial: bool = False) -> dict:
+    """``authors-<model>[-smoke].{json,md,png}`` in ``out``, each written atomically.
+
+    ``partial``: a running benchmark's progress, written as ``authors-<model>-partial.*`` so that
+    an interrupted run never replaces the results of an earlier complete one by less; the final
+    write removes those files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = result["config"]
     stem = f"authors-{cfg['model']}" + ("-smoke" if cfg.get("preset") == "smoke" else "")
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    paths = _paths(out, stem + "-partial" if partial else stem)
     _atomic_write(paths["json"], json.dumps(result, indent=1, default=str))
     _atomic_write(paths["md"], markdown_table(result) + "\n")
     try:
@@ -137,6 +145,9 @@ def write_outputs(result: dict, out: str | Path) -> dict:
         _atomic_write(paths["png"], writer=lambda p: plot(result, p))
     except ImportError:
         del paths["png"]
+    if not partial:
+        for leftover in _paths(out, stem + "-partial").values():
+            leftover.unlink(missing_ok=True)
     return paths
 
 

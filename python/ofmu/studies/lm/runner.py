@@ -264,7 +264,7 @@ def main(args) -> int:
     from .report import markdown_table, write_outputs
 
     cfg = config_from_args(args)
-    result = run(cfg, progress=not args.quiet, on_update=lambda r: write_outputs(r, args.out))
+    result = run(cfg, progress=not args.quiet, on_update=lambda r: write_outputs(r, args.out, partial=True))
     paths = write_outputs(result, args.out)
     print(markdown_table(result))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} ({result['total_time_s']:.0f} s)")

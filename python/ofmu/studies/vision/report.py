@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import write_text_atomic
+
 COLUMNS = ("UA", "RA", "TA", "MIA", "gap", "time_s")
 HEADERS = {"UA": "UA", "RA": "RA", "TA": "TA", "MIA": "MIA", "gap": "Avg. Gap",
            "time_s": "time (s)"}
@@ -104,10 +106,11 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     stem = f"{cfg['dataset']}-{cfg['scenario']}"
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md",
              "png": out / f"{stem}-tradeoff.png"}
-    paths["json"].write_text(json.dumps(result, indent=1))
+    # Atomic: an interrupted or failing write leaves the previous results in place.
+    write_text_atomic(json.dumps(result, indent=1), paths["json"])
     md = [f"# {cfg['dataset']}, {cfg['scenario']} forgetting ({len(result['runs'])} seeds)", "",
           markdown_table(result), "", "Chosen on validation (per seed):", "",
           chosen_hparams(result), ""]
-    paths["md"].write_text("\n".join(md))
+    write_text_atomic("\n".join(md), paths["md"])
     plot_tradeoff(result, paths["png"])
     return paths
