@@ -30,16 +30,16 @@ def test_bad_argument_is_an_argparse_error_before_any_work(args, culprit, tmp_pa
                                                             monkeypatch):
     monkeypatch.setattr(K, "run", lambda a: pytest.fail("work started"))
     out = tmp_path / "out"
-    assert main(["bench"] + TINY + ["--out", str(out)] + args) == 2
+    assert main(["kernel-bench"] + TINY + ["--out", str(out)] + args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: ofmu bench") and culprit in err and "Traceback" not in err
+    assert err.startswith("usage: ofmu kernel-bench") and culprit in err and "Traceback" not in err
     assert not out.exists()
 
 
 def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("keep")
-    assert main(["bench"] + TINY + ["--sizes", "4096", "--out", str(f)]) == 2
+    assert main(["kernel-bench"] + TINY + ["--sizes", "4096", "--out", str(f)]) == 2
     assert "--out" in capsys.readouterr().err and f.read_text() == "keep"
 
 
@@ -67,7 +67,7 @@ def test_a_run_that_measures_nothing_exits_nonzero_and_keeps_old_results(tmp_pat
         return (lambda b: (_ for _ in ()).throw(RuntimeError("kernel crashed"))), ""
 
     monkeypatch.setattr(K, "make_provider", broken)
-    rc = main(["bench"] + TINY + ["--sizes", "4096", "--providers", "eager,cpp",
+    rc = main(["kernel-bench"] + TINY + ["--sizes", "4096", "--providers", "eager,cpp",
                                   "--out", str(out)])
     assert rc != 0
     assert old.read_text() == "old results\n"  # never replaced by less
@@ -84,7 +84,7 @@ def test_a_failing_provider_is_recorded_and_the_exit_status_says_so(tmp_path, mo
         return real(name, device)
 
     monkeypatch.setattr(K, "make_provider", make)
-    assert main(["bench"] + TINY + ["--sizes", "4096", "--providers", "eager,reference",
+    assert main(["kernel-bench"] + TINY + ["--sizes", "4096", "--providers", "eager,reference",
                                     "--out", str(tmp_path)]) == 1
     (path,) = tmp_path.glob("kernels-*[!e].csv")
     with open(path, newline="") as f:
