@@ -198,3 +198,25 @@ cache.save_atomic({{"v": torch.tensor([2.0])}}, {str(path)!r})
         out = load_or_build(path, _builder([]))
     assert out["v"].item() == 1.0  # read the intact entry, did not rebuild
     assert not orphans[0].exists()
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    """mkstemp makes 0o600 files; a results file must be readable as a plain open() would leave it."""
+    import os
+    import stat
+
+    from ofmu.studies.cache import write_text_atomic
+    from ofmu.studies.lm.report import _atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        write_text_atomic("x", tmp_path / "a.json")
+        _atomic_write(tmp_path / "b.md", "x")
+        want = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+        assert want == 0o644
+        for name in ("a.json", "b.md"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+    finally:
+        os.umask(old)

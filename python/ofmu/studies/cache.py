@@ -74,12 +74,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask); ``mkstemp`` makes 0o600,
+    which would leave results files unreadable to the rest of a team."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _replace_atomic(path: Path, write: Callable[[Any], None]) -> None:
     """``write(f)`` into a temporary file beside ``path`` (binary), flush and fsync it, ``os.replace``
     it onto ``path``, fsync the folder; on any error the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_tmp_prefix(path)}{os.getpid()}-")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..cache import file_mode
 from .methods import ALL_METHODS as DEFAULT_ORDER
 from .summary import FQ_OK, MU_SHARE
 
@@ -110,6 +111,7 @@ def plot(result: dict, path: Path) -> None:
 
 def _atomic_write(path: Path, text: str | None = None, writer=None) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     try:
         if writer is not None:
