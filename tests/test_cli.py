@@ -263,7 +263,8 @@ def test_every_option_has_help_and_states_its_default():
         text = cli.build_parser(methods_for_help=True)[1][name].format_help()
         assert "(default: None)" not in text and "(default: False)" not in text, name
     study = " ".join(cli.build_parser(methods_for_help=True)[1]["study"].format_help().split())
-    for stated in ("--seeds N number of seeds (default: 3 on image datasets", "--budget N minibatch gradient evaluations "
+    for stated in ("--seeds N number of seeds (default: 3 on image datasets",
+                   "--budget N minibatch gradient evaluations "
                    "granted to each method (default: 240 on Fashion-MNIST, 120 on digits",
                    "--seed0 S first seed (default: 0)"):
         assert stated in study, stated
