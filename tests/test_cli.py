@@ -271,7 +271,7 @@ def test_every_option_has_help_and_states_its_default():
 
 
 def test_study_help_lists_the_valid_method_names(capsys):
-    from ofmu.studies.lm.runner import ALL_METHODS
+    from ofmu.studies.lm.methods import ALL_METHODS
     from ofmu.studies.methods import REGISTRY
 
     with pytest.raises(SystemExit) as e:

@@ -32,7 +32,7 @@ PIP_NAME = {"sklearn": "scikit-learn", "rouge_score": "rouge-score"}
 DEFAULT_BENCHMARK_OUT = "ofmu-benchmark-results"
 # Old command names (0.2.0) -> the names that say what the commands do. The old ones still work.
 RENAMED = {"benchmark": "study", "bench": "kernel-bench"}
-BACKEND_NAMES = ("auto", "torch", "cpp", "cuda", "triton")  # ofmu.backends.NAMES plus "auto"
+BACKEND_NAMES = ("auto", "cpp", "cuda", "triton", "torch")  # ofmu.backends.NAMES plus "auto"
 VISION_DATASETS = ("fashion-mnist", "digits")
 
 
