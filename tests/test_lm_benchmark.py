@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("scipy")
 pytest.importorskip("rouge_score")
 
-from ofmu.studies.lm import evaluate, runner  # noqa: E402
+from ofmu.studies.lm import corpus, evaluate, runner  # noqa: E402
 from ofmu.studies.lm.data import generate  # noqa: E402
 from ofmu.studies.lm.methods import ALL_METHODS, build_methods, lm_cost, unlearn  # noqa: E402
 from ofmu.studies.lm.models import find_smollm2_gguf, tiny_llama  # noqa: E402
@@ -133,6 +133,8 @@ def test_choose_prefers_forget_quality_then_utility():
     assert runner.choose(low) is low[1]  # none reaches 0.05: the highest forget quality
 
 
+@pytest.mark.skipif(not (corpus.WORDNET_DIR / "data.noun").is_file(),
+                    reason="needs WordNet for the fluency text (apt-get install wordnet-base)")
 def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     """The CLI command on the smoke preset: every method runs under the budget, the retain
     model is its own reference, outputs are written and the model cache is used."""
