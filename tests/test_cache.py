@@ -205,18 +205,20 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
     import os
     import stat
 
+    from ofmu.bench.common import write_csv
     from ofmu.studies.cache import write_text_atomic
-    from ofmu.studies.lm.report import _atomic_write
 
     old = os.umask(0o022)
     try:
         with open(tmp_path / "plain.txt", "w") as f:
             f.write("x")
         write_text_atomic("x", tmp_path / "a.json")
-        _atomic_write(tmp_path / "b.md", "x")
+        save_atomic({"w": torch.zeros(2)}, tmp_path / "c.pt")
+        write_csv(tmp_path / "b.csv", [{"x": 1.5}], ["x"])
         want = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
         assert want == 0o644
-        for name in ("a.json", "b.md"):
+        for name in ("a.json", "b.csv", "c.pt"):
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+        assert (tmp_path / "b.csv").read_text() == "x\n1.5\n"
     finally:
         os.umask(old)

@@ -14,6 +14,7 @@ One job: make every benchmark measure and record the same way.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import platform
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+
+from ..files import write_text_atomic
 
 # Default output folder: under the current directory (the repository keeps its measured results
 # in benchmarks/results/, written there with --out).
@@ -256,21 +259,14 @@ def output_stem(kind: str, args) -> str:
 
 
 def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
-    """Written atomically: a temporary file in the same folder, renamed over ``path`` once
-    complete (an interrupted run leaves the previous results intact)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt_csv(r.get(k, "")) for k in columns})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Written atomically (:func:`ofmu.files.replace_atomic`): an interrupted run leaves the
+    previous results intact."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt_csv(r.get(k, "")) for k in columns})
+    return write_text_atomic(buf.getvalue(), path)
 
 
 def _fmt_csv(v: object) -> object:

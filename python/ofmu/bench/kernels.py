@@ -54,6 +54,7 @@ import torch
 from ofmu import backends
 from ofmu import reference as R
 from ofmu.bench import common as C
+from ofmu.files import replace_atomic
 
 DEFAULT_PROVIDERS = ("eager", "foreach", "compile", "cpp", "triton", "cuda")
 ALL_PROVIDERS = DEFAULT_PROVIDERS + ("reference",)
@@ -651,14 +652,10 @@ def plot(rows: list[dict], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"  # atomic, like the CSV
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        replace_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))  # like the CSV
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None) -> list[dict]:

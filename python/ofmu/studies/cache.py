@@ -15,7 +15,6 @@ temporary files whose writer process no longer exists.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..files import replace_atomic, tmp_prefix, write_text_atomic
 
 __all__ = ["CacheWarning", "load_or_build", "save_atomic", "write_text_atomic"]
 
@@ -33,10 +34,6 @@ _LEAVES = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torc
 
 class CacheWarning(UserWarning):
     """An unreadable cache entry was found (and rebuilt) or an orphan temporary file removed."""
-
-
-def _tmp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-"
 
 
 def _check_loadable(obj: Any, where: str = "obj") -> None:
@@ -61,63 +58,13 @@ def _check_loadable(obj: Any, where: str = "obj") -> None:
                     "cache only tensors, dicts, lists, tuples, numbers and strings")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows): nothing to sync
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def file_mode() -> int:
-    """The mode ``open()`` would give a new file (0o666 less the umask); ``mkstemp`` makes 0o600,
-    which would leave results files unreadable to the rest of a team."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _replace_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(f)`` into a temporary file beside ``path`` (binary), flush and fsync it, ``os.replace``
-    it onto ``path``, fsync the folder; on any error the temporary file is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_tmp_prefix(path)}{os.getpid()}-")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically: write a temporary file in the same folder, flush
     and fsync it, ``os.replace`` it onto ``path``, fsync the folder. ``obj`` must be
     weights_only-loadable (tensors, dicts, lists, tuples, numbers, strings); anything else raises
     ``TypeError`` before a byte is written."""
     _check_loadable(obj)
-    _replace_atomic(Path(path), lambda f: torch.save(obj, f))
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`save_atomic` does: a reader, or a
-    run killed mid-write, sees the old file or the new one, never a truncated one."""
-    path = Path(path)
-    _replace_atomic(path, lambda f: f.write(text.encode("utf-8")))
-    return path
+    replace_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -134,7 +81,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _remove_orphans(path: Path) -> None:
     """Remove temporary files of ``path`` whose writer process is gone (a killed run)."""
-    prefix = _tmp_prefix(path)
+    prefix = tmp_prefix(path)
     try:
         names = os.listdir(path.parent)
     except OSError:

@@ -5,11 +5,9 @@ validation-chosen configuration marked, and the budget curves."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from ..cache import file_mode
+from ...files import replace_atomic, write_text_atomic
 from .methods import ALL_METHODS as DEFAULT_ORDER
 from .summary import FQ_OK, MU_SHARE
 
@@ -105,23 +103,8 @@ def plot(result: dict, path: Path) -> None:
         bx.set_title(f"forget {pct}%: budget curve (validation)", fontsize=9)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-
-
-def _atomic_write(path: Path, text: str | None = None, writer=None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.fchmod(fd, file_mode())
-    os.close(fd)
-    try:
-        if writer is not None:
-            writer(Path(tmp))
-        else:
-            Path(tmp).write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _paths(out: Path, stem: str) -> dict[str, Path]:
@@ -139,12 +122,12 @@ def write_outputs(result: dict, out: str | Path, partial: bool = False) -> dict:
     cfg = result["config"]
     stem = f"authors-{cfg['model']}" + ("-smoke" if cfg.get("preset") == "smoke" else "")
     paths = _paths(out, stem + "-partial" if partial else stem)
-    _atomic_write(paths["json"], json.dumps(result, indent=1, default=str))
-    _atomic_write(paths["md"], markdown_table(result) + "\n")
+    write_text_atomic(json.dumps(result, indent=1, default=str), paths["json"])
+    write_text_atomic(markdown_table(result) + "\n", paths["md"])
     try:
         if not result.get("summary"):
             raise ImportError  # nothing to plot yet
-        _atomic_write(paths["png"], writer=lambda p: plot(result, p))
+        replace_atomic(paths["png"], lambda f: plot(result, f))
     except ImportError:
         del paths["png"]
     if not partial:
