@@ -441,7 +441,7 @@ def build_parser(methods_for_help: bool = False) -> tuple[argparse.ArgumentParse
                    help="authors only: smoke (seconds, for CI) or power (the real run)")
     b.add_argument("--data-seeds", default=None, type=_seed_list, metavar="S,S,...",
                    help="authors only: comma-separated data seeds, each a new set of authors and "
-                   "new models (default: 0)")
+                   "new models (default: the preset's; 0,1,2 for power on tiny and small)")
     b.add_argument("--forget", default=None, type=_percentages,
                    help="authors only: forget percentages (default: 1,5,10)")
     b.add_argument("--scenario", default="random", choices=("random", "class"),
