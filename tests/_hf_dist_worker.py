@@ -36,3 +36,7 @@ if __name__ == "__main__":
     torch.save({"params": flat_params(model), "world": dist.get_world_size(),
                 "ddp": isinstance(tr.model_wrapped, torch.nn.parallel.DistributedDataParallel),
                 "log": tr.state.log_history}, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Leave together and tear the group down: a rank exiting while the other's gloo threads are
+    # still alive can abort ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
