@@ -167,6 +167,8 @@ OFMU_VARIANTS = {
     "OFMU-beta0": ({"beta": 0.0}, "ablation of the defaults: no similarity penalty (beta=0)"),
     "OFMU-rho": ({"rho": 0.01}, "ablation of the defaults: stationarity penalty on (rho=0.01)"),
     "OFMU-sign": ({"inner_preconditioner": "sign"}, "the defaults with inner_preconditioner='sign'"),
+    "OFMU-outer2": ({"outer_steps": 2}, "the defaults with outer_steps=2 (more ascent steps per budget)"),
+    "OFMU-outer1": ({"outer_steps": 1}, "the defaults with outer_steps=1 (one descent step per ascent step)"),
 }
 ALL_METHODS = tuple(BASELINES) + tuple(OFMU_VARIANTS)
 
