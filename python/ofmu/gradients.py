@@ -157,7 +157,6 @@ class Autodiff:
         so that ``forget_loss_cap`` decides alike on every rank)."""
         if graph_f or graph_r:  # FSDP2 refuses (rho raised after construction, say)
             self.layout.check_param_grads(why, self.buffers)
-        self.layout.begin(self.buffers)
         check, self._pending = self._pending, None
         with torch.enable_grad():
             loss_f, loss_r = call_closure(closure, same_batch, need_forget=forget)
@@ -238,6 +237,7 @@ class Autodiff:
 
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
         """The forget (unless None) and retain backward passes into ``GRAD_F`` / ``GRAD_R``."""
+        self.layout.begin(self.buffers)
         reached_f = None if lf is None else self.layout.backward(self.buffers, lf, Slot.GRAD_F)
         try:
             reached_r = self.layout.backward(self.buffers, lr, Slot.GRAD_R)
