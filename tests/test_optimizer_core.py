@@ -149,15 +149,57 @@ def test_sgd_optimizer_state_dict_through_dcp_api_before_any_step():
     assert sd["state"] == {} and sd["param_groups"][0]["params"] == ["weight", "bias"]
 
 
-def test_mode_records_drive_cost_and_double_backward():
+def test_mode_records_drive_double_backward():
     proj, hvp = SIMILARITY["project"], SIMILARITY["hvp"]
     assert not OUTER_HVP["fd"].double_backward(proj) and OUTER_HVP["fd"].double_backward(hvp)
     assert OUTER_HVP["forget"].double_backward(proj) and not OUTER_HVP["none"].double_backward(hvp)
     assert OUTER_HVP["exact"].graphs(SIMILARITY["none"]) == (True, False)
-    # 1 inner step (2 backward) + 6 outer retain steps (1 backward + 1 forget forward each)
-    assert step_cost(proj, OUTER_HVP["forget"], 1, 6, penalty_on=False) == pytest.approx(2 + 6 * 4 / 3)
-    # fd with hvp: v costs 3, two probes of u cost 3 each
+    # the convention for second-order modes (not measurable as below): a double backward is
+    # charged as one gradient evaluation; v costs 3 with hvp, and each fd probe of u 3 more
     assert step_cost(hvp, OUTER_HVP["fd"], 0, 1, penalty_on=True) == 3 + 6
+
+
+class _Net(torch.nn.Module):
+    """An MLP whose first layer's input requires grad (through ``scale``), so that a backward
+    pass costs twice its forward pass in matmul FLOPs, as a gradient evaluation is counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+        self.a, self.b = torch.nn.Linear(8, 16).double(), torch.nn.Linear(16, 4).double()
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x * self.scale)))
+
+
+def _matmul_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+FIRST_ORDER = [(s, h, rho) for s in ("project", "none") for h in OUTER_HVP for rho in (0.0, 0.1)
+               if not (rho > 0 and OUTER_HVP[h].double_backward(SIMILARITY[s]))]
+
+
+@pytest.mark.parametrize("similarity,outer_hvp,rho", FIRST_ORDER)
+def test_step_cost_is_what_a_first_order_step_spends(similarity, outer_hvp, rho):
+    """``modes.step_cost`` (what the studies' budgets charge) against the matmul FLOPs a real
+    step runs, in gradient evaluations (one forward and backward pass of one minibatch): an
+    inner step backpropagates both losses, an outer step without the penalty runs both forward
+    passes and the retain backward, fd's probes cost one u each."""
+    torch.manual_seed(0)
+    m = _Net()
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))
+    ce = torch.nn.functional.cross_entropy
+    evaluation = _matmul_flops(lambda: ce(m(x), y).backward())
+    opt = ofmu.OFMU(m.parameters(), lr=1e-3, inner_steps=2, outer_steps=3, similarity=similarity,
+                    outer_hvp=outer_hvp, rho=rho, beta=0.5, process_group=None)
+    spent = _matmul_flops(lambda: opt.step(lambda: (ce(m(x), y), ce(m(x), y))))
+    cost = step_cost(SIMILARITY[similarity], OUTER_HVP[outer_hvp], 2, 3, penalty_on=rho > 0)
+    assert spent / evaluation == pytest.approx(cost, rel=1e-12)
 
 
 def test_last_stats_has_the_same_keys_whatever_the_configuration():

@@ -5,9 +5,10 @@ on the union of their minibatches (one all-reduce per flat buffer and per gradie
 Why OFMU averages itself: DDP's reducer synchronises only the first backward pass of a step,
 and an OFMU step runs several (forget, retain, Hessian-vector products).
 
-FSDP2-sharded parameters (``fully_shard``) take the other path, :mod:`ofmu.sharded`: FSDP2
-averages the gradients, each rank keeps its shard of every buffer, and only the reductions'
-scalars are all-reduced. docs/scaling.md compares the two (bytes, memory).
+The step reaches this through :class:`ofmu.layouts.Replicated`. FSDP2-sharded parameters
+(``fully_shard``) take the other layout, :class:`ofmu.layouts.Sharded`: FSDP2 averages the
+gradients, each rank keeps its shard of every buffer, and only the reductions' scalars are
+all-reduced. docs/scaling.md compares the two (bytes, memory).
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ from .backends import Backend
 from .devices import move, reduction_device
 from .flat import MOMENTS, FlatBuffer, Slot
 from .gradients import Autodiff, Evaluation, accepts
+from .layouts import Layout
 from .modes import OuterHvpMode, SimilarityMode
 from .reference import acc_dtype
-from .sharded import all_reduce_stats, copy_out
 
 __all__ = [
     "GroupBuffer", "Hyper", "StepConfig", "StepState", "inner_step", "outer_step",
@@ -128,13 +128,14 @@ def diagnostics(state: StepState, eps: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------- reductions
 
 
-def reduce(parts: list[GroupBuffer], x: Slot, y: Slot | None) -> tuple[list[Tensor], Tensor]:
-    """Per-buffer ``reduce3(x, y)`` and their sum (on :func:`reduction_device`; float64 if any
-    buffer is float64, else float32)."""
+def reduce(parts: list[GroupBuffer], layout: Layout, x: Slot,
+           y: Slot | None) -> tuple[list[Tensor], Tensor]:
+    """Per-buffer ``reduce3(x, y)``, global over the ``layout``'s ranks, and their sum (on
+    :func:`reduction_device`; float64 if any buffer is float64, else float32)."""
     dev = reduction_device([p.buf.device for p in parts])
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
     stats = [move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)), dev, dt) for p in parts]
-    stats = all_reduce_stats(parts, stats)  # FSDP2: per-shard sums made global
+    stats = layout.all_reduce(stats)  # FSDP2: per-shard sums made global
     return stats, stats[0] if len(stats) == 1 else torch.stack(stats).sum(0)
 
 
@@ -177,7 +178,7 @@ def direction_operand(parts, cfg, ad, ev, stats, gstats):
     if not cfg.sim.second_order:
         return (Slot.GRAD_R if cfg.sim.projects else None), stats, None
     _grad_cos(parts, cfg, ad, ev, gstats)
-    ustats, ug = reduce(parts, Slot.GRAD_F, Slot.HVP)
+    ustats, ug = reduce(parts, ad.layout, Slot.GRAD_F, Slot.HVP)
     return Slot.HVP, ustats, torch.isfinite(ug).all() & torch.isfinite(gstats).all()
 
 
@@ -203,8 +204,9 @@ def combine_direction(parts, cfg, ad, ev, stats, gstats, out: Slot):
 # ----------------------------------------------------------------------------------- applying
 
 
-def finite_inputs(parts: list[GroupBuffer], cfg: StepConfig, losses: tuple[Tensor, ...],
-                  ok: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor | None]:
+def finite_inputs(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig,
+                  losses: tuple[Tensor, ...], ok: Tensor | None,
+                  like: Tensor) -> tuple[Tensor, Tensor | None]:
     """What an update must find finite besides its statistics: ``(checks, ok)`` for finalize.
     ``checks``: the losses it backpropagated (a loss plus an infinite constant has a finite
     gradient; the forget loss first, which the cap compares), in ``like``'s dtype and device.
@@ -221,7 +223,7 @@ def finite_inputs(parts: list[GroupBuffer], cfg: StepConfig, losses: tuple[Tenso
                 if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
                                                                          device=dev)
                 for p in parts]
-        fin = torch.isfinite(torch.stack(all_reduce_stats(parts, sums))).all()
+        fin = torch.isfinite(torch.stack(layout.all_reduce(sums))).all()
         ok = fin if ok is None else ok & fin
     return checks, ok
 
@@ -243,8 +245,8 @@ def _finalize(be: Backend, cfg: StepConfig, loop: str, group: int, gstats: Tenso
                        hp.max_grad_norm, cap)
 
 
-def finalize(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: str,
-             gstats: Tensor | None, ustats: list[Tensor], losses: tuple[Tensor, ...],
+def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: StepState,
+             loop: str, gstats: Tensor | None, ustats: list[Tensor], losses: tuple[Tensor, ...],
              ok: Tensor | None) -> list[Tensor]:
     """Per buffer, the packed coefficients of this loop's update, one finalize op per param
     group, and the skip/cap counters advanced. ``gstats``: the summed statistics the direction's
@@ -255,7 +257,7 @@ def finalize(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: 
     for p, u in zip(parts, ustats):  # the group's statistics (clipping is per group)
         by_group[p.group] = by_group[p.group] + u if p.group in by_group else u
     like = ustats[0]
-    checks, ok = finite_inputs(parts, cfg, losses, ok, like)
+    checks, ok = finite_inputs(parts, layout, cfg, losses, ok, like)
     if len(parts) > 1:  # every group must see a non-finite value anywhere
         checks = torch.cat([checks, torch.stack(ustats).sum(0)])
     fins = {g: _finalize(parts[0].backend, cfg, loop, g, u if gstats is None else gstats, u, checks,
@@ -269,8 +271,8 @@ def finalize(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: 
     return [fins[p.group] for p in parts]
 
 
-def apply(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: str, x: Slot,
-          y: Slot | None, fins: list[Tensor]) -> None:
+def apply(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: StepState, loop: str,
+          x: Slot, y: Slot | None, fins: list[Tensor]) -> None:
     """Apply ``alpha*x + gamma*y`` with each buffer's packed coefficients from :func:`finalize`
     (clipped per group; skipped unless its ``proceed`` flag): ascent for the inner loop, descent for
     the outer one, as written (``"sgd"``), through Adam, or through stateless Adam (``"sign"``).
@@ -295,7 +297,7 @@ def apply(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, loop: str
         m, v = (buf.flat(s) for s in MOMENTS[loop])
         part.backend.adam(buf.param, direction, m, v, state.adam_steps[(i, loop)], betas=hp.betas,
                           **kw)
-    copy_out(parts)  # FSDP2: the updated flat copies back into the local shards
+    layout.copy_out([p.buf for p in parts])  # FSDP2: the updated flat copies into the shards
 
 
 # ---------------------------------------------------------------------------------- the loops
@@ -307,13 +309,14 @@ def inner_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: 
     forget loss (detached)."""
     second = cfg.sim.second_order
     ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'")
-    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
+    stats, gstats = reduce(parts, ad.layout, Slot.GRAD_F, Slot.GRAD_R)
     state.diag["inner_stats"] = gstats
     with torch.enable_grad():
         y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
     # finite checks, the cap (no ascent past it), clipping, coefficients: one op per group
-    fins = finalize(parts, cfg, state, "inner", gstats, ustats, (ev.loss_f, ev.loss_r), ok)
-    apply(parts, cfg, state, "inner", Slot.GRAD_F, y, fins)
+    fins = finalize(parts, ad.layout, cfg, state, "inner", gstats, ustats, (ev.loss_f, ev.loss_r),
+                    ok)
+    apply(parts, ad.layout, cfg, state, "inner", Slot.GRAD_F, y, fins)
     return ev.loss_f.detach()
 
 
@@ -328,16 +331,16 @@ def outer_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: 
     else:  # retain descent: the forget gradient would only feed diagnostics, so it is skipped
         ev = ad.evaluate(closure, forget=False)
         x, y = Slot.GRAD_R, None
-        stats, gstats = reduce(parts, Slot.GRAD_R, None)  # [0, |g_r|^2, 0]
+        stats, gstats = reduce(parts, ad.layout, Slot.GRAD_R, None)  # [0, |g_r|^2, 0]
         for key in ("outer_stats", "grad_phi_sq"):
             state.diag.pop(key, None)
         state.diag["retain_stats"] = gstats
         ok = None  # finalize checks the statistics
     # the outer direction x + 2 rho y (x = g_r, y = h; or x = g_r + 2 rho h already, y = None):
     # its norm from reduce3(x, y)
-    fins = finalize(parts, cfg, state, "outer", None, stats,
+    fins = finalize(parts, ad.layout, cfg, state, "outer", None, stats,
                     (ev.loss_f, ev.loss_r) if penalised else (ev.loss_r,), ok)
-    apply(parts, cfg, state, "outer", x, y, fins)
+    apply(parts, ad.layout, cfg, state, "outer", x, y, fins)
     for p in parts:  # p.grad shows the gradient of this update (as after SGD)
         p.buf.bind_grads(x)
     return ev.loss_r.detach()
@@ -351,7 +354,7 @@ def _penalty(parts, cfg, state, ad, closure):
     graph_f, graph_r = cfg.hvp.graphs(cfg.sim)
     ev = ad.evaluate(closure, graph_f=graph_f, graph_r=graph_r,
                      why=f"similarity={cfg.sim.name!r} with outer_hvp={cfg.hvp.name!r} and rho > 0")
-    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
+    stats, gstats = reduce(parts, ad.layout, Slot.GRAD_F, Slot.GRAD_R)
     state.diag.pop("retain_stats", None)
     state.diag["outer_stats"] = gstats
     with torch.enable_grad():
@@ -360,7 +363,7 @@ def _penalty(parts, cfg, state, ad, closure):
         state.diag["grad_phi_sq"] = phi_sq
         xy = _HVP[cfg.hvp.name](parts, cfg, ad, ev, closure, phi_sq)
     ev.gf = ev.gr = None  # free the kept graphs before the update
-    stats, dg = reduce(parts, *xy)
+    stats, dg = reduce(parts, ad.layout, *xy)
     return ev, xy, stats, ok & torch.isfinite(gstats).all() & torch.isfinite(dg).all()
 
 
@@ -433,22 +436,23 @@ def _hvp_fd(parts, cfg, ad, ev, closure, phi_sq) -> tuple[Slot, None]:
         p.buf.flat(Slot.OUTER_DIR).copy_(p.buf.grad_r)
     one, zero = torch.ones_like(step), torch.zeros_like(step)
     try:
-        _fd_move(parts, C.pack_update(one, step, zero, ok), Slot.GRAD_F)  # theta + delta v/|v|
+        # theta + delta v/|v|, then its mirror image theta - delta v/|v|
+        _fd_move(parts, ad.layout, C.pack_update(one, step, zero, ok), Slot.GRAD_F)
         _fd_probe(parts, cfg, ad, closure, same, scale, ok)
-        _fd_move(parts, C.pack_update(-one, 2.0 * one, zero, ok), Slot.THETA_SAVED)  # mirrored
+        _fd_move(parts, ad.layout, C.pack_update(-one, 2.0 * one, zero, ok), Slot.THETA_SAVED)
         _fd_probe(parts, cfg, ad, closure, same, -scale, ok)
     finally:
         for p in parts:
             p.buf.param.copy_(p.buf.flat(Slot.THETA_SAVED))
-        copy_out(parts)
+        ad.layout.copy_out([p.buf for p in parts])
     return Slot.OUTER_DIR, None
 
 
-def _fd_move(parts, coeffs: Tensor, x: Slot) -> None:
-    """``theta = c0*theta + c1*x`` (skipped unless ``c3``) on every buffer, then FSDP2's shards."""
+def _fd_move(parts, layout: Layout, coeffs: Tensor, x: Slot) -> None:
+    """``theta = c0*theta + c1*x`` (skipped unless ``c3``) on every buffer, then copied out."""
     for p in parts:
         p.backend.update(p.buf.param, p.buf.flat(x), None, _on(coeffs, p.buf))
-    copy_out(parts)
+    layout.copy_out([p.buf for p in parts])
 
 
 def _fd_probe(parts, cfg, ad, closure, same: bool, scale: Tensor, ok: Tensor) -> None:
@@ -457,7 +461,7 @@ def _fd_probe(parts, cfg, ad, closure, same: bool, scale: Tensor, ok: Tensor) ->
     second = cfg.sim.second_order
     probe = ad.evaluate(closure, graph_f=second, graph_r=second, same_batch=same,
                         why="similarity='hvp'")
-    stats, gstats = reduce(parts, Slot.GRAD_F, Slot.GRAD_R)
+    stats, gstats = reduce(parts, ad.layout, Slot.GRAD_F, Slot.GRAD_R)
     combine_direction(parts, cfg, ad, probe, stats, gstats, Slot.GRAD_F)
     one = torch.ones_like(scale)
     for p in parts:

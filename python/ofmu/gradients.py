@@ -3,9 +3,9 @@
 The optimizer never differentiates anything itself; this module does, in three ways:
 ``evaluate`` (one closure call: the forget and retain gradients straight into ``GRAD_F`` /
 ``GRAD_R``, optionally keeping their graphs for Hessian-vector products), and ``vjp`` (a
-double backward through kept gradients, into a scratch buffer). Replicated data parallelism
-averages every result across ranks here (:mod:`ofmu.distributed`); FSDP2-sharded buffers
-(:mod:`ofmu.sharded`) take each rank's gradient shards from ``p.grad`` after ``.backward()``.
+double backward through kept gradients, into a scratch buffer). How a backward pass reaches
+the buffers, and what is averaged across ranks, is the layout's (:mod:`ofmu.layouts`:
+replicated or FSDP2-sharded parameters).
 A backward pass that reaches none of the optimizer's parameters raises (they were replaced
 after the optimizer was built) instead of leaving the step a silent no-op.
 """
@@ -18,13 +18,16 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .distributed import average_, mean_losses
+from .distributed import mean_losses
 from .flat import FlatBuffer, Slot
-from .sharded import is_sharded
+
+if TYPE_CHECKING:
+    from .layouts import Layout
 
 
 @dataclass
@@ -120,20 +123,16 @@ def _naming_double_backward(why: str):
 
 
 class Autodiff:
-    """Gradients of the optimised parameters into the flat buffers of ``buffers``."""
+    """Gradients of the optimised parameters into the flat buffers of ``buffers``, laid out
+    across ranks by ``layout`` (a :mod:`ofmu.layouts` object)."""
 
-    def __init__(self, buffers: list[FlatBuffer], process_group, hooks: list):
-        self.buffers, self.process_group, self.hooks = buffers, process_group, hooks
-        self._watched: set[int] = set()
-        self._reach_hooks: list = []  # removed with the optimizer (weakref.finalize)
-        self._reached = [0]  # a list the hooks share: they must not hold the optimizer alive
-        self._hit: set[int] = set()  # ids of the parameters this evaluation's passes reached
+    def __init__(self, buffers: list[FlatBuffer], layout: Layout, hooks: list):
+        self.buffers, self.layout, self.hooks = buffers, layout, hooks
         self._warned: set[frozenset] = set()  # unreached sets already warned about
         # the mode to name if the double backward tried at the next closure call fails; and
         # whether one succeeded (the model can do it: never tried again)
         self._pending: str | None = None
         self._double_ok = False
-        weakref.finalize(self, remove_handles, self._reach_hooks)
 
     def expect_double_backward(self, graph_f: bool, graph_r: bool, why: str) -> None:
         """A step is about to start that differentiates through these gradient graphs (``why``
@@ -156,10 +155,8 @@ class Autodiff:
         names in the error raised when the model cannot do one). Under torch.distributed the
         returned losses are averaged over the ranks (the loss on the union of the minibatches,
         so that ``forget_loss_cap`` decides alike on every rank)."""
-        sharded = self.sharded
-        if sharded and (graph_f or graph_r):  # rho raised after construction, say
-            raise _sharded_mode_error(why, self.buffers[0].names[0])
-        self._watch()
+        if graph_f or graph_r:  # FSDP2 refuses (rho raised after construction, say)
+            self.layout.check_param_grads(why, self.buffers)
         check, self._pending = self._pending, None
         with torch.enable_grad():
             loss_f, loss_r = call_closure(closure, same_batch, need_forget=forget)
@@ -175,7 +172,7 @@ class Autodiff:
             self.average(Slot.GRAD_F)
         self.average(Slot.GRAD_R)
         ev.loss_f, ev.loss_r = mean_losses(None if ev.loss_f is None else ev.loss_f.detach(),
-                                           ev.loss_r.detach(), self.loss_group)
+                                           ev.loss_r.detach(), self.layout.loss_group)
         # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
         # once one backward pass went through, the per-parameter check hooks can go.
         for h in self.hooks:
@@ -189,8 +186,7 @@ class Autodiff:
         (:class:`NoDoubleBackwardError`; FSDP2: the sharded-mode error) before any update.
         The retain loss, not the forget loss, so that this costs no backward pass through the
         forget loss (the model's operations are the same). One double backward, once."""
-        if self.sharded:
-            raise _sharded_mode_error(why, self.buffers[0].names[0])
+        self.layout.check_param_grads(why, self.buffers)
         params = self.params
         with _naming_double_backward(why):
             grads = torch.autograd.grad(loss_r, params, create_graph=True, retain_graph=True,
@@ -201,36 +197,14 @@ class Autodiff:
                                     retain_graph=True, allow_unused=True)
         self._double_ok = True
 
-    @property
-    def sharded(self) -> bool:
-        return any(is_sharded(b) for b in self.buffers)
-
-    @property
-    def loss_group(self):
-        """The group the losses are averaged over (None: no torch.distributed)."""
-        if self.sharded:
-            return self.buffers[0].loss_group
-        return self.process_group
-
-    def _watch(self) -> None:
-        """Count the plain parameters a backward pass reaches (post-accumulate-grad hooks, added
-        once per parameter): none reached means the model no longer uses them."""
-        for buf in self.buffers:
-            if is_sharded(buf):
-                continue
-            for p in buf.params:
-                if id(p) not in self._watched:
-                    self._watched.add(id(p))
-                    self._reach_hooks.append(p.register_post_accumulate_grad_hook(
-                        _counter(self._reached, self._hit)))
-
     def _check_reached(self, reached_f: int | None, reached_r: int) -> None:
         """Parameters each backward pass reached (None: not run): none at all means they were
         replaced; none from one loss means that loss is a constant to the optimizer."""
         if not self.params:
             return
         if reached_r == 0 and not reached_f:
-            raise RuntimeError(_replaced_message(self.buffers[0].names[0], self.sharded))
+            raise RuntimeError(_replaced_message(self.buffers[0].names[0],
+                                                 self.layout.also_replaced_by))
         for name, n in (("forget_loss", reached_f), ("retain_loss", reached_r)):
             if n == 0:
                 raise RuntimeError(
@@ -262,37 +236,19 @@ class Autodiff:
             "moves a parameter without gradient.", stacklevel=2)
 
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
-        """``.backward()`` straight into the flat buffers (their slices are bound as ``p.grad``);
-        for FSDP2-sharded buffers, ``.backward()`` then the local gradient shards copied in."""
-        self._hit.clear()
-        reached_f = None if lf is None else self._backward_into(lf, Slot.GRAD_F)
+        """The forget (unless None) and retain backward passes into ``GRAD_F`` / ``GRAD_R``."""
+        self.layout.begin(self.buffers)
+        reached_f = None if lf is None else self.layout.backward(self.buffers, lf, Slot.GRAD_F)
         try:
-            reached_r = self._backward_into(lr, Slot.GRAD_R)
+            reached_r = self.layout.backward(self.buffers, lr, Slot.GRAD_R)
         except RuntimeError as e:
             if "second time" in str(e):
                 raise RuntimeError("the forget and retain losses share part of one autograd "
                                    "graph; compute them in separate forward passes") from e
             raise
         self._check_reached(reached_f, reached_r)
-        if lf is not None and not self.sharded:
-            self._warn_unreached([id(p) not in self._hit for p in self.params])
-
-    def _backward_into(self, loss: Tensor, slot: Slot) -> int:
-        """One backward pass into buffer ``slot``; returns how many parameters it reached."""
-        sharded = self.sharded
-        for buf in self.buffers:
-            if sharded:
-                buf.release_grads()
-            else:
-                buf.flat(slot).zero_()
-                buf.bind_grads(slot)
-        self._reached[0] = 0
-        # FSDP2 all-gathers the sharded parameters into other tensors: they are not the graph's
-        # leaves, so no ``inputs=`` (its post-backward hooks reduce-scatter into p.grad).
-        torch.autograd.backward(loss, inputs=None if sharded else self.params)
-        if sharded:
-            return sum(buf.collect_grads(slot) for buf in self.buffers)
-        return self._reached[0]
+        if lf is not None:
+            self._warn_unreached(self.layout.missed(self.params))
 
     def _grad_with_graphs(self, ev: Evaluation, graph_f: bool, graph_r: bool) -> None:
         params = self.params
@@ -332,26 +288,18 @@ class Autodiff:
             self.average(slot)
 
     def average(self, slot: Slot) -> None:
-        """Replicated parameters: average the buffer over the ranks (FSDP2-sharded gradients
-        arrive averaged)."""
-        if not self.sharded:
-            average_([buf.flat(slot) for buf in self.buffers], self.process_group)
+        """The buffer averaged over the ranks, as the layout does it."""
+        self.layout.average([buf.flat(slot) for buf in self.buffers])
 
 
-def _replaced_message(name: str, sharded: bool) -> str:
+def _replaced_message(name: str, also: str) -> str:
     return (f"no gradient reached any of the optimizer's parameters (first: {name}): the model no "
             "longer uses the tensors OFMU was built with. They were replaced after the optimizer "
             "was built: by fully_shard() (FSDP2) or another wrapper applied after OFMU(...), by "
             "load_state_dict(assign=True), or by model surgery"
-            + (" or re-sharding" if sharded else "") +
+            + also +
             ". Build the optimizer last: OFMU(model.parameters(), ...) after wrapping and loading "
             "(or check that the closure's losses depend on these parameters).")
-
-
-def _sharded_mode_error(why: str, name: str) -> ValueError:
-    from .sharded import _mode_error
-
-    return _mode_error(why, name)
 
 
 def remove_handles(handles: list) -> None:
@@ -359,10 +307,3 @@ def remove_handles(handles: list) -> None:
     for h in handles:
         h.remove()
     handles.clear()
-
-
-def _counter(box: list, hit: set):
-    def hook(p: Tensor) -> None:
-        box[0] += 1
-        hit.add(id(p))
-    return hook

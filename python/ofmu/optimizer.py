@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, functional, sharded
+from . import backends, functional, layouts
 from .distributed import resolve_process_group
 from .flat import MOMENTS, FlatBuffer, Slot, check_distinct, check_frozen
 from .gradients import Autodiff, remove_handles
@@ -147,7 +147,9 @@ class OFMU(Optimizer):
         self._state = functional.StepState()
         self._guard = StepGuard()  # one step at a time (threads, a closure calling step)
         self._frozen: list[tuple[Tensor, str]] = []  # params left out (requires_grad=False)
-        self._autodiff = Autodiff([], self.process_group, self._hooks)
+        # Replicated or Sharded, chosen by the parameters of the first flat buffer
+        self._layout: layouts.Layout = layouts.Replicated(self.process_group)
+        self._autodiff = Autodiff([], self._layout, self._hooks)
         defaults = dict(lr=lr, inner_lr=inner_lr, beta=beta, rho=rho, rho_growth=rho_growth,
                         rho_max=rho_max, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                         betas=tuple(betas), adam_eps=adam_eps)
@@ -182,10 +184,14 @@ class OFMU(Optimizer):
             by_key[(p.device, p.dtype)].append((p, name))
             self._hooks.append(p.register_hook(_dense_grad_check(name)))
         for (device, _), items in by_key.items():
-            check_distinct([p for p, _ in items], [n for _, n in items])  # sharded buffers too
-            buf = sharded.flat_buffer([p for p, _ in items], [n for _, n in items],
-                                      [part.buf for part in self._parts], self.sim_mode,
-                                      self.hvp_mode, float(group["rho"]))
+            params, names = [p for p, _ in items], [n for _, n in items]
+            check_distinct(params, names)  # sharded buffers too
+            layout = (self._layout if self._parts
+                      else layouts.choose(params, names, self.process_group))
+            buf = layout.flat_buffer(params, names, self.flat_buffers, self.sim_mode,
+                                     self.hvp_mode, float(group["rho"]))
+            if layout is not self._layout:  # the first buffer: its layout is the optimizer's
+                self._layout, self._autodiff = layout, Autodiff([], layout, self._hooks)
             buf.bind_grads(Slot.GRAD_R)  # p.grad always shows the retain buffer (zeros here)
             backend, reason = backends.select(self.backend, device)
             self._parts.append(functional.GroupBuffer(buf, backend, gi))
@@ -205,7 +211,7 @@ class OFMU(Optimizer):
                 for pi, p in enumerate(part.buf.params):
                     st = self.state[p]
                     for slot in slots:
-                        st[slot.value] = sharded.state_view(part.buf, slot, pi)
+                        st[slot.value] = self._layout.state_view(part.buf, slot, pi)
                     st[_STEP_KEYS[loop]] = step
 
     def rebuild(self) -> None:

@@ -1,4 +1,6 @@
-"""OFMU on FSDP2-sharded models (``torch.distributed.fsdp.fully_shard``): the sharded part.
+"""FSDP2-sharded parameters (``torch.distributed.fsdp.fully_shard``): OFMU's flat buffer over
+copies of this rank's shards, and the checks of what OFMU supports there. The step reaches it
+through the :class:`ofmu.layouts.Sharded` layout.
 
 FSDP2 turns every parameter into a ``DTensor`` sharded on one dimension over a 1-D device
 mesh (HSDP: replicated over the first dimension of a 2-D mesh, sharded over the second), owns
@@ -57,22 +59,12 @@ def _local(t: Tensor) -> Tensor:
     return local if isinstance(local, Tensor) else t.detach().to_local()
 
 
-def _world():
-    import torch.distributed as dist
-
-    return dist.group.WORLD
-
-
-def is_sharded(buf) -> bool:
-    return isinstance(buf, ShardedFlatBuffer)
-
-
 _FIX_MODE = ("Use outer_hvp='fd' (finite differences: closures at perturbed points, first "
              "order) with similarity='project' or 'none', or switch the penalty off (rho=0 or "
              "outer_hvp='none')")
 
 
-def _mode_error(what: str, name: str) -> ValueError:
+def mode_error(what: str, name: str) -> ValueError:
     return ValueError(
         f"{what} differentiates with respect to the parameters (torch.autograd.grad), which is "
         f"not possible for FSDP2-sharded parameters such as {name}: fully_shard all-gathers "
@@ -83,9 +75,9 @@ def _mode_error(what: str, name: str) -> ValueError:
 def check_modes(sim, hvp, rho: float, name: str) -> None:
     """Refuse the modes that need ``torch.autograd.grad`` with respect to sharded parameters."""
     if sim.second_order:
-        raise _mode_error(f"similarity={sim.name!r}", name)
+        raise mode_error(f"similarity={sim.name!r}", name)
     if hvp.double_backward(sim) and rho > 0:
-        raise _mode_error(f"outer_hvp={hvp.name!r} with rho > 0", name)
+        raise mode_error(f"outer_hvp={hvp.name!r} with rho > 0", name)
 
 
 def check_placements(p: Tensor, name: str) -> None:
@@ -114,40 +106,6 @@ def check_placements(p: Tensor, name: str) -> None:
                              "rank (the losses are averaged over the default group)")
 
 
-def flat_buffer(params: list[Tensor], names: list[str], earlier: list[FlatBuffer], sim, hvp,
-                rho: float):
-    """The flat buffer of one (group, device, dtype): a :class:`FlatBuffer` for plain
-    parameters, a :class:`ShardedFlatBuffer` for FSDP2-sharded ones (after checking their
-    layout, the modes ``sim``/``hvp`` at the group's ``rho``, and that the two kinds are not
-    mixed with the ``earlier`` buffers of the optimizer)."""
-    dt = [is_dtensor(p) for p in params]
-    if not any(dt):
-        if any(is_sharded(b) for b in earlier):
-            raise ValueError(_mixed(names[0], earlier[0].names[0]))
-        return FlatBuffer(params, names)
-    if not all(dt) or any(not is_sharded(b) for b in earlier):
-        plain = (names[dt.index(False)] if not all(dt)
-                 else next(b.names[0] for b in earlier if not is_sharded(b)))
-        sharded = names[dt.index(True)]
-        raise ValueError(_mixed(plain, sharded))
-    for p, n in zip(params, names):
-        check_placements(p, n)
-    check_modes(sim, hvp, rho, names[0])
-    buf = ShardedFlatBuffer(params, names)
-    for b in earlier:
-        if b.mesh != buf.mesh:
-            raise ValueError(f"parameter {names[0]} is sharded over {buf.mesh} but {b.names[0]} "
-                             f"over {b.mesh}; OFMU needs every parameter on one device mesh")
-    return buf
-
-
-def _mixed(plain: str, sharded: str) -> str:
-    return (f"parameter {plain} is a plain tensor but {sharded} is an FSDP2-sharded DTensor; OFMU "
-            "cannot mix replicated and sharded parameters. Apply fully_shard to the root module "
-            "too (fully_shard(model) after the submodules), so that every parameter is sharded, "
-            "or freeze/leave out the plain ones.")
-
-
 class ShardedFlatBuffer(FlatBuffer):
     """OFMU's flat buffers over copies of this rank's shards of FSDP2 parameters.
 
@@ -159,11 +117,6 @@ class ShardedFlatBuffer(FlatBuffer):
         shards = [_local(p) for p in params]
         self._shapes = [s.shape for s in shards]
         self.mesh, self.placements = params[0].device_mesh, tuple(params[0].placements)
-        # the shards of one replica: their reduce3 sums are the global ones (HSDP's replicas
-        # hold the same shards and, after FSDP2's all-reduce, the same gradients)
-        self.group = self.mesh.get_group(self.mesh.ndim - 1)
-        # the ranks whose minibatches make one global batch: the losses are averaged over them
-        self.loss_group = self.group if self.mesh.ndim == 1 else _world()
         super().__init__([s.clone() for s in shards], names)  # our copies, re-viewed
         self.params = list(params)
         self._grad_views: dict[Slot, list[Tensor]] = {}
@@ -235,33 +188,3 @@ class ShardedFlatBuffer(FlatBuffer):
 
     def check_aliasing(self) -> None:
         self.refresh()
-
-
-# ------------------------------------------------------------------- hooks for functional.py
-
-
-def all_reduce_stats(parts, stats: list[Tensor]) -> list[Tensor]:
-    """Per-buffer ``reduce3`` statistics summed over the shards: one all-reduce of
-    ``3 x len(parts)`` scalars (identity unless the parts are sharded)."""
-    if not parts or not is_sharded(parts[0].buf):
-        return stats
-    import torch.distributed as dist
-
-    packed = torch.stack(stats)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=parts[0].buf.group)
-    return list(packed.unbind(0))
-
-
-def copy_out(parts) -> None:
-    """After an update of the flat parameter buffers: into FSDP2's shards (no-op otherwise)."""
-    for part in parts:
-        if is_sharded(part.buf):
-            part.buf.copy_out()
-
-
-def state_view(buf, slot: Slot, pi: int) -> Tensor:
-    """``state[p][...]`` for parameter ``pi`` of ``buf``: its view of buffer ``slot``, as a
-    DTensor laid out like the parameter when sharded (what ``torch.distributed.checkpoint``
-    saves shard by shard)."""
-    view = buf.buffer(slot)[1][pi]
-    return buf.dtensor(view, pi) if is_sharded(buf) else view
