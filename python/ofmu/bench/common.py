@@ -112,6 +112,20 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "triton": tv, "ofmu": ov}
 
 
+def cpu_isa(device: torch.device, dtype: torch.dtype) -> str:
+    """The instruction set of the C++ CPU kernels that ``dtype`` buffers run on ("avx512",
+    "avx2", "portable"; docs/kernels.md), "" off the CPU, "none" without ``ofmu._C``."""
+    if device.type != "cpu":
+        return ""
+    try:
+        from .. import _C  # noqa: F401  (registers torch.ops.ofmu.*)
+    except ImportError:
+        return "none"
+    if not hasattr(torch.ops.ofmu, "_cpu_isa"):
+        return "unknown"
+    return torch.ops.ofmu._cpu_isa(dtype=dtype)
+
+
 def metadata(device: torch.device) -> dict[str, object]:
     """The columns that key every row: device, versions and the thread count in use."""
     return {"device": device_name(device), **versions(), "threads": torch.get_num_threads()}
