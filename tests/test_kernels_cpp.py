@@ -17,6 +17,7 @@ import pytest
 import torch
 from _cpu_paths import FAST_COEFFS, assert_same_results, nasty, supported_isas
 from _kernels import assert_bitwise_equal
+from ofmu import backends
 
 pytest.importorskip("ofmu._C", reason="ofmu._C is not built (pip install -e . --no-build-isolation)")
 
@@ -169,6 +170,7 @@ def test_cpu_isa_switch_reports_and_refuses():
         assert not ops._cpu_fast_path()
         ops._cpu_isa(best)
         assert ops._cpu_isa(dtype=torch.float32) == best
+        assert backends.cpu_isa(torch.float16) == best  # what benchmarks and `ofmu info` record
         assert ops._cpu_isa(dtype=torch.bfloat16) == best
         # fp64 buffers have no AVX-512 kernels: they keep the AVX2 ones
         assert ops._cpu_isa(dtype=torch.float64) == ("avx2" if best == "avx512" else best)

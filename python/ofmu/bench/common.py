@@ -117,13 +117,9 @@ def cpu_isa(device: torch.device, dtype: torch.dtype) -> str:
     "avx2", "portable"; docs/kernels.md), "" off the CPU, "none" without ``ofmu._C``."""
     if device.type != "cpu":
         return ""
-    try:
-        from .. import _C  # noqa: F401  (registers torch.ops.ofmu.*)
-    except ImportError:
-        return "none"
-    if not hasattr(torch.ops.ofmu, "_cpu_isa"):
-        return "unknown"
-    return torch.ops.ofmu._cpu_isa(dtype=dtype)
+    from ..backends import cpu_isa as isa
+
+    return isa(dtype) or "none"
 
 
 def metadata(device: torch.device) -> dict[str, object]:
