@@ -115,7 +115,9 @@ def _extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cpu_sources = [_rel("csrc", "ofmu.cpp"), _rel("csrc", "cpu", "ofmu_cpu.cpp")]
-    cxx_flags = ["-O3", "-fopenmp"]
+    # No contraction of a*b + c into an FMA: the AVX-512 kernels (whose target enables FMA
+    # instructions) must round like the portable loops (csrc/cpu/avx512_kernels.h).
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link_flags = ["-fopenmp"]
 
     if SKIP_CUDA_BUILD:

@@ -11,6 +11,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _load(name: str):
@@ -40,6 +41,10 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     timed = [r for r in data if r["n"]]
     assert {r["dtype"] for r in timed} == {"float32", "bfloat16"}
     assert {int(r["n"]) for r in timed} == {4096, 65536}
+    # the instruction set the C++ kernels ran on, as the extension reports it
+    isa = _load("common").cpu_isa(torch.device("cpu"), torch.float32)
+    assert isa in ("avx512", "avx2", "portable", "none")
+    assert {r["cpu_isa"] for r in timed} == {isa}
     for r in timed:
         # every provider passed the correctness gate (a wrong one would say WRONG / error)
         assert r["status"] == "ok", r

@@ -1,15 +1,23 @@
-"""The C++ CPU kernels' own cases: the AVX2 fast path against the portable loops.
+"""The C++ CPU kernels' own cases: every vector path (AVX2, and AVX-512 where the CPU has it)
+against the portable loops, and the switches that choose between them.
 
 Everything the kernel contract asks of every backend (accuracy against float64, aliasing,
 non-finite inputs, determinism across threads, argument errors, Meta/fake tensors, opcheck,
-torch.compile) is in tests/test_kernels.py, which runs it on this backend too.
+torch.compile) is in tests/test_kernels.py, which runs it on this backend too. The AVX-512 code
+on CPUs without AVX-512 (through SIMDe): tests/test_kernels_avx512.py.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from _kernels import assert_bitwise_equal, bits
+from _cpu_paths import FAST_COEFFS, assert_same_results, nasty, supported_isas
+from _kernels import assert_bitwise_equal
+from ofmu import backends
 
 pytest.importorskip("ofmu._C", reason="ofmu._C is not built (pip install -e . --no-build-isolation)")
 
@@ -24,93 +32,38 @@ def restore_threads():
 
 
 # ---------------------------------------------------------------------------------------------
-# The fast path (AVX2 + F16C, chosen at run time) against the portable loops, every dtype
+# The vector paths (chosen at run time) against the portable loops, every dtype
 # ---------------------------------------------------------------------------------------------
 
-# Sizes around the vector width (8), the reduction lanes (16), the reduction block (1024) and
-# the fp16 reduction's groups of 8 blocks, plus a multi-threaded one.
-FAST_SIZES = [1, 7, 8, 9, 15, 16, 17, 1023, 1025, 8 * 1024, 8 * 1024 + 3, 9 * 1024 + 5, 2**17 + 8 * 1024 + 1]
+# Sizes around the vector widths (8, 16), the reduction lanes (16), the reduction block (1024)
+# and the fp16 reduction's groups of 8 (AVX2) and 16 (AVX-512) blocks, plus a multi-threaded one.
+FAST_SIZES = [1, 7, 8, 9, 15, 16, 17, 31, 1023, 1025, 8 * 1024, 8 * 1024 + 3, 9 * 1024 + 5,
+              16 * 1024, 17 * 1024 + 5, 2**17 + 8 * 1024 + 1]
+
+VECTOR_ISAS = [isa for isa in supported_isas() if isa != "portable"]
+ALL_VECTOR_ISAS = ["avx2", "avx512"]
 
 
-def _has_fast_path() -> bool:
-    if not hasattr(ops, "_cpu_fast_path"):
-        return False
-    old = ops._cpu_fast_path()
-    try:
-        ops._cpu_fast_path(True)
-        return True
-    except RuntimeError:  # no AVX2+F16C here (or not x86-64): only the portable loops exist
-        return False
-    finally:
-        ops._cpu_fast_path(old)
-
-
-needs_fast = pytest.mark.skipif(not _has_fast_path(), reason="no AVX2+F16C fast path here")
-
-
-def nasty(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Wide-range values with NaNs (also signalling / negative / payload NaNs), +-inf, -0.0,
-    subnormals and values near the overflow threshold mixed in."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(n, generator=g, dtype=torch.float64)
-    v = v * torch.exp(4 * torch.randn(n, generator=g, dtype=torch.float64))
-    t = v.to(dtype)
-    fi = torch.finfo(dtype)
-    m = torch.rand(n, generator=g)
-    t[m < 0.01] = float("nan")
-    t[(m >= 0.01) & (m < 0.02)] = float("inf")
-    t[(m >= 0.02) & (m < 0.03)] = -float("inf")
-    sub = (m >= 0.03) & (m < 0.05)
-    t[sub] = (fi.tiny * torch.rand(int(sub.sum()), generator=g, dtype=torch.float64)).to(dtype)
-    t[(m >= 0.05) & (m < 0.06)] = -0.0
-    t[(m >= 0.06) & (m < 0.07)] = fi.max * 0.75
-    b = bits(t)
-    signalling = {torch.float16: 0x7C01, torch.bfloat16: 0x7F81, torch.float32: 0x7F800001,
-                  torch.float64: 0x7FF0000000000001}[dtype]
-    b[(m >= 0.07) & (m < 0.08)] = signalling
-    b[(m >= 0.08) & (m < 0.09)] = -1  # all ones: negative NaN, full payload
-    return t
-
-
-def assert_same_results(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bitwise equal, except that a NaN need only meet a NaN: when two NaNs meet in one operation
-    IEEE 754 leaves open which one comes out, and the portable loops' choice is the compiler's
-    (fp16 keeps the NaN's sign; bf16 stores are always 0x7FC0)."""
-    assert a.dtype == b.dtype and a.shape == b.shape
-    both_nan = torch.isnan(a) & torch.isnan(b)
-    differ = bits(a) != bits(b)
-    assert not (differ & ~both_nan).any(), (
-        f"fast and portable paths differ at {torch.nonzero(differ & ~both_nan).flatten()[:8].tolist()}")
-
-
-@pytest.fixture
-def portable_and_fast():
-    """Runs fn with the portable loops, then with the fast path; returns both results."""
-    old = ops._cpu_fast_path()
+@pytest.fixture(params=[pytest.param(isa, marks=pytest.mark.skipif(
+    isa not in VECTOR_ISAS, reason=f"this CPU (or build) has no {isa} path")) for isa in ALL_VECTOR_ISAS])
+def portable_and_fast(request):
+    """Runs fn with the portable loops, then with the vector path of the parameter; returns both
+    results."""
+    isa = request.param
+    old = ops._cpu_isa()
 
     def both(fn):
-        ops._cpu_fast_path(False)
+        ops._cpu_isa("portable")
         slow = fn()
-        ops._cpu_fast_path(True)
+        ops._cpu_isa(isa)
+        assert ops._cpu_isa() == isa
         fast = fn()
         return slow, fast
 
     yield both
-    ops._cpu_fast_path(old)
+    ops._cpu_isa(old)
 
 
-FAST_COEFFS = {
-    "random": [0.7, -1.3, 2.1, 0.4],
-    "bf16 ties": [1.0, 2.0**-9, 1.0 + 2.0**-8, 1.0],
-    "fp16 ties": [1.0, 2.0**-12, 1.0 + 2.0**-11, 1.0],
-    "tiny/huge": [1e-6, -3e-7, 7e4, 1.0],
-    "inf c1": [1.0, float("inf"), 0.0, 1.0],
-    "nan c0": [float("nan"), 1.0, -1.0, float("nan")],
-    "signed zeros": [-0.0, 0.0, -0.0, 2.0],
-}
-
-
-@needs_fast
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64],
                          ids=str)
 @pytest.mark.parametrize("n", FAST_SIZES)
@@ -149,7 +102,6 @@ def test_fast_path_matches_portable(n, dtype, portable_and_fast, restore_threads
             assert_same_results(s, f)
 
 
-@needs_fast
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fast_path_every_16bit_value(dtype, portable_and_fast):
     # Every bit pattern through the load conversion (update with c = [1, 0, 0, 1] rounds
@@ -171,11 +123,64 @@ def test_fast_path_every_16bit_value(dtype, portable_and_fast):
 
 
 def test_fast_path_env_var_forces_portable():
-    import subprocess
-    import sys
-
-    code = "import torch, ofmu._C; print(torch.ops.ofmu._cpu_fast_path())"
-    env = dict(__import__("os").environ, OFMU_CPU_PORTABLE="1")
+    code = "import torch, ofmu._C; print(torch.ops.ofmu._cpu_fast_path(), torch.ops.ofmu._cpu_isa())"
+    env = dict(os.environ, OFMU_CPU_PORTABLE="1")
+    env.pop("OFMU_CPU_ISA", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "portable"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the path: OFMU_CPU_ISA, _cpu_isa, _cpu_fast_path
+# ---------------------------------------------------------------------------------------------
+
+def _in_subprocess(code: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OFMU_CPU_ISA", "OFMU_CPU_PORTABLE")}
+    return subprocess.run([sys.executable, "-c", "import torch, ofmu._C\n" + code],
+                          env=dict(env, **env_vars), capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_env_var_chooses_the_path(isa):
+    code = "print(torch.ops.ofmu._cpu_isa()); print(torch.ops.ofmu.reduce3(torch.ones(5), None)[1].item())"
+    out = _in_subprocess(code, OFMU_CPU_ISA=isa)
+    if isa in supported_isas():
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [isa, "5.0"]
+    else:  # refused at the first kernel call, naming the variable and what the CPU supports
+        assert out.returncode != 0
+        assert f"OFMU_CPU_ISA={isa}: this CPU (or build) supports at most" in out.stderr
+
+
+def test_env_var_refuses_unknown_names():
+    out = _in_subprocess("torch.ops.ofmu.reduce3(torch.ones(5), None)", OFMU_CPU_ISA="avx1024")
+    assert out.returncode != 0
+    assert "OFMU_CPU_ISA=avx1024: expected one of portable, avx2, avx512" in out.stderr
+
+
+def test_cpu_isa_switch_reports_and_refuses():
+    best = ops._cpu_isa(best=True)
+    assert best == supported_isas()[-1]
+    old = ops._cpu_isa()
+    try:
+        assert ops._cpu_isa("portable") == old  # returns the previous setting
+        assert ops._cpu_isa() == "portable"
+        assert ops._cpu_isa(dtype=torch.float64) == "portable"
+        assert not ops._cpu_fast_path()
+        ops._cpu_isa(best)
+        assert ops._cpu_isa(dtype=torch.float32) == best
+        assert backends.cpu_isa(torch.float16) == best  # what benchmarks and `ofmu info` record
+        assert ops._cpu_isa(dtype=torch.bfloat16) == best
+        # fp64 buffers have no AVX-512 kernels: they keep the AVX2 ones
+        assert ops._cpu_isa(dtype=torch.float64) == ("avx2" if best == "avx512" else best)
+        with pytest.raises(RuntimeError, match="expected one of portable, avx2, avx512"):
+            ops._cpu_isa("sse2")
+        with pytest.raises(RuntimeError, match="dtype must be float32, float64, bfloat16 or float16"):
+            ops._cpu_isa(dtype=torch.int32)
+        assert ops._cpu_isa() == best  # refused calls changed nothing
+        if best != "avx512":
+            with pytest.raises(RuntimeError, match="supports at most"):
+                ops._cpu_isa("avx512")
+    finally:
+        ops._cpu_isa(old)

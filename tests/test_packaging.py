@@ -56,7 +56,8 @@ def test_sdist_holds_what_a_build_needs(built):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for needed in ("setup.py", "pyproject.toml", "MANIFEST.in", "LICENSE", "CHANGELOG.md", "README.md",
                    "CONTRIBUTING.md", "constraints.txt", "csrc/ofmu.cpp", "csrc/checks.h",
-                   "csrc/cpu/ofmu_cpu.cpp", "csrc/cuda/ofmu_kernels.cu", "csrc/cuda/ofmu_cuda.cpp",
+                   "csrc/cpu/ofmu_cpu.cpp", "csrc/cpu/avx512_kernels.h", "csrc/cuda/ofmu_kernels.cu",
+                   "csrc/cuda/ofmu_cuda.cpp", "tests/csrc/avx512_simde.cpp",
                    "ofmu_kernels/__init__.py", "python/ofmu/py.typed", "python/ofmu/optimizer.py"):
         assert needed in names, needed
     # every docs/ page the README links to is shipped

@@ -19,7 +19,8 @@
 // fp32 4-lane SSE2 arithmetic. Every dtype therefore gets a second implementation in namespace
 // `avx2` (functions marked `target("avx2,f16c")`, not a global -mavx2: AVX2 + F16C intrinsics
 // for bf16/fp16 and for reduce3, the portable elementwise loops recompiled for AVX2 for
-// fp32/fp64), chosen at run time by `fast<T>()` — the one place of the dispatch. It computes
+// fp32/fp64), chosen at run time by `isa_for<T>()` — the one place of the dispatch, which also
+// picks the AVX-512 kernels where the CPU has them (NOTE: [AVX-512 path]). It computes
 // exactly what the portable loops compute, bit for bit:
 //   * the same IEEE operations in the same order per element (no FMA: `fma` is deliberately not
 //     in the target list, so the compiler cannot contract a*b + c);
@@ -56,6 +57,9 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define OFMU_HAS_AVX2_PATH 1
 #include <immintrin.h>
+// AVX-512F, and the AVX2/F16C that every AVX-512F CPU has (NOTE: [AVX-512 path]); no "fma".
+#define OFMU_AVX512 __attribute__((target("avx512f,avx2,f16c")))
+#include "avx512_kernels.h"
 #endif
 
 namespace ofmu {
@@ -265,33 +269,84 @@ OFMU_INLINE void update_range_portable(T* theta, const T* x, const T* y, const a
 template <typename T>
 constexpr bool is16 = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
-// Whether buffers take the avx2 kernels: the CPU has AVX2 and F16C, and neither
-// OFMU_CPU_PORTABLE nor _cpu_fast_path(False) asked for the portable loops. Decided once at
-// load time; the atomic only serves the test switch.
-bool fast16_supported() {
+#ifdef OFMU_HAS_AVX2_PATH
+static_assert(avx512::kBlock == kBlock && avx512::kPrefetchBytes == kPrefetchBytes);
+static_assert(sizeof(c10::BFloat16) == 2 && sizeof(c10::Half) == 2);
+
+// The buffer dtype as avx512_kernels.h names it; its 16-bit buffers are passed as uint16_t,
+// which that header only touches through intrinsics and memcpy.
+template <typename T>
+constexpr avx512::Fmt fmt_of = std::is_same_v<T, c10::BFloat16> ? avx512::Fmt::bf16
+                               : std::is_same_v<T, c10::Half>   ? avx512::Fmt::f16
+                                                                : avx512::Fmt::f32;
+template <avx512::Fmt F, typename T>
+inline auto as_elem(T* p) {
+  using E = avx512::elem_t<F>;
+  if constexpr (std::is_const_v<T>)
+    return reinterpret_cast<const E*>(p);
+  else
+    return reinterpret_cast<E*>(p);
+}
+#endif
+
+// NOTE: [AVX-512 path]
+// Three instruction sets, best first: `avx512` (csrc/cpu/avx512_kernels.h: fp32, bf16 and fp16
+// in 512-bit registers; fp64 buffers keep the avx2 kernels), `avx2` (namespace avx2 below) and
+// `portable`. The best the CPU supports is taken at load time (__builtin_cpu_supports, which
+// also checks that the OS saves the wider registers); OFMU_CPU_ISA=portable|avx2|avx512 in the
+// environment asks for a given one (refused, naming the variable, where the CPU lacks it), the
+// older OFMU_CPU_PORTABLE=1 for the portable loops, and torch.ops.ofmu._cpu_isa(name) switches
+// at run time (tests). Every path gives the portable loops' bits.
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2 };
+constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512"};
+
+Isa best_isa() {
 #ifdef OFMU_HAS_AVX2_PATH
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return Isa::portable;
+  return __builtin_cpu_supports("avx512f") ? Isa::avx512 : Isa::avx2;
 #else
-  return false;
+  return Isa::portable;
 #endif
 }
 
-std::atomic<bool>& fast16_flag() {
-  static std::atomic<bool> flag{[] {
-    const char* env = std::getenv("OFMU_CPU_PORTABLE");
-    const bool portable = env != nullptr && *env != '\0' && std::strcmp(env, "0") != 0;
-    return fast16_supported() && !portable;
-  }()};
+// `name` as an Isa this CPU supports; `what` names where it came from in the error.
+Isa parse_isa(const std::string& name, const std::string& what) {
+  for (int k = 0; k < 3; ++k) {
+    if (name != kIsaNames[k]) continue;
+    const Isa isa = static_cast<Isa>(k);
+    TORCH_CHECK(isa <= best_isa(), what, "=", name, ": this CPU (or build) supports at most ",
+                kIsaNames[static_cast<int>(best_isa())]);
+    return isa;
+  }
+  TORCH_CHECK(false, what, "=", name, ": expected one of portable, avx2, avx512");
+}
+
+Isa isa_from_env() {
+  const char* isa = std::getenv("OFMU_CPU_ISA");
+  if (isa != nullptr && *isa != '\0') return parse_isa(isa, "OFMU_CPU_ISA");
+  const char* env = std::getenv("OFMU_CPU_PORTABLE");
+  const bool portable = env != nullptr && *env != '\0' && std::strcmp(env, "0") != 0;
+  return portable ? Isa::portable : best_isa();
+}
+
+// The process-wide choice, read from the environment at the first kernel call (a bad
+// OFMU_CPU_ISA then raises at every call, as the initialisation is retried); the atomic only
+// serves the test switch.
+std::atomic<int>& isa_flag() {
+  static std::atomic<int> flag{static_cast<int>(isa_from_env())};
   return flag;
 }
 
+// The kernels that buffers of dtype T take.
 template <typename T>
-inline bool fast() {
+inline Isa isa_for() {
 #ifdef OFMU_HAS_AVX2_PATH
-  return fast16_flag().load(std::memory_order_relaxed);
+  const Isa isa = static_cast<Isa>(isa_flag().load(std::memory_order_relaxed));
+  if (std::is_same_v<T, double> && isa == Isa::avx512) return Isa::avx2;
+  return isa;
 #else
-  return false;
+  return Isa::portable;
 #endif
 }
 
@@ -579,7 +634,19 @@ void block_partials(const T* x, const T* y, int64_t n, double* p) {
     parallel_ranges(nb, kBlocksPerTask, n, [&](int64_t lo, int64_t hi) { blocks(lo, hi); });
   };
 #ifdef OFMU_HAS_AVX2_PATH
-  if (fast<T>()) {
+  const Isa isa = isa_for<T>();
+  if constexpr (!std::is_same_v<T, double>) {
+    if (isa == Isa::avx512) {
+      constexpr auto F = fmt_of<T>;
+      constexpr int64_t per = avx512::kBlocksPerUnit<F>;  // blocks per unit (fp16: 16)
+      parallel_ranges(avx512::units(n, per), std::max<int64_t>(1, kBlocksPerTask / per), n,
+                      [&](int64_t lo, int64_t hi) {
+                        avx512::partials<F, HAS_Y>(as_elem<F>(x), as_elem<F>(y), n, lo, hi, p);
+                      });
+      return;
+    }
+  }
+  if (isa == Isa::avx2) {
     if constexpr (std::is_same_v<T, c10::Half>) {
       const int64_t groups = (n / kBlock) / 8;  // groups of 8 full blocks
       parallel_ranges(groups, 2, n, [&](int64_t g_lo, int64_t g_hi) {
@@ -611,13 +678,22 @@ void reduce3_kernel(const T* x, const T* y, int64_t n, acc_t<T>* stats) {
   for (int k = 0; k < 3; ++k) stats[k] = static_cast<acc_t<T>>(s[k]);
 }
 
-// The elementwise ops: AVX2 kernels on a capable CPU (intrinsics for bf16/fp16, the portable
-// loops compiled for AVX2 for fp32/fp64), else the portable ones.
+// The elementwise ops: AVX-512 kernels (fp32/bf16/fp16) or AVX2 kernels (intrinsics for
+// bf16/fp16, the portable loops compiled for AVX2 for fp32/fp64) on a capable CPU, else the
+// portable ones (NOTE: [AVX-512 path]).
 template <typename T, bool HAS_Y, bool HAS_B>
 void combine_any(const T* x, const T* y, const acc_t<T>* c, T* out_a, T* out_b, int64_t n) {
   parallel_ranges(n, kChunk, n, [&](int64_t lo, int64_t hi) {
 #ifdef OFMU_HAS_AVX2_PATH
-    if (fast<T>()) {
+    const Isa isa = isa_for<T>();
+    if constexpr (!std::is_same_v<T, double>) {
+      if (isa == Isa::avx512) {
+        constexpr auto F = fmt_of<T>;
+        return avx512::combine<F, HAS_Y, HAS_B>(as_elem<F>(x), as_elem<F>(y), c,
+                                                as_elem<F>(out_a), as_elem<F>(out_b), lo, hi);
+      }
+    }
+    if (isa == Isa::avx2) {
       if constexpr (is16<T>)
         return avx2::combine_range<T, HAS_Y, HAS_B>(x, y, c, out_a, out_b, lo, hi);
       else
@@ -632,7 +708,15 @@ template <typename T, bool HAS_Y>
 void update_any(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t n) {
   parallel_ranges(n, kChunk, n, [&](int64_t lo, int64_t hi) {
 #ifdef OFMU_HAS_AVX2_PATH
-    if (fast<T>()) {
+    const Isa isa = isa_for<T>();
+    if constexpr (!std::is_same_v<T, double>) {
+      if (isa == Isa::avx512) {
+        constexpr auto F = fmt_of<T>;
+        return avx512::update<F, HAS_Y>(as_elem<F>(theta), as_elem<F>(x), as_elem<F>(y), c, lo,
+                                        hi);
+      }
+    }
+    if (isa == Isa::avx2) {
       if constexpr (is16<T>)
         return avx2::update_range<T, HAS_Y>(theta, x, y, c, lo, hi);
       else
@@ -643,16 +727,35 @@ void update_any(T* theta, const T* x, const T* y, const acc_t<T>* c, int64_t n) 
   });
 }
 
-// Test/diagnostic switch: `_cpu_fast_path(None)` reports whether the AVX2 fast path is used,
-// `_cpu_fast_path(b)` sets it (True only where the CPU supports it) and returns the old value.
+// Test/diagnostic switches (NOTE: [AVX-512 path]). `_cpu_fast_path(None)` reports whether a
+// vector path (avx2 or avx512) is in use; `_cpu_fast_path(b)` picks the best one the CPU has
+// (True) or the portable loops (False) and returns the old answer.
 bool cpu_fast_path(std::optional<bool> enable) {
-  const bool old = fast16_flag().load();
+  const bool old = isa_flag().load() != static_cast<int>(Isa::portable);
   if (enable.has_value()) {
-    TORCH_CHECK(!*enable || fast16_supported(),
+    TORCH_CHECK(!*enable || best_isa() != Isa::portable,
                 "ofmu._cpu_fast_path: this CPU (or build) has no AVX2+F16C fast path");
-    fast16_flag().store(*enable);
+    isa_flag().store(static_cast<int>(*enable ? best_isa() : Isa::portable));
   }
   return old;
+}
+
+// `_cpu_isa()`: the kernels in use ("portable", "avx2", "avx512"); with `dtype`, the ones that
+// buffers of that dtype take (fp64 has no avx512 kernels); `_cpu_isa(name)` switches to `name`
+// (refused where the CPU lacks it) and returns the previous answer. `_cpu_isa(dtype=...,
+// best=True)` reports what the CPU supports instead of what is in use.
+std::string cpu_isa(std::optional<std::string> set, std::optional<at::ScalarType> dtype,
+                    bool best) {
+  const Isa chosen = best ? best_isa() : static_cast<Isa>(isa_flag().load());
+  Isa now = chosen;
+  if (dtype.has_value()) {
+    const auto d = *dtype;
+    TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf,
+                "ofmu._cpu_isa: dtype must be float32, float64, bfloat16 or float16, got ", d);
+    if (*dtype == at::kDouble && now == Isa::avx512) now = Isa::avx2;
+  }
+  if (set.has_value()) isa_flag().store(static_cast<int>(parse_isa(*set, "ofmu._cpu_isa")));
+  return kIsaNames[static_cast<int>(now)];
 }
 
 at::Tensor reduce3_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y) {
@@ -734,4 +837,5 @@ TORCH_LIBRARY_IMPL(ofmu, CPU, m) {
 // Internal: which implementation bf16/fp16 buffers use on CPU (NOTE: [16-bit fast path]).
 TORCH_LIBRARY_FRAGMENT(ofmu, m) {
   m.def("_cpu_fast_path(bool? enable=None) -> bool", &ofmu::cpu_fast_path);
+  m.def("_cpu_isa(str? isa=None, ScalarType? dtype=None, bool best=False) -> str", &ofmu::cpu_isa);
 }

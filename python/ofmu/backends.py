@@ -84,6 +84,15 @@ def _load_ext() -> tuple[object | None, str]:
     return torch.ops.ofmu, ""
 
 
+def cpu_isa(dtype: torch.dtype = torch.float32) -> str | None:
+    """The instruction set of the C++ CPU kernels for ``dtype`` buffers: "avx512", "avx2" or
+    "portable" (docs/kernels.md, "CPU fast paths"); None without ``ofmu._C``."""
+    ops, _ = _load_ext()
+    if ops is None or not hasattr(ops, "_cpu_isa"):
+        return None
+    return ops._cpu_isa(dtype=dtype)
+
+
 def _has_kernel(op: str, key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"ofmu::{op}", key)
@@ -235,4 +244,6 @@ def backend_info() -> SimpleNamespace:
         b, reason = select("auto", dev)
         chosen[cls] = (b.name, reason)
     return SimpleNamespace(available=avail, chosen=chosen, torch=torch.__version__,
-                           env_override=os.environ.get("OFMU_BACKEND"))
+                           env_override=os.environ.get("OFMU_BACKEND"),
+                           cpu_isa={str(d).replace("torch.", ""): cpu_isa(d) for d in
+                                    (torch.float32, torch.bfloat16, torch.float16, torch.float64)})

@@ -324,6 +324,9 @@ def cmd_info(args) -> int:
     print("\nchosen for backend='auto':")
     for cls, (name, reason) in info.chosen.items():
         print(f"  {cls:<5} -> {name:<7} {reason}")
+    if info.cpu_isa.get("float32"):
+        print("\nC++ CPU kernels (cpp backend): " + ", ".join(f"{d} {isa}" for d, isa in
+                                                             info.cpu_isa.items()))
     return 0
 
 

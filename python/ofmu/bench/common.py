@@ -112,6 +112,16 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "triton": tv, "ofmu": ov}
 
 
+def cpu_isa(device: torch.device, dtype: torch.dtype) -> str:
+    """The instruction set of the C++ CPU kernels that ``dtype`` buffers run on ("avx512",
+    "avx2", "portable"; docs/kernels.md), "" off the CPU, "none" without ``ofmu._C``."""
+    if device.type != "cpu":
+        return ""
+    from ..backends import cpu_isa as isa
+
+    return isa(dtype) or "none"
+
+
 def metadata(device: torch.device) -> dict[str, object]:
     """The columns that key every row: device, versions and the thread count in use."""
     return {"device": device_name(device), **versions(), "threads": torch.get_num_threads()}

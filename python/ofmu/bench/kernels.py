@@ -63,13 +63,13 @@ CEILINGS = ("triad", "axpy", "copy")
 LR, BETA, EPS = 0.3, 0.9, 1e-12  # large lr/beta so that a wrong coefficient fails the check
 
 MIN_SIZE = 1024  # the gate fits three coefficients, the foreach split needs two layers
-COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "round", "dtype", "n", "provider",
+COLUMNS = ["device", "torch", "triton", "ofmu", "threads", "cpu_isa", "round", "dtype", "n", "provider",
            "n_tensors",
            "bytes_per_elem", "median_s", "q25_s", "q75_s", "iqr_s", "gbps", "gbps_q25", "gbps_q75",
            "ceiling_gbps", "pct_ceiling", "working_set_bytes", "cache_bytes", "cache_resident",
            "repeats", "calls_per_sample", "clock", "check_elem_ratio", "check_coef_ratio", "check_dc1_rel",
            "check_dc2_rel", "status"]
-RATIO_COLUMNS = ["device", "torch", "ofmu", "threads", "dtype", "n", "provider", "rounds",
+RATIO_COLUMNS = ["device", "torch", "ofmu", "threads", "cpu_isa", "dtype", "n", "provider", "rounds",
                  "vs_compile_median", "vs_compile_min", "vs_compile_max", "pct_ceiling_median"]
 
 
@@ -441,6 +441,7 @@ def bench_point(b: Buffers, dtype, device, providers: dict, args, meta: dict, ca
     """All providers and both ceilings at one (dtype, size)."""
     n, es = b.gf.numel(), b.gf.element_size()
     base = dict(meta, dtype=str(dtype).replace("torch.", ""), n=n, cache_bytes=cache or "",
+                cpu_isa=C.cpu_isa(device, dtype),
                 working_set_bytes=3 * n * es,
                 cache_resident=bool(cache and 3 * n * es <= cache))
     rows: list[dict] = []
@@ -513,6 +514,9 @@ def run(args) -> list[dict]:
         providers = {nm: make_provider(nm, device) for nm in names}
         print(f"# {meta['device']} | torch {meta['torch']} triton {meta['triton']} "
               f"ofmu {meta['ofmu']} | threads {threads} | cache {C.human_bytes(cache or 0)}")
+        if device.type == "cpu":
+            print("  C++ CPU kernels: " + ", ".join(
+                f"{str(dt).replace('torch.', '')} {C.cpu_isa(device, dt)}" for dt in dtypes))
         for nm, (fn, why) in providers.items():
             if fn is None:
                 print(f"  skip {nm}: {why}")
@@ -558,9 +562,10 @@ def ratios(rows: list[dict]) -> list[dict]:
                 got.append(c["median_s"] / r["median_s"])
                 pct.append(r["pct_ceiling"])
         if got:
-            any_r = next(r for r in ok if r["provider"] == prov)
+            any_r = next(r for r in ok if r["provider"] == prov and r["dtype"] == dt)
             out.append(dict(device=any_r["device"], torch=any_r["torch"], ofmu=any_r["ofmu"],
-                            threads=th, dtype=dt, n=n, provider=prov, rounds=len(got),
+                            threads=th, cpu_isa=any_r.get("cpu_isa", ""), dtype=dt, n=n,
+                            provider=prov, rounds=len(got),
                             vs_compile_median=statistics.median(got), vs_compile_min=min(got),
                             vs_compile_max=max(got), pct_ceiling_median=statistics.median(pct)))
     return out
