@@ -94,11 +94,39 @@ class StepState:
 
     adam_steps: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     diag: dict[str, Tensor] = field(default_factory=dict)
-    counters: dict[str, Tensor] = field(default_factory=dict)
+    # the cumulative counts [skipped, capped] (float64: exact to 2^53; on the device of the
+    # updates; one add per update), and which of the two exist: counted once, or loaded
+    tally: Tensor | None = None
+    counted: set[str] = field(default_factory=set)
 
-    def count(self, name: str, flag: Tensor) -> None:
-        c = self.counters.get(name)  # int64 + bool promotes to int64: one op
-        self.counters[name] = flag.to(torch.int64) if c is None else c + flag
+    @property
+    def counters(self) -> dict[str, Tensor]:
+        """``{"skipped": n, "capped": m}`` (0-dim int64 tensors), the keys that exist."""
+        return {name: self.tally[i].to(torch.int64) for i, name in enumerate(COUNTERS)
+                if name in self.counted}
+
+    def load_counters(self, counters: dict[str, Tensor]) -> None:
+        """Counts from a checkpoint (0-dim int64 tensors; a missing one does not exist)."""
+        dev = next((c.device for c in counters.values()), torch.device("cpu"))
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        self.tally = torch.stack([counters.get(n, zero).reshape(()).to(zero) for n in COUNTERS])
+        self.counted = set(counters)
+
+    def count(self, flags: Tensor, capping: bool) -> None:
+        """Adds finalize's ``[skipped, capped]`` flags (0 or 1, in its dtype): one in-place add
+        (a conversion to int64 first would cost more than the add). ``capping``: whether this
+        update counts ``capped`` (its flag is 0 when it does not: no cap, or the outer loop)."""
+        t = self.tally
+        if t is None or t.device != flags.device:
+            self.tally = t = (torch.zeros(2, dtype=torch.float64, device=flags.device) if t is None
+                              else t.to(flags.device))
+        t.add_(flags)
+        self.counted.add("skipped")
+        if capping:
+            self.counted.add("capped")
+
+
+COUNTERS = ("skipped", "capped")
 
 
 _STATS = ("inner_cosine", "cosine", "forget_grad_norm", "retain_grad_norm", "grad_phi_sq", "rho")
@@ -263,11 +291,8 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
     fins = {g: _finalize(parts[0].backend, cfg, loop, g, u if gstats is None else gstats, u, checks,
                          ok)
             for g, u in by_group.items()}
-    first = fins[parts[0].group]
-    flags = first[9:11].to(torch.int64)  # [skipped, capped]: the same in every group
-    state.count("skipped", flags[0])
-    if loop == "inner" and cfg.forget_loss_cap is not None:
-        state.count("capped", flags[1])
+    # [skipped, capped]: the same in every group
+    state.count(fins[parts[0].group][9:11], loop == "inner" and cfg.forget_loss_cap is not None)
     return [fins[p.group] for p in parts]
 
 
@@ -311,13 +336,16 @@ def inner_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: 
     ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'")
     stats, gstats = reduce(parts, ad.layout, Slot.GRAD_F, Slot.GRAD_R)
     state.diag["inner_stats"] = gstats
-    with torch.enable_grad():
+    if second:  # a double backward
+        with torch.enable_grad():
+            y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
+    else:
         y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
     # finite checks, the cap (no ascent past it), clipping, coefficients: one op per group
     fins = finalize(parts, ad.layout, cfg, state, "inner", gstats, ustats, (ev.loss_f, ev.loss_r),
                     ok)
     apply(parts, ad.layout, cfg, state, "inner", Slot.GRAD_F, y, fins)
-    return ev.loss_f.detach()
+    return ev.loss_f  # detached by evaluate
 
 
 def outer_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: Autodiff,
@@ -343,7 +371,7 @@ def outer_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: 
     apply(parts, ad.layout, cfg, state, "outer", x, y, fins)
     for p in parts:  # p.grad shows the gradient of this update (as after SGD)
         p.buf.bind_grads(x)
-    return ev.loss_r.detach()
+    return ev.loss_r  # detached by evaluate
 
 
 def _penalty(parts, cfg, state, ad, closure):

@@ -74,17 +74,18 @@ def call_closure(closure: Callable, same_batch: bool = False,
         kwargs["need_forget"] = False
     out = closure(**kwargs)
     if skip_forget and isinstance(out, (tuple, list)) and len(out) == 2 and out[0] is None:
-        return None, _checked_loss("retain_loss", out[1]).reshape(())
+        return None, _checked_loss("retain_loss", out[1])
     if isinstance(out, Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
         got = "a single Tensor" if isinstance(out, Tensor) else repr(type(out).__name__)
         if isinstance(out, (tuple, list)):
             got = f"a sequence of {len(out)} values"
         raise TypeError(f"the closure must return (forget_loss, retain_loss); got {got}")
-    return (_checked_loss("forget_loss", out[0]).reshape(()),
-            _checked_loss("retain_loss", out[1]).reshape(()))
+    return _checked_loss("forget_loss", out[0]), _checked_loss("retain_loss", out[1])
 
 
 def _checked_loss(name: str, loss) -> Tensor:
+    """``loss`` as a 0-dim tensor (a 0-dim loss as it is: a reshape would add a view to the
+    graph, an op forward and backward)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"{name} returned by the closure must be a Tensor, got "
                         f"{type(loss).__name__}")
@@ -94,7 +95,7 @@ def _checked_loss(name: str, loss) -> Tensor:
     if not loss.requires_grad:
         raise ValueError(f"{name} returned by the closure does not require grad (was "
                          "it computed under torch.no_grad() or from detached outputs?)")
-    return loss
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 class NoDoubleBackwardError(RuntimeError):
@@ -289,7 +290,7 @@ class Autodiff:
 
     def average(self, slot: Slot) -> None:
         """The buffer averaged over the ranks, as the layout does it."""
-        self.layout.average([buf.flat(slot) for buf in self.buffers])
+        self.layout.average(self.buffers, slot)
 
 
 def _replaced_message(name: str, also: str) -> str:
