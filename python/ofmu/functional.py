@@ -160,6 +160,12 @@ def reduce(parts: list[GroupBuffer], layout: Layout, x: Slot,
            y: Slot | None) -> tuple[list[Tensor], Tensor]:
     """Per-buffer ``reduce3(x, y)``, global over the ``layout``'s ranks, and their sum (on
     :func:`reduction_device`; float64 if any buffer is float64, else float32)."""
+    if len(parts) == 1:  # the common case, without the gathering below
+        p = parts[0]
+        dt = torch.float64 if p.buf.dtype == torch.float64 else torch.float32
+        stats = layout.all_reduce([move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)),
+                                        p.buf.device, dt)])
+        return stats, stats[0]
     dev = reduction_device([p.buf.device for p in parts])
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
     stats = [move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)), dev, dt) for p in parts]
@@ -281,6 +287,14 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
     projection reads (None: the outer step, whose direction is fixed); ``ustats``: per buffer,
     ``reduce3`` of the direction's two operands (its norm, for clipping); ``ok``: an upstream
     finite flag or None."""
+    capping = loop == "inner" and cfg.forget_loss_cap is not None
+    if len(parts) == 1:  # the common case, without the grouping below
+        p, u = parts[0], ustats[0]
+        checks, ok = finite_inputs(parts, layout, cfg, losses, ok, u)
+        fin = _finalize(p.backend, cfg, loop, p.group, u if gstats is None else gstats, u, checks,
+                        ok)
+        state.count(fin[9:11], capping)  # [skipped, capped]
+        return [fin]
     by_group: dict[int, Tensor] = {}
     for p, u in zip(parts, ustats):  # the group's statistics (clipping is per group)
         by_group[p.group] = by_group[p.group] + u if p.group in by_group else u
@@ -292,7 +306,7 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
                          ok)
             for g, u in by_group.items()}
     # [skipped, capped]: the same in every group
-    state.count(fins[parts[0].group][9:11], loop == "inner" and cfg.forget_loss_cap is not None)
+    state.count(fins[parts[0].group][9:11], capping)
     return [fins[p.group] for p in parts]
 
 
