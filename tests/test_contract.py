@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -398,6 +399,22 @@ def test_outer_step_skips_the_forget_backward_without_penalty(rho, outer_hvp, fo
     opt.step(closure)
     assert len(count) == forget_backwards
     assert math.isfinite(opt.last_stats()["cosine"]) == (forget_backwards == 3)
+
+
+def test_a_parameter_with_an_exactly_zero_gradient_counts_as_reached():
+    """Reached means autograd accumulated into the parameter's gradient, not that the gradient
+    is nonzero: a parameter multiplied by zero is used by both losses, so no warning names it,
+    and its gradient buffers hold exact zeros."""
+    lin = torch.nn.Linear(3, 2)
+    scaled = torch.nn.Parameter(torch.ones(2))
+    opt = OFMU(list(lin.parameters()) + [scaled], lr=0.1, preconditioner="sgd")
+    x = torch.randn(5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: ((lin(x) + 0 * scaled).pow(2).mean(),
+                          (lin(x) - 1 + 0 * scaled).pow(2).mean()))
+    assert torch.equal(scaled.grad, torch.zeros(2)) and torch.equal(scaled.detach(), torch.ones(2))
+    assert opt.last_stats()["skipped_steps"] == 0
 
 
 @pytest.mark.parametrize("similarity,outer_hvp", [("project", "forget"), ("hvp", "exact"),
