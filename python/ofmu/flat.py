@@ -198,6 +198,9 @@ class FlatBuffer:
 
     def flat(self, slot: Slot | str | None) -> Tensor | None:
         """The flat buffer of ``slot`` (``None`` passes through: an absent kernel operand)."""
+        got = self._slots.get(slot)  # a Slot member of an existing buffer: found directly
+        if got is not None:
+            return got[0]
         return None if slot is None else self.buffer(slot)[0]
 
     def bind_grads(self, slot: Slot | str) -> list[Tensor]:

@@ -248,11 +248,17 @@ def finite_inputs(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig,
     becomes Inf/NaN in the decay term and the Adam moments): one sum per decayed buffer, no host
     sync (FSDP2: summed over the shards, so that every rank decides alike)."""
     dev, dt = like.device, like.dtype
-    if all(loss.device == dev and loss.dtype == dt for loss in losses):  # one op, no copies
+    same = True
+    for loss in losses:
+        same = same and loss.device == dev and loss.dtype == dt
+    if same:  # one op, no copies
         checks = torch.stack(losses)  # evaluate() returns them detached
     else:
         checks = torch.stack([move(loss.detach(), dev, dt) for loss in losses])
-    if any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
+    decay = False
+    for p in parts:
+        decay = decay or cfg.hypers[p.group].weight_decay > 0
+    if decay:
         sums = [move(p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)), dev, torch.float64)
                 if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
                                                                          device=dev)

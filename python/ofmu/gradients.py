@@ -159,7 +159,9 @@ class Autodiff:
         if graph_f or graph_r:  # FSDP2 refuses (rho raised after construction, say)
             self.layout.check_param_grads(why, self.buffers)
         check, self._pending = self._pending, None
-        with torch.enable_grad():
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(True)  # torch.enable_grad() without its context object
+        try:
             loss_f, loss_r = call_closure(closure, same_batch, need_forget=forget)
             if check is not None:
                 self._try_double_backward(loss_r, check)
@@ -169,9 +171,11 @@ class Autodiff:
                     self._grad_with_graphs(ev, graph_f, graph_r)
             else:
                 self._backward(loss_f if forget else None, loss_r)
+        finally:
+            torch._C._set_grad_enabled(prev)
         if forget:
-            self.average(Slot.GRAD_F)
-        self.average(Slot.GRAD_R)
+            self.layout.average(self.buffers, Slot.GRAD_F)
+        self.layout.average(self.buffers, Slot.GRAD_R)
         ev.loss_f, ev.loss_r = mean_losses(None if ev.loss_f is None else ev.loss_f.detach(),
                                            ev.loss_r.detach(), self.layout.loss_group)
         # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
@@ -201,7 +205,7 @@ class Autodiff:
     def _check_reached(self, reached_f: int | None, reached_r: int) -> None:
         """Parameters each backward pass reached (None: not run): none at all means they were
         replaced; none from one loss means that loss is a constant to the optimizer."""
-        if not self.params:
+        if not self.buffers:  # no parameters (every buffer holds at least one)
             return
         if reached_r == 0 and not reached_f:
             raise RuntimeError(_replaced_message(self.buffers[0].names[0],
@@ -249,7 +253,9 @@ class Autodiff:
             raise
         self._check_reached(reached_f, reached_r)
         if lf is not None:
-            self._warn_unreached(self.layout.missed(self.params))
+            missed = self.layout.missed(self.params)
+            if any(missed):
+                self._warn_unreached(missed)
 
     def _grad_with_graphs(self, ev: Evaluation, graph_f: bool, graph_r: bool) -> None:
         params = self.params

@@ -46,11 +46,11 @@ def _no_grad(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(*args, **kwargs):
         prev = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
+        torch._C._set_grad_enabled(False)  # what torch.no_grad() itself calls
         try:
             return fn(*args, **kwargs)
         finally:
-            torch.set_grad_enabled(prev)
+            torch._C._set_grad_enabled(prev)
     return run
 
 
