@@ -309,6 +309,27 @@ def _replaced_message(name: str, also: str) -> str:
             "(or check that the closure's losses depend on these parameters).")
 
 
+# The engine call behind torch.autograd.backward (torch >= 2.4); None: use the public function
+_ENGINE_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def backward_into_leaves(loss: Tensor, inputs: list[Tensor]) -> None:
+    """``torch.autograd.backward(loss, inputs=inputs)`` for a 0-dim real loss: the same engine
+    call with the same arguments, without the public function's per-input Python checks (two
+    generator steps and a ``__torch_function__`` probe per input, and the implicit seed's
+    shape checks: about 10 us a pass on a small model, more than the pass's own bookkeeping).
+    Anything else (a tensor subclass among the loss and the inputs, a complex loss, inside a
+    functorch transform) takes the public function."""
+    inputs = tuple(inputs)
+    if (_ENGINE_BACKWARD is None or type(loss) is not Tensor or not loss.is_floating_point()
+            or loss.dim() != 0 or torch._C._are_functorch_transforms_active()
+            or torch._C._has_torch_function(inputs)):
+        torch.autograd.backward(loss, inputs=inputs)
+        return
+    _ENGINE_BACKWARD((loss,), (torch.ones_like(loss, memory_format=torch.preserve_format),),
+                     False, False, inputs, allow_unreachable=True, accumulate_grad=True)
+
+
 def remove_handles(handles: list) -> None:
     """Remove every hook handle in ``handles`` and empty the list (also used by ``OFMU``)."""
     for h in handles:

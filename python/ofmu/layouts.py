@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .distributed import average_
 from .flat import FlatBuffer, Slot
+from .gradients import backward_into_leaves
 from .sharded import ShardedFlatBuffer, check_modes, check_placements, is_dtensor, mode_error
 
 
@@ -86,7 +87,7 @@ class Replicated:
             grads += buf.bind_grads(slot)
         before = [g._version for g in grads]
         inputs = buffers[0].params if len(buffers) == 1 else [p for b in buffers for p in b.params]
-        torch.autograd.backward(loss, inputs=inputs)
+        backward_into_leaves(loss, inputs)
         missed = [g._version == v for g, v in zip(grads, before)]
         self._missed = (missed if not self._missed
                         else [a and b for a, b in zip(self._missed, missed)])
