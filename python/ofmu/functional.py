@@ -95,13 +95,20 @@ class StepState:
     adam_steps: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     diag: dict[str, Tensor] = field(default_factory=dict)
     # the cumulative counts [skipped, capped] (float64: exact to 2^53; on the device of the
-    # updates; one add per update), and which of the two exist: counted once, or loaded
+    # updates), and which of the two exist: counted once, or loaded
     tally: Tensor | None = None
     counted: set[str] = field(default_factory=set)
+    # finalize's packed vectors summed since the last fold into ``tally``: one same-dtype add
+    # per update, no slice and no conversion (each costs more than the add on a small model).
+    # Only the flag slots are ever read; the others hold sums of no use. Folded every
+    # 2^20 updates, so that the flag sums stay exact in float32.
+    pending: Tensor | None = None
+    pending_adds: int = 0
 
     @property
     def counters(self) -> dict[str, Tensor]:
         """``{"skipped": n, "capped": m}`` (0-dim int64 tensors), the keys that exist."""
+        self.fold()
         return {name: self.tally[i].to(torch.int64) for i, name in enumerate(COUNTERS)
                 if name in self.counted}
 
@@ -111,21 +118,38 @@ class StepState:
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         self.tally = torch.stack([counters.get(n, zero).reshape(()).to(zero) for n in COUNTERS])
         self.counted = set(counters)
+        self.pending, self.pending_adds = None, 0
 
-    def count(self, flags: Tensor, capping: bool) -> None:
-        """Adds finalize's ``[skipped, capped]`` flags (0 or 1, in its dtype): one in-place add
-        (a conversion to int64 first would cost more than the add). ``capping``: whether this
-        update counts ``capped`` (its flag is 0 when it does not: no cap, or the outer loop)."""
-        t = self.tally
-        if t is None or t.device != flags.device:
-            self.tally = t = (torch.zeros(2, dtype=torch.float64, device=flags.device) if t is None
-                              else t.to(flags.device))
-        t.add_(flags)
+    def count(self, fin: Tensor, capping: bool) -> None:
+        """Counts an update's ``[skipped, capped]`` flags (finalize's packed vector ``fin``:
+        0 or 1 in ``FLAGS``). ``capping``: whether this update counts ``capped`` (its flag is 0
+        when it does not: no cap, or the outer loop)."""
+        p = self.pending
+        if p is None or p.dtype != fin.dtype or p.device != fin.device:
+            self.fold()
+            p = self.pending = torch.zeros_like(fin)
+        p.add_(fin)
+        self.pending_adds += 1
+        if self.pending_adds == _FOLD_EVERY:
+            self.fold()
         self.counted.add("skipped")
         if capping:
             self.counted.add("capped")
 
+    def fold(self) -> None:
+        """The pending flag sums into ``tally`` (reading the counters folds first)."""
+        p = self.pending
+        if p is None or not self.pending_adds:
+            return
+        flags = p[FLAGS].to(torch.float64, copy=True)  # p is zeroed below
+        t = self.tally
+        self.tally = flags if t is None else t.to(flags.device) + flags
+        p.zero_()
+        self.pending_adds = 0
 
+
+_FOLD_EVERY = 1 << 20
+FLAGS = slice(9, 11)  # [skipped, capped] in finalize's packed vector (reference.FINALIZE_LEN)
 COUNTERS = ("skipped", "capped")
 
 
@@ -299,7 +323,7 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
         checks, ok = finite_inputs(parts, layout, cfg, losses, ok, u)
         fin = _finalize(p.backend, cfg, loop, p.group, u if gstats is None else gstats, u, checks,
                         ok)
-        state.count(fin[9:11], capping)  # [skipped, capped]
+        state.count(fin, capping)
         return [fin]
     by_group: dict[int, Tensor] = {}
     for p, u in zip(parts, ustats):  # the group's statistics (clipping is per group)
@@ -312,7 +336,7 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
                          ok)
             for g, u in by_group.items()}
     # [skipped, capped]: the same in every group
-    state.count(fins[parts[0].group][9:11], capping)
+    state.count(fins[parts[0].group], capping)  # the skip and cap flags: the same in every group
     return [fins[p.group] for p in parts]
 
 

@@ -98,6 +98,9 @@ def _checked_loss(name: str, loss) -> Tensor:
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
+_BOTH, _RETAIN = (Slot.GRAD_F, Slot.GRAD_R), (Slot.GRAD_R,)
+
+
 class NoDoubleBackwardError(RuntimeError):
     """A mode needs a double backward and the model has an op without one (fused attention)."""
 
@@ -242,7 +245,7 @@ class Autodiff:
 
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
         """The forget (unless None) and retain backward passes into ``GRAD_F`` / ``GRAD_R``."""
-        self.layout.begin(self.buffers)
+        self.layout.begin(self.buffers, _BOTH if lf is not None else _RETAIN)
         reached_f = None if lf is None else self.layout.backward(self.buffers, lf, Slot.GRAD_F)
         try:
             reached_r = self.layout.backward(self.buffers, lr, Slot.GRAD_R)
@@ -251,7 +254,8 @@ class Autodiff:
                 raise RuntimeError("the forget and retain losses share part of one autograd "
                                    "graph; compute them in separate forward passes") from e
             raise
-        self._check_reached(reached_f, reached_r)
+        if reached_r == 0 or reached_f == 0:
+            self._check_reached(reached_f, reached_r)
         if lf is not None:
             missed = self.layout.missed(self.params)
             if any(missed):

@@ -69,21 +69,23 @@ class Replicated:
     def check_param_grads(self, why: str, buffers) -> None:
         """Every mode can differentiate with respect to plain parameters."""
 
-    def begin(self, buffers) -> None:
-        """Before an evaluation's backward passes: none has reached a parameter yet."""
+    def begin(self, buffers, slots: tuple[Slot, ...]) -> None:
+        """Before an evaluation's backward passes (into ``slots``): their buffers zeroed, none
+        has reached a parameter yet."""
+        for buf in buffers:
+            buf.zero_grads(slots)
         self._missed = []
 
     def backward(self, buffers, loss: Tensor, slot: Slot) -> int:
         """One backward pass straight into buffer ``slot``; how many parameters it reached.
 
         Reached = autograd accumulated into the parameter's ``p.grad``: each is a slice of the
-        buffer with its own version counter (:meth:`FlatBuffer.grads`), which the in-place
+        buffer with its own version counter (:meth:`FlatBuffer.bind_grads`), which the in-place
         accumulation advances. Two integer reads per parameter instead of a Python hook call
         per parameter and pass (a hook costs about 4 us, the pass itself on a small model
         ~200 us)."""
         grads: list[Tensor] = []
-        for buf in buffers:
-            buf.flat(slot).zero_()
+        for buf in buffers:  # zeroed by begin
             grads += buf.bind_grads(slot)
         before = [g._version for g in grads]
         inputs = buffers[0].params if len(buffers) == 1 else [p for b in buffers for p in b.params]
@@ -148,8 +150,8 @@ class Sharded:
         """The sharded parameters are not in the autograd graph: refuse ``why``'s mode."""
         raise mode_error(why, buffers[0].names[0])
 
-    def begin(self, buffers) -> None:
-        pass  # backward counts the gradients FSDP2 leaves
+    def begin(self, buffers, slots: tuple[Slot, ...]) -> None:
+        pass  # backward copies in (and counts) the gradients FSDP2 leaves
 
     def backward(self, buffers, loss: Tensor, slot: Slot) -> int:
         """``.backward()`` (FSDP2 reduce-scatters into ``p.grad``), then the local gradient

@@ -341,7 +341,8 @@ class OFMU(Optimizer):
             part.buf.bind_grads(Slot.GRAD_R)
 
     def _check_buffers(self) -> None:
-        check_frozen(self._frozen)
+        if self._frozen:
+            check_frozen(self._frozen)
         for part in self._parts:
             part.buf.check_requires_grad()
             part.buf.check_aliasing()
@@ -400,12 +401,12 @@ class OFMU(Optimizer):
         self._follow_switched_params()  # accelerate's FSDP2 prepare switches param_groups
         self._check_buffers()
         self._check_options()
-        hypers = tuple(self._hyper(gi, g) for gi, g in enumerate(self.param_groups))
+        hypers = [self._hyper(gi, g) for gi, g in enumerate(self.param_groups)]
         key = (self._options_seen, *hypers)
         if self._cfg_seen is not None and same_objects(self._cfg_seen[0], key):
             cfg = self._cfg_seen[1]
         else:
-            cfg = self._settings(list(hypers))
+            cfg = self._settings(hypers)
             self._cfg_seen = (key, cfg)
         loops, self._loops = self._loops, None
         if loops is not None:
