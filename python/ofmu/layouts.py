@@ -21,6 +21,8 @@ A new layout (tensor parallelism, say) is one more class here and one more case 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -52,8 +54,8 @@ class Replicated:
 
     def __init__(self, process_group):
         self.process_group = self.loss_group = process_group
-        # per parameter: whether no backward pass since ``begin`` reached it (empty: none ran)
-        self._missed: list[bool] = []
+        # per backward pass since ``begin``: its grads' version counters before and after
+        self._passes: list[tuple[list[int], list[int]]] = []
 
     def flat_buffer(self, params, names, earlier, sim, hvp, rho: float) -> FlatBuffer:
         """Plain parameters re-viewed into one flat buffer (``sim``, ``hvp``, ``rho``: every
@@ -74,7 +76,7 @@ class Replicated:
         has reached a parameter yet."""
         for buf in buffers:
             buf.zero_grads(slots)
-        self._missed = []
+        self._passes = []
 
     def backward(self, buffers, loss: Tensor, slot: Slot) -> int:
         """One backward pass straight into buffer ``slot``; how many parameters it reached.
@@ -87,17 +89,23 @@ class Replicated:
         grads: list[Tensor] = []
         for buf in buffers:  # zeroed by begin
             grads += buf.bind_grads(slot)
-        before = [g._version for g in grads]
+        before = list(map(_VERSION, grads))
         inputs = buffers[0].params if len(buffers) == 1 else [p for b in buffers for p in b.params]
         backward_into_leaves(loss, inputs)
-        missed = [g._version == v for g, v in zip(grads, before)]
-        self._missed = (missed if not self._missed
-                        else [a and b for a, b in zip(self._missed, missed)])
-        return missed.count(False)
+        after = list(map(_VERSION, grads))
+        self._passes.append((before, after))
+        return len(grads) - sum(map(operator.eq, before, after))
 
     def missed(self, params: list[Tensor]) -> list[bool]:
         """Per parameter: whether no backward pass since :meth:`begin` reached it."""
-        return self._missed or [True] * len(params)
+        out = [True] * len(params)
+        for before, after in self._passes:
+            if before == after:
+                continue  # reached none
+            if all(map(operator.ne, before, after)):
+                return [False] * len(params)  # reached all (the usual case: no list per pass)
+            out = list(map(operator.and_, out, map(operator.eq, before, after)))
+        return out
 
     def average(self, buffers, slot: Slot) -> None:
         """Buffer ``slot`` averaged over ``process_group`` (nothing to do without one)."""
@@ -184,6 +192,7 @@ class Sharded:
 
 
 Layout = Replicated | Sharded
+_VERSION = operator.attrgetter("_version")
 
 
 def _mixed(dt: list[bool], names: list[str], earlier: list[FlatBuffer]) -> ValueError:
