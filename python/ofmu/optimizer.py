@@ -40,19 +40,24 @@ _COUNTERS = ("skipped", "capped")
 _FIXED = ("preconditioner", "inner_preconditioner", "backend", "process_group")
 
 
-def _no_grad(fn: Callable) -> Callable:
-    """``torch.no_grad()`` as a decorator, without its context-manager object per call (a few
-    microseconds of a step on a small model)."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        prev = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)  # what torch.no_grad() itself calls
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch._C._set_grad_enabled(prev)
-    return run
-
+def _one_step(entry: str) -> Callable:
+    """The body of an entry point of a step (``entry``: ``step``, ``inner_step``,
+    ``outer_step``), run with the step guard held (one step at a time) and autograd off, as
+    under ``torch.no_grad()`` (without its context-manager objects: a few microseconds of a
+    step on a small model)."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(self, *args, **kwargs):
+            self._guard.acquire(entry)
+            prev = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)  # what torch.no_grad() itself calls
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                torch._C._set_grad_enabled(prev)
+                self._guard.release()
+        return run
+    return wrap
 
 
 class OFMU(Optimizer):
@@ -349,35 +354,35 @@ class OFMU(Optimizer):
 
     # ------------------------------------------------------------------------- public loops
 
-    @_no_grad
     def step(self, closure: Callable | None = None) -> Tensor:
         """``inner_steps`` inner ascent steps, then ``outer_steps`` outer steps. Returns the last
         outer retain loss (a detached device tensor: no host sync)."""
         if closure is None:
             raise ValueError("OFMU.step needs a closure returning (forget_loss, retain_loss)")
-        with self._guard.hold("step"):
-            self._check_options()
-            self._loops = (self.inner_steps > 0, True)
-            for _ in range(self.inner_steps):
-                self._inner_step(closure)
-            for _ in range(self.outer_steps):
-                loss = self._outer_step(closure)
+        return self._step(closure)
+
+    @_one_step("step")
+    def _step(self, closure: Callable) -> Tensor:
+        self._check_options()
+        self._loops = (self.inner_steps > 0, True)
+        for _ in range(self.inner_steps):
+            self._inner_step(closure)
+        for _ in range(self.outer_steps):
+            loss = self._outer_step(closure)
         return loss
 
-    @_no_grad
+    @_one_step("inner_step")
     def inner_step(self, closure: Callable) -> Tensor:
         """One ascent step on Phi. Returns the forget loss (detached)."""
-        with self._guard.hold("inner_step"):
-            self._loops = (True, False)
-            return self._inner_step(closure)
+        self._loops = (True, False)
+        return self._inner_step(closure)
 
-    @_no_grad
+    @_one_step("outer_step")
     def outer_step(self, closure: Callable) -> Tensor:
         """One penalised descent step on L_r + rho_k |grad Phi|^2, then the rho schedule.
         Returns the retain loss (detached)."""
-        with self._guard.hold("outer_step"):
-            self._loops = (False, True)
-            return self._outer_step(closure)
+        self._loops = (False, True)
+        return self._outer_step(closure)
 
     def _inner_step(self, closure: Callable) -> Tensor:
         return functional.inner_step(self._parts, self._prepare_update(), self._state,

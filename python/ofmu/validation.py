@@ -110,29 +110,21 @@ def validate_group(group: dict, gi: int, similarity: str) -> None:
 
 
 class StepGuard:
-    """One step at a time per optimizer: ``step``, ``inner_step`` and ``outer_step`` hold this
-    guard, and a call that finds it held (another thread, or the closure calling ``step``)
-    raises instead of interleaving two updates of the same flat buffers. Non-blocking: a
-    host-side lock, no device work. ``with guard.hold(entry):`` (a plain object with
-    ``__enter__``/``__exit__``: a generator-based context manager costs a few microseconds a
-    step)."""
+    """One step at a time per optimizer: ``step``, ``inner_step`` and ``outer_step`` take this
+    guard (``acquire(entry)`` ... ``release()``), and a call that finds it held (another
+    thread, or the closure calling ``step``) raises instead of interleaving two updates of the
+    same flat buffers. Non-blocking: a host-side lock, no device work."""
 
     def __init__(self):
         self._lock = threading.Lock()
+        self.release = self._lock.release
 
-    def hold(self, entry: str) -> StepGuard:
+    def acquire(self, entry: str) -> None:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(
                 f"OFMU.{entry}() called while another step of this optimizer is running (from "
                 "another thread, or from inside the closure); one optimizer takes one step at a "
                 "time: serialise the calls, or give each thread its own model and optimizer")
-        return self
-
-    def __enter__(self) -> None:
-        pass  # hold() acquired the lock
-
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
 
 
 def validate_distributed(outer_hvp: str, process_group) -> None:
