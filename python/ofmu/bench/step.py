@@ -13,8 +13,9 @@ Methods, each on a fresh copy of the same model:
   order only; not in the default list). One ``step()`` = T inner steps + 1 outer step.
 
 Time split, per step: ``forward`` (the closure), ``backward`` (``torch.autograd.backward`` /
-``torch.autograd.grad``, HVP double-backwards included), ``kernels`` (the backend's
-reduce3/combine/update, through a timing wrapper around the optimizer's backends) and ``other``
+``torch.autograd.grad`` and the optimizer's engine calls, HVP double-backwards included),
+``kernels`` (the backend's reduce3/combine/update, through a timing wrapper around the
+optimizer's backends) and ``other``
 (the rest: coefficient math on the stats, copies of autograd results into the flat buffers,
 Python). On a GPU every region is timed with CUDA events (no extra host synchronisation).
 
@@ -47,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ofmu import OFMU, backends
+from ofmu import OFMU, backends, gradients
 from ofmu.backends import Backend
 from ofmu.bench import common as C
 from ofmu.modes import OUTER_HVP, SIMILARITY, step_cost
@@ -181,15 +182,18 @@ class Profile:
 
     @contextlib.contextmanager
     def autograd(self):
-        """Time every backward pass (the optimizer calls ``torch.autograd.backward``/``grad``
-        through the module attributes; ``Tensor.backward`` goes through the former too)."""
-        saved = torch.autograd.backward, torch.autograd.grad
+        """Time every backward pass: ``torch.autograd.backward``/``grad`` through the module
+        attributes (``Tensor.backward`` goes through the former too), and the engine call the
+        optimizer's plain backward passes make (``ofmu.gradients.backward_into_leaves``)."""
+        saved = torch.autograd.backward, torch.autograd.grad, gradients._ENGINE_BACKWARD
         torch.autograd.backward = self._backward_timed(saved[0])
         torch.autograd.grad = self._backward_timed(saved[1])
+        if saved[2] is not None:
+            gradients._ENGINE_BACKWARD = self._backward_timed(saved[2])
         try:
             yield
         finally:
-            torch.autograd.backward, torch.autograd.grad = saved
+            torch.autograd.backward, torch.autograd.grad, gradients._ENGINE_BACKWARD = saved
 
 
 def timing_backend(be: Backend, prof: Profile) -> Backend:
