@@ -256,7 +256,8 @@ class Autodiff:
             raise
         if reached_r == 0 or reached_f == 0:
             self._check_reached(reached_f, reached_r)
-        if lf is not None:
+        n = sum(len(buf.params) for buf in self.buffers)
+        if lf is not None and reached_f < n and reached_r < n:  # else no parameter was missed
             missed = self.layout.missed(self.params)
             if any(missed):
                 self._warn_unreached(missed)
