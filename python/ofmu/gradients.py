@@ -314,7 +314,8 @@ def _replaced_message(name: str, also: str) -> str:
             "(or check that the closure's losses depend on these parameters).")
 
 
-# The engine call behind torch.autograd.backward (torch >= 2.4); None: use the public function
+# The engine call behind torch.autograd.backward (private to torch, present in the versions
+# ofmu supports); None: the public function is used
 _ENGINE_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
 
 
@@ -322,7 +323,7 @@ def backward_into_leaves(loss: Tensor, inputs: list[Tensor]) -> None:
     """``torch.autograd.backward(loss, inputs=inputs)`` for a 0-dim real loss: the same engine
     call with the same arguments, without the public function's per-input Python checks (two
     generator steps and a ``__torch_function__`` probe per input, and the implicit seed's
-    shape checks: about 10 us a pass on a small model, more than the pass's own bookkeeping).
+    shape checks: about 25 us a pass on a small model, more than the pass's own bookkeeping).
     Anything else (a tensor subclass among the loss and the inputs, a complex loss, inside a
     functorch transform) takes the public function."""
     inputs = tuple(inputs)
