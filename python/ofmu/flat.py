@@ -161,10 +161,8 @@ class FlatBuffer:
         # divisible by 16 (Triton emits 16-byte vector loads only then) and never need a tail.
         self.numel = -(-off // 64) * 64
         self.param = torch.zeros(self.numel, dtype=dtype, device=device)
-        # the two gradient buffers as the rows of one allocation: an evaluation zeroes both
-        # with one op (each row starts on a multiple of 64 elements)
-        self.grad_pair = torch.zeros(2, self.numel, dtype=dtype, device=device)
-        self.grad_f, self.grad_r = self.grad_pair.unbind(0)
+        self.grad_f = torch.zeros_like(self.param)
+        self.grad_r = torch.zeros_like(self.param)
         self._slots: dict[Slot, tuple[Tensor, list[Tensor]]] = {
             slot: (flat, self.views(flat)) for slot, flat in
             ((Slot.PARAM, self.param), (Slot.GRAD_F, self.grad_f), (Slot.GRAD_R, self.grad_r))}
@@ -204,14 +202,6 @@ class FlatBuffer:
         if got is not None:
             return got[0]
         return None if slot is None else self.buffer(slot)[0]
-
-    def zero_grads(self, slots: tuple[Slot, ...]) -> None:
-        """Zero the gradient buffers ``slots`` (both: one op)."""
-        if len(slots) == 2:
-            self.grad_pair.zero_()
-        else:
-            for slot in slots:
-                self.flat(slot).zero_()
 
     def bind_grads(self, slot: Slot | str) -> list[Tensor]:
         """Point every ``p.grad`` at its slice of buffer ``slot`` (autograd accumulates there);

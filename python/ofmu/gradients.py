@@ -98,9 +98,6 @@ def _checked_loss(name: str, loss) -> Tensor:
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
-_BOTH, _RETAIN = (Slot.GRAD_F, Slot.GRAD_R), (Slot.GRAD_R,)
-
-
 class NoDoubleBackwardError(RuntimeError):
     """A mode needs a double backward and the model has an op without one (fused attention)."""
 
@@ -245,7 +242,7 @@ class Autodiff:
 
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
         """The forget (unless None) and retain backward passes into ``GRAD_F`` / ``GRAD_R``."""
-        self.layout.begin(self.buffers, _BOTH if lf is not None else _RETAIN)
+        self.layout.begin(self.buffers)
         reached_f = None if lf is None else self.layout.backward(self.buffers, lf, Slot.GRAD_F)
         try:
             reached_r = self.layout.backward(self.buffers, lr, Slot.GRAD_R)

@@ -71,11 +71,8 @@ class Replicated:
     def check_param_grads(self, why: str, buffers) -> None:
         """Every mode can differentiate with respect to plain parameters."""
 
-    def begin(self, buffers, slots: tuple[Slot, ...]) -> None:
-        """Before an evaluation's backward passes (into ``slots``): their buffers zeroed, none
-        has reached a parameter yet."""
-        for buf in buffers:
-            buf.zero_grads(slots)
+    def begin(self, buffers) -> None:
+        """Before an evaluation's backward passes: none has reached a parameter yet."""
         self._passes = []
 
     def backward(self, buffers, loss: Tensor, slot: Slot) -> int:
@@ -86,7 +83,9 @@ class Replicated:
         accumulation advances. Two integer reads per parameter instead of a Python hook call
         per parameter and pass (a hook costs about 4 us, the pass itself on a small model
         ~200 us)."""
-        if len(buffers) == 1:  # zeroed by begin
+        for buf in buffers:
+            buf.flat(slot).zero_()
+        if len(buffers) == 1:
             grads, inputs = buffers[0].bind_grads(slot), buffers[0].params
         else:
             grads = [g for buf in buffers for g in buf.bind_grads(slot)]
@@ -159,7 +158,7 @@ class Sharded:
         """The sharded parameters are not in the autograd graph: refuse ``why``'s mode."""
         raise mode_error(why, buffers[0].names[0])
 
-    def begin(self, buffers, slots: tuple[Slot, ...]) -> None:
+    def begin(self, buffers) -> None:
         pass  # backward copies in (and counts) the gradients FSDP2 leaves
 
     def backward(self, buffers, loss: Tensor, slot: Slot) -> int:
