@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -398,6 +399,49 @@ def test_outer_step_skips_the_forget_backward_without_penalty(rho, outer_hvp, fo
     opt.step(closure)
     assert len(count) == forget_backwards
     assert math.isfinite(opt.last_stats()["cosine"]) == (forget_backwards == 3)
+
+
+@pytest.mark.parametrize("loss_shape", [(), (1,)])  # 0-dim: the engine call; (1,): public
+def test_the_backward_pass_equals_autograd_backward_into_its_inputs_only(loss_shape):
+    """``backward_into_leaves`` (the optimizer's plain backward pass) accumulates what
+    ``torch.autograd.backward(loss, inputs=...)`` accumulates, bit for bit, into the inputs'
+    existing gradients and nowhere else (a leaf outside ``inputs`` keeps no gradient)."""
+    from ofmu.gradients import backward_into_leaves
+
+    g = torch.Generator().manual_seed(0)
+    w, b, other = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                   for shape in ((4, 3), (2, 3), (3,)))
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    grads = {}
+    for run in ("ofmu", "torch"):
+        for t in (w, b):
+            t.grad = torch.ones_like(t)  # accumulated into, as the bound buffer slices are
+        other.grad = None
+        loss = ((x @ w + b.sum(0)) * other).tanh().pow(2).sum().reshape(loss_shape)
+        if run == "ofmu":
+            backward_into_leaves(loss, [w, b])
+        else:
+            torch.autograd.backward(loss, torch.ones_like(loss), inputs=[w, b])
+        assert other.grad is None
+        grads[run] = (w.grad.clone(), b.grad.clone())
+    assert all(torch.equal(a, c) for a, c in zip(grads["ofmu"], grads["torch"]))
+    assert not torch.equal(grads["ofmu"][0], torch.ones_like(w))
+
+
+def test_a_parameter_with_an_exactly_zero_gradient_counts_as_reached():
+    """Reached means autograd accumulated into the parameter's gradient, not that the gradient
+    is nonzero: a parameter multiplied by zero is used by both losses, so no warning names it,
+    and its gradient buffers hold exact zeros."""
+    lin = torch.nn.Linear(3, 2)
+    scaled = torch.nn.Parameter(torch.ones(2))
+    opt = OFMU(list(lin.parameters()) + [scaled], lr=0.1, preconditioner="sgd")
+    x = torch.randn(5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: ((lin(x) + 0 * scaled).pow(2).mean(),
+                          (lin(x) - 1 + 0 * scaled).pow(2).mean()))
+    assert torch.equal(scaled.grad, torch.zeros(2)) and torch.equal(scaled.detach(), torch.ones(2))
+    assert opt.last_stats()["skipped_steps"] == 0
 
 
 @pytest.mark.parametrize("similarity,outer_hvp", [("project", "forget"), ("hvp", "exact"),

@@ -215,6 +215,37 @@ def test_last_stats_has_the_same_keys_whatever_the_configuration():
     assert st["retain_grad_norm"] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fold_every", [1, 3, 1 << 20])
+def test_skip_and_cap_counts_are_exact_across_folds_and_checkpoints(monkeypatch, fold_every,
+                                                                    dtype):
+    """The counters: every non-finite update counted as skipped, every inner update at or above
+    the forget-loss cap as capped, in last_stats() and in the checkpoint (int64), across the
+    folds of the pending flag sums into the tally and a checkpoint round trip."""
+    monkeypatch.setattr(ofmu.functional, "_FOLD_EVERY", fold_every)
+    p = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+
+    def run(opt, ks):  # forget loss NaN at k % 4 == 1 (skipped), 300 >= cap at k % 4 == 2
+        for k in ks:
+            opt.inner_step(lambda k=k: ((p * p).sum() * (float("nan") if k % 4 == 1 else
+                                                         100.0 if k % 4 == 2 else 1.0),
+                                        (p - 1).pow(2).sum()))
+
+    opt = OFMU([p], lr=1e-3, forget_loss_cap=10.0, preconditioner="sgd")
+    run(opt, range(7))
+    sd = opt.state_dict()
+    assert sd["ofmu"]["skipped_steps"].dtype == torch.int64
+    assert (int(sd["ofmu"]["skipped_steps"]), int(sd["ofmu"]["capped_steps"])) == (2, 2)
+    fresh = OFMU([p], lr=1e-3, forget_loss_cap=10.0, preconditioner="sgd")
+    fresh.load_state_dict(sd)
+    run(fresh, range(7, 14))
+    stats = fresh.last_stats()
+    assert (stats["skipped_steps"], stats["capped_steps"]) == (4, 3)
+    nocap = OFMU([p], lr=1e-3, forget_loss_cap=None, preconditioner="sgd")
+    run(nocap, range(3))
+    assert set(nocap.state_dict()["ofmu"]) == {"skipped_steps"}  # never counted: no key
+
+
 def test_sign_inner_preconditioner_is_stateless_adam():
     """inner_preconditioner='sign' equals one step of torch.optim.Adam(betas=(0, 0), maximize)
     on u (= g_f with beta = 0), weight decay as Adam's L2 term, whatever the step count."""

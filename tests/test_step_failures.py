@@ -321,12 +321,34 @@ def test_a_setting_fixed_at_construction_edited_later_is_named(key, value, kw):
 @pytest.mark.parametrize("key,value", [("outer_steps", 0), ("inner_steps", -1),
                                        ("similarity", "cosine"), ("outer_hvp", None),
                                        ("fd_delta", 0.0), ("eps", float("nan")),
-                                       ("forget_loss_cap", -1.0), ("inner_steps", 1.5)])
+                                       ("forget_loss_cap", -1.0), ("inner_steps", 1.5),
+                                       ("inner_steps", True)])  # == 1, validated before
 def test_an_invalid_setting_edited_later_is_named_before_any_update(key, value):
     m, opt = _trained(dict(lr=0.01, rho=0.1))
     setattr(opt, key, value)
     before = snapshot(m, opt)
     with pytest.raises(ValueError, match="changed after construction"):
+        opt.step(Stream(m))
+    assert_same(snapshot(m, opt), before)
+
+
+@pytest.mark.parametrize("edit", ["equal value of another type", "list edited in place"])
+def test_a_param_group_value_edited_after_steps_is_validated_again(edit):
+    """An update validates a group again unless every value is the very object validated last
+    time: False where weight_decay was 0 (equal, but not a number the optimizer takes) and a
+    betas list edited in place (the same object, new contents) are both refused."""
+    m, opt = _trained(dict(lr=0.01, weight_decay=0))
+    g = opt.param_groups[0]
+    if edit == "list edited in place":
+        g["betas"] = [0.9, 0.999]
+        opt.step(Stream(m))
+        g["betas"][0] = 1.5
+        err, match = ValueError, "betas must be two numbers in"
+    else:
+        g["weight_decay"] = False
+        err, match = TypeError, "weight_decay must be a number, got bool"
+    before = snapshot(m, opt)
+    with pytest.raises(err, match=match):
         opt.step(Stream(m))
     assert_same(snapshot(m, opt), before)
 

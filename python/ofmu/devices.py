@@ -32,5 +32,9 @@ def copy_blocks(src: torch.device, dst: torch.device) -> bool:
 
 def move(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
     """``t`` on ``device`` (in ``dtype``), waiting only where :func:`copy_blocks` says so. Same
-    device: no copy, no sync."""
-    return t.to(device=device, dtype=dtype, non_blocking=not copy_blocks(t.device, device))
+    device: no copy, no sync; already there in that dtype: ``t`` itself (what ``.to`` returns
+    then, without its dispatch)."""
+    src = t.device
+    if src == device and (dtype is None or t.dtype == dtype):
+        return t
+    return t.to(device=device, dtype=dtype, non_blocking=not copy_blocks(src, device))

@@ -167,6 +167,7 @@ class FlatBuffer:
             slot: (flat, self.views(flat)) for slot, flat in
             ((Slot.PARAM, self.param), (Slot.GRAD_F, self.grad_f), (Slot.GRAD_R, self.grad_r))}
         self.param_views = self._slots[Slot.PARAM][1]
+        self._grads: dict[Slot, list[Tensor]] = {}  # what bind_grads binds, per slot
         with torch.no_grad():
             for p, n, v in zip(params, names, self.param_views):
                 v.copy_(p)
@@ -186,6 +187,9 @@ class FlatBuffer:
 
     def buffer(self, slot: Slot | str) -> tuple[Tensor, list[Tensor]]:
         """A buffer of this layout and its per-parameter views (scratch allocated on first use)."""
+        got = self._slots.get(slot)  # a Slot member: found directly (every call of a step)
+        if got is not None:
+            return got
         slot = Slot(slot)
         if slot not in self._slots:
             flat = torch.zeros_like(self.param)
@@ -194,12 +198,23 @@ class FlatBuffer:
 
     def flat(self, slot: Slot | str | None) -> Tensor | None:
         """The flat buffer of ``slot`` (``None`` passes through: an absent kernel operand)."""
+        got = self._slots.get(slot)  # a Slot member of an existing buffer: found directly
+        if got is not None:
+            return got[0]
         return None if slot is None else self.buffer(slot)[0]
 
-    def bind_grads(self, slot: Slot | str) -> None:
-        """Point every ``p.grad`` at its slice of buffer ``slot`` (autograd accumulates there)."""
-        for p, g in zip(self.params, self.buffer(slot)[1]):
+    def bind_grads(self, slot: Slot | str) -> list[Tensor]:
+        """Point every ``p.grad`` at its slice of buffer ``slot`` (autograd accumulates there);
+        returns the bound tensors. Each is the view's memory with a version counter of its own
+        (``.data``; made once per slot): a backward pass that accumulates into one advances
+        only that one, which is how the layout tells which parameters a pass reached."""
+        grads = self._grads.get(slot)
+        if grads is None:
+            slot = Slot(slot)
+            grads = self._grads.setdefault(slot, [v.data for v in self.buffer(slot)[1]])
+        for p, g in zip(self.params, grads):
             p.grad = g
+        return grads
 
     def check_requires_grad(self) -> None:
         """Every parameter still requires grad (host-side, each step; sharded buffers too)."""

@@ -94,11 +94,63 @@ class StepState:
 
     adam_steps: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     diag: dict[str, Tensor] = field(default_factory=dict)
-    counters: dict[str, Tensor] = field(default_factory=dict)
+    # the cumulative counts [skipped, capped] (float64: exact to 2^53; on the device of the
+    # updates), and which of the two exist: counted once, or loaded
+    tally: Tensor | None = None
+    counted: set[str] = field(default_factory=set)
+    # finalize's packed vectors summed since the last fold into ``tally``: one same-dtype add
+    # per update, no slice and no conversion (each costs more than the add on a small model).
+    # Only the flag slots are ever read; the others hold sums of no use. Folded every
+    # 2^20 updates, so that the flag sums stay exact in float32.
+    pending: Tensor | None = None
+    pending_adds: int = 0
 
-    def count(self, name: str, flag: Tensor) -> None:
-        c = self.counters.get(name)  # int64 + bool promotes to int64: one op
-        self.counters[name] = flag.to(torch.int64) if c is None else c + flag
+    @property
+    def counters(self) -> dict[str, Tensor]:
+        """``{"skipped": n, "capped": m}`` (0-dim int64 tensors), the keys that exist."""
+        self.fold()
+        return {name: self.tally[i].to(torch.int64) for i, name in enumerate(COUNTERS)
+                if name in self.counted}
+
+    def load_counters(self, counters: dict[str, Tensor]) -> None:
+        """Counts from a checkpoint (0-dim int64 tensors; a missing one does not exist)."""
+        dev = next((c.device for c in counters.values()), torch.device("cpu"))
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        self.tally = torch.stack([counters.get(n, zero).reshape(()).to(zero) for n in COUNTERS])
+        self.counted = set(counters)
+        self.pending, self.pending_adds = None, 0
+
+    def count(self, fin: Tensor, capping: bool) -> None:
+        """Counts an update's ``[skipped, capped]`` flags (finalize's packed vector ``fin``:
+        0 or 1 in ``FLAGS``). ``capping``: whether this update counts ``capped`` (its flag is 0
+        when it does not: no cap, or the outer loop)."""
+        p = self.pending
+        if p is None or p.dtype != fin.dtype or p.device != fin.device:
+            self.fold()
+            p = self.pending = torch.zeros_like(fin)
+        p.add_(fin)
+        self.pending_adds += 1
+        if self.pending_adds == _FOLD_EVERY:
+            self.fold()
+        self.counted.add("skipped")
+        if capping:
+            self.counted.add("capped")
+
+    def fold(self) -> None:
+        """The pending flag sums into ``tally`` (reading the counters folds first)."""
+        p = self.pending
+        if p is None or not self.pending_adds:
+            return
+        flags = p[FLAGS].to(torch.float64, copy=True)  # p is zeroed below
+        t = self.tally
+        self.tally = flags if t is None else t.to(flags.device) + flags
+        p.zero_()
+        self.pending_adds = 0
+
+
+_FOLD_EVERY = 1 << 20
+FLAGS = slice(9, 11)  # [skipped, capped] in finalize's packed vector (reference.FINALIZE_LEN)
+COUNTERS = ("skipped", "capped")
 
 
 _STATS = ("inner_cosine", "cosine", "forget_grad_norm", "retain_grad_norm", "grad_phi_sq", "rho")
@@ -132,6 +184,12 @@ def reduce(parts: list[GroupBuffer], layout: Layout, x: Slot,
            y: Slot | None) -> tuple[list[Tensor], Tensor]:
     """Per-buffer ``reduce3(x, y)``, global over the ``layout``'s ranks, and their sum (on
     :func:`reduction_device`; float64 if any buffer is float64, else float32)."""
+    if len(parts) == 1:  # the common case, without the gathering below
+        p = parts[0]
+        dt = torch.float64 if p.buf.dtype == torch.float64 else torch.float32
+        stats = layout.all_reduce([move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)),
+                                        p.buf.device, dt)])
+        return stats, stats[0]
     dev = reduction_device([p.buf.device for p in parts])
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
     stats = [move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)), dev, dt) for p in parts]
@@ -214,11 +272,17 @@ def finite_inputs(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig,
     becomes Inf/NaN in the decay term and the Adam moments): one sum per decayed buffer, no host
     sync (FSDP2: summed over the shards, so that every rank decides alike)."""
     dev, dt = like.device, like.dtype
-    if all(loss.device == dev and loss.dtype == dt for loss in losses):  # one op, no copies
+    same = True
+    for loss in losses:
+        same = same and loss.device == dev and loss.dtype == dt
+    if same:  # one op, no copies
         checks = torch.stack(losses)  # evaluate() returns them detached
     else:
         checks = torch.stack([move(loss.detach(), dev, dt) for loss in losses])
-    if any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
+    decay = False
+    for p in parts:
+        decay = decay or cfg.hypers[p.group].weight_decay > 0
+    if decay:
         sums = [move(p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)), dev, torch.float64)
                 if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
                                                                          device=dev)
@@ -253,6 +317,14 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
     projection reads (None: the outer step, whose direction is fixed); ``ustats``: per buffer,
     ``reduce3`` of the direction's two operands (its norm, for clipping); ``ok``: an upstream
     finite flag or None."""
+    capping = loop == "inner" and cfg.forget_loss_cap is not None
+    if len(parts) == 1:  # the common case, without the grouping below
+        p, u = parts[0], ustats[0]
+        checks, ok = finite_inputs(parts, layout, cfg, losses, ok, u)
+        fin = _finalize(p.backend, cfg, loop, p.group, u if gstats is None else gstats, u, checks,
+                        ok)
+        state.count(fin, capping)
+        return [fin]
     by_group: dict[int, Tensor] = {}
     for p, u in zip(parts, ustats):  # the group's statistics (clipping is per group)
         by_group[p.group] = by_group[p.group] + u if p.group in by_group else u
@@ -263,11 +335,8 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
     fins = {g: _finalize(parts[0].backend, cfg, loop, g, u if gstats is None else gstats, u, checks,
                          ok)
             for g, u in by_group.items()}
-    first = fins[parts[0].group]
-    flags = first[9:11].to(torch.int64)  # [skipped, capped]: the same in every group
-    state.count("skipped", flags[0])
-    if loop == "inner" and cfg.forget_loss_cap is not None:
-        state.count("capped", flags[1])
+    # [skipped, capped]: the same in every group
+    state.count(fins[parts[0].group], capping)  # the skip and cap flags: the same in every group
     return [fins[p.group] for p in parts]
 
 
@@ -311,13 +380,16 @@ def inner_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: 
     ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'")
     stats, gstats = reduce(parts, ad.layout, Slot.GRAD_F, Slot.GRAD_R)
     state.diag["inner_stats"] = gstats
-    with torch.enable_grad():
+    if second:  # a double backward
+        with torch.enable_grad():
+            y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
+    else:
         y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
     # finite checks, the cap (no ascent past it), clipping, coefficients: one op per group
     fins = finalize(parts, ad.layout, cfg, state, "inner", gstats, ustats, (ev.loss_f, ev.loss_r),
                     ok)
     apply(parts, ad.layout, cfg, state, "inner", Slot.GRAD_F, y, fins)
-    return ev.loss_f.detach()
+    return ev.loss_f  # detached by evaluate
 
 
 def outer_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: Autodiff,
@@ -343,7 +415,7 @@ def outer_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: 
     apply(parts, ad.layout, cfg, state, "outer", x, y, fins)
     for p in parts:  # p.grad shows the gradient of this update (as after SGD)
         p.buf.bind_grads(x)
-    return ev.loss_r.detach()
+    return ev.loss_r  # detached by evaluate
 
 
 def _penalty(parts, cfg, state, ad, closure):

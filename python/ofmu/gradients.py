@@ -74,17 +74,18 @@ def call_closure(closure: Callable, same_batch: bool = False,
         kwargs["need_forget"] = False
     out = closure(**kwargs)
     if skip_forget and isinstance(out, (tuple, list)) and len(out) == 2 and out[0] is None:
-        return None, _checked_loss("retain_loss", out[1]).reshape(())
+        return None, _checked_loss("retain_loss", out[1])
     if isinstance(out, Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
         got = "a single Tensor" if isinstance(out, Tensor) else repr(type(out).__name__)
         if isinstance(out, (tuple, list)):
             got = f"a sequence of {len(out)} values"
         raise TypeError(f"the closure must return (forget_loss, retain_loss); got {got}")
-    return (_checked_loss("forget_loss", out[0]).reshape(()),
-            _checked_loss("retain_loss", out[1]).reshape(()))
+    return _checked_loss("forget_loss", out[0]), _checked_loss("retain_loss", out[1])
 
 
 def _checked_loss(name: str, loss) -> Tensor:
+    """``loss`` as a 0-dim tensor (a 0-dim loss as it is: a reshape would add a view to the
+    graph, an op forward and backward)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"{name} returned by the closure must be a Tensor, got "
                         f"{type(loss).__name__}")
@@ -94,7 +95,7 @@ def _checked_loss(name: str, loss) -> Tensor:
     if not loss.requires_grad:
         raise ValueError(f"{name} returned by the closure does not require grad (was "
                          "it computed under torch.no_grad() or from detached outputs?)")
-    return loss
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 class NoDoubleBackwardError(RuntimeError):
@@ -158,7 +159,9 @@ class Autodiff:
         if graph_f or graph_r:  # FSDP2 refuses (rho raised after construction, say)
             self.layout.check_param_grads(why, self.buffers)
         check, self._pending = self._pending, None
-        with torch.enable_grad():
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(True)  # torch.enable_grad() without its context object
+        try:
             loss_f, loss_r = call_closure(closure, same_batch, need_forget=forget)
             if check is not None:
                 self._try_double_backward(loss_r, check)
@@ -168,9 +171,11 @@ class Autodiff:
                     self._grad_with_graphs(ev, graph_f, graph_r)
             else:
                 self._backward(loss_f if forget else None, loss_r)
+        finally:
+            torch._C._set_grad_enabled(prev)
         if forget:
-            self.average(Slot.GRAD_F)
-        self.average(Slot.GRAD_R)
+            self.layout.average(self.buffers, Slot.GRAD_F)
+        self.layout.average(self.buffers, Slot.GRAD_R)
         ev.loss_f, ev.loss_r = mean_losses(None if ev.loss_f is None else ev.loss_f.detach(),
                                            ev.loss_r.detach(), self.layout.loss_group)
         # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
@@ -200,7 +205,7 @@ class Autodiff:
     def _check_reached(self, reached_f: int | None, reached_r: int) -> None:
         """Parameters each backward pass reached (None: not run): none at all means they were
         replaced; none from one loss means that loss is a constant to the optimizer."""
-        if not self.params:
+        if not self.buffers:  # no parameters (every buffer holds at least one)
             return
         if reached_r == 0 and not reached_f:
             raise RuntimeError(_replaced_message(self.buffers[0].names[0],
@@ -246,9 +251,13 @@ class Autodiff:
                 raise RuntimeError("the forget and retain losses share part of one autograd "
                                    "graph; compute them in separate forward passes") from e
             raise
-        self._check_reached(reached_f, reached_r)
-        if lf is not None:
-            self._warn_unreached(self.layout.missed(self.params))
+        if reached_r == 0 or reached_f == 0:
+            self._check_reached(reached_f, reached_r)
+        n = sum(len(buf.params) for buf in self.buffers)
+        if lf is not None and reached_f < n and reached_r < n:  # else no parameter was missed
+            missed = self.layout.missed(self.params)
+            if any(missed):
+                self._warn_unreached(missed)
 
     def _grad_with_graphs(self, ev: Evaluation, graph_f: bool, graph_r: bool) -> None:
         params = self.params
@@ -289,7 +298,7 @@ class Autodiff:
 
     def average(self, slot: Slot) -> None:
         """The buffer averaged over the ranks, as the layout does it."""
-        self.layout.average([buf.flat(slot) for buf in self.buffers])
+        self.layout.average(self.buffers, slot)
 
 
 def _replaced_message(name: str, also: str) -> str:
@@ -300,6 +309,28 @@ def _replaced_message(name: str, also: str) -> str:
             + also +
             ". Build the optimizer last: OFMU(model.parameters(), ...) after wrapping and loading "
             "(or check that the closure's losses depend on these parameters).")
+
+
+# The engine call behind torch.autograd.backward (private to torch, present in the versions
+# ofmu supports); None: the public function is used
+_ENGINE_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def backward_into_leaves(loss: Tensor, inputs: list[Tensor]) -> None:
+    """``torch.autograd.backward(loss, inputs=inputs)`` for a 0-dim real loss: the same engine
+    call with the same arguments, without the public function's per-input Python checks (two
+    generator steps and a ``__torch_function__`` probe per input, and the implicit seed's
+    shape checks: about 25 us a pass on a small model, more than the pass's own bookkeeping).
+    Anything else (a tensor subclass among the loss and the inputs, a complex loss, inside a
+    functorch transform) takes the public function."""
+    inputs = tuple(inputs)
+    if (_ENGINE_BACKWARD is None or type(loss) is not Tensor or not loss.is_floating_point()
+            or loss.dim() != 0 or torch._C._are_functorch_transforms_active()
+            or torch._C._has_torch_function(inputs)):
+        torch.autograd.backward(loss, inputs=inputs)
+        return
+    _ENGINE_BACKWARD((loss,), (torch.ones_like(loss, memory_format=torch.preserve_format),),
+                     False, False, inputs, allow_unreachable=True, accumulate_grad=True)
 
 
 def remove_handles(handles: list) -> None:

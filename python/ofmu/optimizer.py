@@ -7,6 +7,7 @@ picks the kernels.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,6 +25,9 @@ from .validation import (
     GLOBAL_KEYS,
     StepGuard,
     check_number,
+    group_values,
+    has_global_key,
+    same_objects,
     validate_distributed,
     validate_group,
     validate_options,
@@ -34,6 +38,26 @@ _STATE_KEYS = {s.value for pair in MOMENTS.values() for s in pair} | set(_STEP_K
 _COUNTERS = ("skipped", "capped")
 # Settings fixed at construction: they decide the optimizer state, the kernels, the ranks.
 _FIXED = ("preconditioner", "inner_preconditioner", "backend", "process_group")
+
+
+def _one_step(entry: str) -> Callable:
+    """The body of an entry point of a step (``entry``: ``step``, ``inner_step``,
+    ``outer_step``), run with the step guard held (one step at a time) and autograd off, as
+    under ``torch.no_grad()`` (without its context-manager objects: a few microseconds of a
+    step on a small model)."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(self, *args, **kwargs):
+            self._guard.acquire(entry)
+            prev = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)  # what torch.no_grad() itself calls
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                torch._C._set_grad_enabled(prev)
+                self._guard.release()
+        return run
+    return wrap
 
 
 class OFMU(Optimizer):
@@ -146,6 +170,13 @@ class OFMU(Optimizer):
         weakref.finalize(self, remove_handles, self._hooks)
         self._state = functional.StepState()
         self._guard = StepGuard()  # one step at a time (threads, a closure calling step)
+        # What the last update validated, remembered by identity (validation.same_objects) so
+        # that an unchanged optimizer is not validated again: the settings, each group's
+        # values with its Hyper, the StepConfig built from them, the parameters in param_groups
+        self._options_seen: tuple | None = None
+        self._groups_seen: dict[int, tuple[tuple, functional.Hyper]] = {}
+        self._cfg_seen: tuple[tuple, functional.StepConfig] | None = None
+        self._params_seen: list[Tensor] = []
         self._frozen: list[tuple[Tensor, str]] = []  # params left out (requires_grad=False)
         # Replicated or Sharded, chosen by the parameters of the first flat buffer
         self._layout: layouts.Layout = layouts.Replicated(self.process_group)
@@ -246,12 +277,16 @@ class OFMU(Optimizer):
 
     def _follow_switched_params(self) -> None:
         """:meth:`rebuild` when the tensors in ``param_groups`` are not the ones the buffers
-        hold (one pass over the parameter ids)."""
+        hold (one pass over the parameter ids; none when they are, in order, the tensors found
+        last time)."""
+        current = [p for g in self.param_groups for p in g["params"]]
+        if same_objects(self._params_seen, current):
+            return
         held = {id(p) for part in self._parts for p in part.buf.params}
         held.update(id(p) for p, _ in self._frozen)
-        current = [p for g in self.param_groups for p in g["params"]]
         if len(current) != len(held) or not all(id(p) in held for p in current):
             self.rebuild()
+        self._params_seen = [p for g in self.param_groups for p in g["params"]]
 
     @property
     def flat_buffers(self) -> list[FlatBuffer]:
@@ -300,7 +335,7 @@ class OFMU(Optimizer):
         self._init_state()
         for dst, value in copies:  # the views of the flat buffers, taken before: the same memory
             dst.copy_(value)
-        self._state.counters = counters
+        self._state.load_counters(counters)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero both gradient buffers. ``p.grad`` keeps pointing into the retain buffer (the
@@ -311,42 +346,43 @@ class OFMU(Optimizer):
             part.buf.bind_grads(Slot.GRAD_R)
 
     def _check_buffers(self) -> None:
-        check_frozen(self._frozen)
+        if self._frozen:
+            check_frozen(self._frozen)
         for part in self._parts:
             part.buf.check_requires_grad()
             part.buf.check_aliasing()
 
     # ------------------------------------------------------------------------- public loops
 
-    @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Tensor:
         """``inner_steps`` inner ascent steps, then ``outer_steps`` outer steps. Returns the last
         outer retain loss (a detached device tensor: no host sync)."""
         if closure is None:
             raise ValueError("OFMU.step needs a closure returning (forget_loss, retain_loss)")
-        with self._guard.hold("step"):
-            self._check_options()
-            self._loops = (self.inner_steps > 0, True)
-            for _ in range(self.inner_steps):
-                self._inner_step(closure)
-            for _ in range(self.outer_steps):
-                loss = self._outer_step(closure)
+        return self._step(closure)
+
+    @_one_step("step")
+    def _step(self, closure: Callable) -> Tensor:
+        self._check_options()
+        self._loops = (self.inner_steps > 0, True)
+        for _ in range(self.inner_steps):
+            self._inner_step(closure)
+        for _ in range(self.outer_steps):
+            loss = self._outer_step(closure)
         return loss
 
-    @torch.no_grad()
+    @_one_step("inner_step")
     def inner_step(self, closure: Callable) -> Tensor:
         """One ascent step on Phi. Returns the forget loss (detached)."""
-        with self._guard.hold("inner_step"):
-            self._loops = (True, False)
-            return self._inner_step(closure)
+        self._loops = (True, False)
+        return self._inner_step(closure)
 
-    @torch.no_grad()
+    @_one_step("outer_step")
     def outer_step(self, closure: Callable) -> Tensor:
         """One penalised descent step on L_r + rho_k |grad Phi|^2, then the rho schedule.
         Returns the retain loss (detached)."""
-        with self._guard.hold("outer_step"):
-            self._loops = (False, True)
-            return self._outer_step(closure)
+        self._loops = (False, True)
+        return self._outer_step(closure)
 
     def _inner_step(self, closure: Callable) -> Tensor:
         return functional.inner_step(self._parts, self._prepare_update(), self._state,
@@ -357,7 +393,9 @@ class OFMU(Optimizer):
         self._state.diag["rho"] = torch.tensor(self.param_groups[0]["rho_k"])
         loss = functional.outer_step(self._parts, cfg, self._state, self._autodiff, closure)
         for group in self.param_groups:
-            group["rho_k"] = min(group["rho_k"] * group["rho_growth"], group["rho_max"])
+            rho = min(group["rho_k"] * group["rho_growth"], group["rho_max"])
+            if rho != group["rho_k"] or type(rho) is not type(group["rho_k"]):
+                group["rho_k"] = rho  # unchanged, the same object: the group stays validated
             group["k"] += 1
         return loss
 
@@ -368,9 +406,13 @@ class OFMU(Optimizer):
         self._follow_switched_params()  # accelerate's FSDP2 prepare switches param_groups
         self._check_buffers()
         self._check_options()
-        for gi, g in enumerate(self.param_groups):
-            validate_group(g, gi, self.similarity)
-        cfg = self._settings([functional.Hyper.from_group(g) for g in self.param_groups])
+        hypers = [self._hyper(gi, g) for gi, g in enumerate(self.param_groups)]
+        key = (self._options_seen, *hypers)
+        if self._cfg_seen is not None and same_objects(self._cfg_seen[0], key):
+            cfg = self._cfg_seen[1]
+        else:
+            cfg = self._settings(hypers)
+            self._cfg_seen = (key, cfg)
         loops, self._loops = self._loops, None
         if loops is not None:
             penalty_on = loops[1] and any(h.rho > 0 for h in cfg.hypers)
@@ -378,10 +420,45 @@ class OFMU(Optimizer):
                 *double_backward_graphs(cfg.sim, cfg.hvp, loops[0], penalty_on))
         return cfg
 
+    def _hyper(self, gi: int, g: dict) -> functional.Hyper:
+        """Param group ``gi``'s hyperparameters for this update, validated (the Hyper of the last
+        update when every value is the same object as then)."""
+        values = group_values(g, self.similarity)
+        seen = self._groups_seen.get(gi)
+        if values is not None and seen is not None and same_objects(seen[0], values):
+            return seen[1]
+        validate_group(g, gi, self.similarity)
+        hp = functional.Hyper.from_group(g)
+        if values is not None:
+            self._groups_seen[gi] = (values, hp)
+        return hp
+
+    def _options(self) -> tuple:
+        return (self.similarity, self.outer_hvp, self.inner_steps, self.outer_steps,
+                self.preconditioner, self.eps, self.fd_delta, self.backend, self.process_group,
+                self.forget_loss_cap, self.inner_preconditioner)
+
     def _check_options(self) -> None:
         """The per-optimizer settings, which may have been edited on the instance since
         construction: the modes and loop lengths take effect once valid; the settings fixed at
-        construction (:data:`_FIXED`) must be unchanged; no param group may carry one."""
+        construction (:data:`_FIXED`) must be unchanged; no param group may carry one. Settings
+        that are the very objects validated last time are not validated again."""
+        now = self._options()
+        changed = not same_objects(self._options_seen, now)
+        if changed:
+            self._validate_options()
+        for gi, g in enumerate(self.param_groups):
+            if has_global_key(g):
+                key = next(k for k in GLOBAL_KEYS if k in g)
+                raise ValueError(
+                    f"param_groups[{gi}] has {key!r}, a per-optimizer setting that a param "
+                    f"group cannot override (it would be ignored): remove it from the group "
+                    f"and set OFMU.{key}, or pass it to OFMU(...)")
+        if changed:
+            self.sim_mode, self.hvp_mode = SIMILARITY[self.similarity], OUTER_HVP[self.outer_hvp]
+            self._options_seen = now
+
+    def _validate_options(self) -> None:
         for key, was in self._fixed.items():
             now = getattr(self, key)
             if now is not was and now != was:
@@ -398,14 +475,6 @@ class OFMU(Optimizer):
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e} (a setting of this OFMU was changed after construction: set a "
                           "valid value)") from None
-        for gi, g in enumerate(self.param_groups):
-            for key in GLOBAL_KEYS:
-                if key in g:
-                    raise ValueError(
-                        f"param_groups[{gi}] has {key!r}, a per-optimizer setting that a param "
-                        f"group cannot override (it would be ignored): remove it from the group "
-                        f"and set OFMU.{key}, or pass it to OFMU(...)")
-        self.sim_mode, self.hvp_mode = SIMILARITY[self.similarity], OUTER_HVP[self.outer_hvp]
 
     def _settings(self, hypers: list | None = None) -> functional.StepConfig:
         return functional.StepConfig(self.sim_mode, self.hvp_mode, self.eps, self.fd_delta,

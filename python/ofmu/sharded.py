@@ -176,7 +176,7 @@ class ShardedFlatBuffer(FlatBuffer):
 
     # ----------------------------------------------------------------- FlatBuffer interface
 
-    def bind_grads(self, slot: Slot | str) -> None:
+    def bind_grads(self, slot: Slot | str) -> list[Tensor]:
         """``p.grad`` = buffer ``slot`` as DTensors (made once per slot: ``DTensor.from_local``
         costs tens of microseconds a parameter, and every outer step rebinds ``GRAD_R``)."""
         slot = Slot(slot)
@@ -185,6 +185,7 @@ class ShardedFlatBuffer(FlatBuffer):
                                       for pi, v in enumerate(self.buffer(slot)[1])]
         for p, g in zip(self.params, self._grad_views[slot]):
             p.grad = g
+        return self._grad_views[slot]
 
     def check_aliasing(self) -> None:
         self.refresh()

@@ -4,8 +4,8 @@ Host-side Python values only: validating never synchronises with a device."""
 
 from __future__ import annotations
 
-import contextlib
 import math
+import operator
 import threading
 
 from . import backends
@@ -15,6 +15,35 @@ PRECONDITIONERS = ("sgd", "adam", "sign")
 # Settings of the whole optimizer: they decide which backward passes run.
 GLOBAL_KEYS = ("similarity", "outer_hvp", "inner_steps", "outer_steps", "preconditioner", "eps",
                "fd_delta", "backend", "process_group", "forget_loss_cap", "inner_preconditioner")
+_GLOBAL_SET = frozenset(GLOBAL_KEYS)
+# What validate_group reads and a step's hyperparameters are made of (functional.Hyper)
+GROUP_KEYS = ("lr", "inner_lr", "lr0", "beta", "rho", "rho_k", "rho_growth", "rho_max",
+              "weight_decay", "max_grad_norm", "betas", "adam_eps")
+_MISSING = object()
+_ABSENT = (_MISSING,) * len(GROUP_KEYS)
+_BETAS = GROUP_KEYS.index("betas")
+
+
+def same_objects(seen: tuple | None, now: tuple) -> bool:
+    """Whether ``now`` holds the very objects of ``seen``, one by one (``is``): values validated
+    before are then unchanged, and checking them again would give the same outcome. Identity,
+    not ``==``: ``True == 1`` and ``-0.0 == 0.0`` would pass where a check or the math differ.
+    For immutable values only (a list edited in place keeps its identity)."""
+    return seen is not None and len(seen) == len(now) and all(map(operator.is_, seen, now))
+
+
+def group_values(group: dict, similarity: str) -> tuple | None:
+    """A param group's values that :func:`validate_group` checks (a missing key as a marker
+    object), and the similarity mode its ``beta`` bound depends on: the key under which a
+    validated group is remembered (:func:`same_objects`). None when ``betas`` is not a tuple (a
+    list may be edited in place): such a group is validated every time."""
+    values = tuple(map(group.get, GROUP_KEYS, _ABSENT))
+    return None if type(values[_BETAS]) is not tuple else values + (similarity,)
+
+
+def has_global_key(group: dict) -> bool:
+    """Whether the group carries a per-optimizer setting (:data:`GLOBAL_KEYS`)."""
+    return not _GLOBAL_SET.isdisjoint(group)
 
 
 def check_number(name: str, value, where: str = "", positive: bool = False) -> None:
@@ -81,25 +110,21 @@ def validate_group(group: dict, gi: int, similarity: str) -> None:
 
 
 class StepGuard:
-    """One step at a time per optimizer: ``step``, ``inner_step`` and ``outer_step`` hold this
-    guard, and a call that finds it held (another thread, or the closure calling ``step``)
-    raises instead of interleaving two updates of the same flat buffers. Non-blocking: a
-    host-side lock, no device work."""
+    """One step at a time per optimizer: ``step``, ``inner_step`` and ``outer_step`` take this
+    guard (``acquire(entry)`` ... ``release()``), and a call that finds it held (another
+    thread, or the closure calling ``step``) raises instead of interleaving two updates of the
+    same flat buffers. Non-blocking: a host-side lock, no device work."""
 
     def __init__(self):
         self._lock = threading.Lock()
+        self.release = self._lock.release
 
-    @contextlib.contextmanager
-    def hold(self, entry: str):
+    def acquire(self, entry: str) -> None:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(
                 f"OFMU.{entry}() called while another step of this optimizer is running (from "
                 "another thread, or from inside the closure); one optimizer takes one step at a "
                 "time: serialise the calls, or give each thread its own model and optimizer")
-        try:
-            yield
-        finally:
-            self._lock.release()
 
 
 def validate_distributed(outer_hvp: str, process_group) -> None:

@@ -13,8 +13,9 @@ Methods, each on a fresh copy of the same model:
   order only; not in the default list). One ``step()`` = T inner steps + 1 outer step.
 
 Time split, per step: ``forward`` (the closure), ``backward`` (``torch.autograd.backward`` /
-``torch.autograd.grad``, HVP double-backwards included), ``kernels`` (the backend's
-reduce3/combine/update, through a timing wrapper around the optimizer's backends) and ``other``
+``torch.autograd.grad`` and the optimizer's engine calls, HVP double-backwards included),
+``kernels`` (the backend's reduce3/combine/update, through a timing wrapper around the
+optimizer's backends) and ``other``
 (the rest: coefficient math on the stats, copies of autograd results into the flat buffers,
 Python). On a GPU every region is timed with CUDA events (no extra host synchronisation).
 
@@ -27,8 +28,8 @@ passes cost least: an MLP 32-64-64-10 (6,922 parameters), batch 32, fp32, SGD, t
 ``similarity="project"``. ``bare`` = the closure's two forwards and two ``.backward()`` calls;
 ``inner`` = ``OFMU.inner_step`` on the same batches; fixed cost = inner / bare - 1, per round
 (the two interleaved sample by sample, the thread's CPU clock), reported as median (min-max)
-over rounds, with the number of torch ops each runs (counted by a dispatch mode: the same on
-every machine).
+over rounds, with the number of torch ops each runs after a first call (counted by a dispatch
+mode: the same on every machine).
 
 Run ``python benchmarks/bench_step.py --help``; results go to ``benchmarks/results/``.
 """
@@ -47,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ofmu import OFMU, backends
+from ofmu import OFMU, backends, gradients
 from ofmu.backends import Backend
 from ofmu.bench import common as C
 from ofmu.modes import OUTER_HVP, SIMILARITY, step_cost
@@ -181,15 +182,18 @@ class Profile:
 
     @contextlib.contextmanager
     def autograd(self):
-        """Time every backward pass (the optimizer calls ``torch.autograd.backward``/``grad``
-        through the module attributes; ``Tensor.backward`` goes through the former too)."""
-        saved = torch.autograd.backward, torch.autograd.grad
+        """Time every backward pass: ``torch.autograd.backward``/``grad`` through the module
+        attributes (``Tensor.backward`` goes through the former too), and the engine call the
+        optimizer's plain backward passes make (``ofmu.gradients.backward_into_leaves``)."""
+        saved = torch.autograd.backward, torch.autograd.grad, gradients._ENGINE_BACKWARD
         torch.autograd.backward = self._backward_timed(saved[0])
         torch.autograd.grad = self._backward_timed(saved[1])
+        if saved[2] is not None:
+            gradients._ENGINE_BACKWARD = self._backward_timed(saved[2])
         try:
             yield
         finally:
-            torch.autograd.backward, torch.autograd.grad = saved
+            torch.autograd.backward, torch.autograd.grad, gradients._ENGINE_BACKWARD = saved
 
 
 def timing_backend(be: Backend, prof: Profile) -> Backend:
@@ -462,6 +466,7 @@ def fixed_cost(args) -> list[dict]:
     def inner():
         opt.inner_step(closure)
 
+    bare(), inner()  # the ops of a step like the timed ones, not of the first (one-off setup)
     ops = {"bare": _count_ops(bare), "inner": _count_ops(inner)}
     clock = "thread" if device.type == "cpu" and args.threads == 1 else "wall"
     print(f"# {meta['device']} | torch {meta['torch']} ofmu {meta['ofmu']} | threads "
