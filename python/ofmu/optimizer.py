@@ -128,10 +128,10 @@ class OFMU(Optimizer):
     ``OFMU.paper_config()`` gives the paper's form (5 inner steps, SGD, rho > 0, H_f v).
     What they achieve on the package's TOFU-style language-model benchmark (a small Llama, 320
     gradient evaluations, learning rate chosen on validation; docs/lm-benchmark.md): forget
-    quality above 0.05 with at least 0.95x the retain model's utility at forget 5% in 3 of 3
-    data seeds, at forget 10% in 2 of 6 (NPO: 3 of 3 and 4 of 6), keeping more unrequested
-    facts and fluency than NPO. One step costs 10 gradient evaluations; ``outer_steps=2`` (4.7)
-    forgets more per evaluation at the same utility (3 of 6 at forget 10%).
+    quality above 0.05 with at least 0.95x the retain model's utility at forget 5% in 4 of 6
+    data seeds, at forget 10% in 2 of 6 (NPO: 6 of 6 and 4 of 6; the frontiers tie), keeping
+    more unrequested facts and fluency than NPO. One step costs 10 gradient evaluations;
+    ``outer_steps=2`` (4.7) forgets more per evaluation at the same utility (a tie overall).
 
     Example::
 
