@@ -69,8 +69,9 @@ MODEL_SETTINGS = {
     # general text and world facts (models.load_small); no replay, fewer authors.
     # Its power run: forget 10%, budget 160, OFMU/NPO/GradDiff (about 100 CPU-minutes per data
     # seed on an AMD EPYC core: 27 for the target and retain models, ~5 per unlearning run).
-    "small": dict(model="small", forget=(10,), n_test=20, n_val=20, n_holdout=2, n_general=0, ft_epochs=6,
-                  ft_lr=1.5e-3, ft_batch=32, budget=160, methods=("OFMU", "NPO", "GradDiff"), replay_world=False, eval_batch=64, lrs=(3e-5, 1e-4, 3e-4)),
+    "small": dict(model="small", forget=(10,), n_test=20, n_val=20, n_holdout=2, n_general=0,
+                  ft_epochs=6, ft_lr=1.5e-3, ft_batch=32, budget=160, methods=("OFMU", "NPO", "GradDiff"),
+                  replay_world=False, eval_batch=64, lrs=(3e-5, 1e-4, 3e-4)),
     # SmolLM2-135M-Instruct at CPU size; on a GPU, raise n_test, qa_per_author and the budget.
     "smollm2": dict(model="smollm2", forget=(1, 10), n_test=20, n_val=20, n_holdout=2,
                     qa_per_author=4, n_neighbour=1, n_retain_eval=16, n_world=16, n_general=0,
