@@ -184,13 +184,8 @@ def reduce(parts: list[GroupBuffer], layout: Layout, x: Slot,
            y: Slot | None) -> tuple[list[Tensor], Tensor]:
     """Per-buffer ``reduce3(x, y)``, global over the ``layout``'s ranks, and their sum (on
     :func:`reduction_device`; float64 if any buffer is float64, else float32)."""
-    if len(parts) == 1:  # the common case, without the gathering below
-        p = parts[0]
-        dt = torch.float64 if p.buf.dtype == torch.float64 else torch.float32
-        stats = layout.all_reduce([move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)),
-                                        p.buf.device, dt)])
-        return stats, stats[0]
-    dev = reduction_device([p.buf.device for p in parts])
+    # one buffer (the common case): its own device, no search
+    dev = parts[0].buf.device if len(parts) == 1 else reduction_device([p.buf.device for p in parts])
     dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
     stats = [move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)), dev, dt) for p in parts]
     stats = layout.all_reduce(stats)  # FSDP2: per-shard sums made global
@@ -272,17 +267,11 @@ def finite_inputs(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig,
     becomes Inf/NaN in the decay term and the Adam moments): one sum per decayed buffer, no host
     sync (FSDP2: summed over the shards, so that every rank decides alike)."""
     dev, dt = like.device, like.dtype
-    same = True
-    for loss in losses:
-        same = same and loss.device == dev and loss.dtype == dt
-    if same:  # one op, no copies
+    if all(loss.device == dev and loss.dtype == dt for loss in losses):  # one op, no copies
         checks = torch.stack(losses)  # evaluate() returns them detached
     else:
         checks = torch.stack([move(loss.detach(), dev, dt) for loss in losses])
-    decay = False
-    for p in parts:
-        decay = decay or cfg.hypers[p.group].weight_decay > 0
-    if decay:
+    if any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
         sums = [move(p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)), dev, torch.float64)
                 if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
                                                                          device=dev)
@@ -318,7 +307,7 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
     ``reduce3`` of the direction's two operands (its norm, for clipping); ``ok``: an upstream
     finite flag or None."""
     capping = loop == "inner" and cfg.forget_loss_cap is not None
-    if len(parts) == 1:  # the common case, without the grouping below
+    if len(parts) == 1:  # the common case, without the grouping below (small models notice)
         p, u = parts[0], ustats[0]
         checks, ok = finite_inputs(parts, layout, cfg, losses, ok, u)
         fin = _finalize(p.backend, cfg, loop, p.group, u if gstats is None else gstats, u, checks,
@@ -330,12 +319,10 @@ def finalize(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig, state: S
         by_group[p.group] = by_group[p.group] + u if p.group in by_group else u
     like = ustats[0]
     checks, ok = finite_inputs(parts, layout, cfg, losses, ok, like)
-    if len(parts) > 1:  # every group must see a non-finite value anywhere
-        checks = torch.cat([checks, torch.stack(ustats).sum(0)])
+    checks = torch.cat([checks, torch.stack(ustats).sum(0)])  # every group sees any non-finite
     fins = {g: _finalize(parts[0].backend, cfg, loop, g, u if gstats is None else gstats, u, checks,
                          ok)
             for g, u in by_group.items()}
-    # [skipped, capped]: the same in every group
     state.count(fins[parts[0].group], capping)  # the skip and cap flags: the same in every group
     return [fins[p.group] for p in parts]
 
@@ -380,8 +367,8 @@ def inner_step(parts: list[GroupBuffer], cfg: StepConfig, state: StepState, ad: 
     ev = ad.evaluate(closure, graph_f=second, graph_r=second, why="similarity='hvp'")
     stats, gstats = reduce(parts, ad.layout, Slot.GRAD_F, Slot.GRAD_R)
     state.diag["inner_stats"] = gstats
-    if second:  # a double backward
-        with torch.enable_grad():
+    if second:  # a double backward (a grad-mode context costs more than this step's kernels
+        with torch.enable_grad():  # on a small model, so only where needed)
             y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)
     else:
         y, ustats, ok = direction_operand(parts, cfg, ad, ev, stats, gstats)

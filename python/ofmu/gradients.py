@@ -174,8 +174,8 @@ class Autodiff:
         finally:
             torch._C._set_grad_enabled(prev)
         if forget:
-            self.layout.average(self.buffers, Slot.GRAD_F)
-        self.layout.average(self.buffers, Slot.GRAD_R)
+            self.average(Slot.GRAD_F)
+        self.average(Slot.GRAD_R)
         ev.loss_f, ev.loss_r = mean_losses(None if ev.loss_f is None else ev.loss_f.detach(),
                                            ev.loss_r.detach(), self.layout.loss_group)
         # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
