@@ -59,17 +59,26 @@ def normalised_probability(correct_loss, wrong_losses) -> float:
     w = _arr(wrong_losses, "wrong_losses", 2)
     if w.shape[0] != c.shape[0]:
         raise ValueError(f"wrong_losses has {w.shape[0]} rows for {c.shape[0]} examples")
-    pc, pw = np.exp(-c), np.exp(-w).sum(1)
-    return float(np.mean(pc / (pc + pw)))
+    # p_c / (p_c + sum_j p_j) in the log domain: exp(-L) underflows to 0 past L ~ 745 nats, which
+    # a model driven far from the answers reaches (0 / 0 would be NaN)
+    log_total = np.logaddexp(-c, np.logaddexp.reduce(-w, axis=1))
+    return float(np.mean(np.exp(-c - log_total)))
+
+
+# |log R| is clipped here so that R and 1/R stay finite float64 numbers (e^700 ~ 1e304): a model
+# driven far from the answers reaches loss differences of thousands of nats. Only the order of
+# the ratios enters the KS test, and the clip keeps it except among ratios beyond e^700.
+LOG_RATIO_MAX = 700.0
 
 
 def truth_ratios(para_loss, pert_losses) -> np.ndarray:
-    """Per-example ``R = exp(-mean_j L_pert_j) / exp(-L_para)`` (log domain)."""
+    """Per-example ``R = exp(-mean_j L_pert_j) / exp(-L_para)`` (log domain; ``|log R|`` clipped
+    at ``LOG_RATIO_MAX``)."""
     p = _arr(para_loss, "para_loss", 1)
     w = _arr(pert_losses, "pert_losses", 2)
     if w.shape[0] != p.shape[0]:
         raise ValueError(f"pert_losses has {w.shape[0]} rows for {p.shape[0]} examples")
-    return np.exp(p - w.mean(1))
+    return np.exp(np.clip(p - w.mean(1), -LOG_RATIO_MAX, LOG_RATIO_MAX))
 
 
 def truth_ratio_forget(ratios) -> float:
