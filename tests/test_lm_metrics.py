@@ -35,9 +35,11 @@ def test_metrics_stay_finite_for_a_model_far_from_the_answers():
     assert M.normalised_probability([big + math.log(3)], [[big]]) == pytest.approx(0.25, rel=1e-12)
     r = M.truth_ratios([big, 0.0], [[0.0, 0.0, 0.0], [big, big, big]])
     assert np.all(np.isfinite(r)) and np.all(np.isfinite(1.0 / r))
-    np.testing.assert_allclose(np.log(r), [M.LOG_RATIO_MAX, -M.LOG_RATIO_MAX], rtol=1e-15)
+    np.testing.assert_allclose(np.log(r), [M.LOG_MAX, -M.LOG_MAX], rtol=1e-15)
     assert M.truth_ratio_retain(r) == pytest.approx(0.5)  # max(0, 1 - e^700) = 0, 1 - e^-700 = 1
-    assert M.truth_ratio_forget(r) == pytest.approx(math.exp(-M.LOG_RATIO_MAX), rel=1e-12)
+    assert M.truth_ratio_forget(r) == pytest.approx(math.exp(-M.LOG_MAX), rel=1e-12)
+    assert M.fluency_ppl((3000.0 * 4, 4)) == pytest.approx(math.exp(M.LOG_MAX), rel=1e-12)
+    assert M.fluency_ppl((math.log(20.0) * 4, 4)) == pytest.approx(20.0, rel=1e-12)
     # the KS test takes the clipped ratios: three above 1, 2, 3 give the exact p of D = 1, 2 / C(6, 3)
     top = M.truth_ratios([big, big + 1, big + 2], [[0.0] * 3] * 3)
     assert M.forget_quality(top, [1.0, 2.0, 3.0]) == pytest.approx(0.1, abs=1e-12)

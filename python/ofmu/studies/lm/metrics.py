@@ -65,20 +65,21 @@ def normalised_probability(correct_loss, wrong_losses) -> float:
     return float(np.mean(np.exp(-c - log_total)))
 
 
-# |log R| is clipped here so that R and 1/R stay finite float64 numbers (e^700 ~ 1e304): a model
-# driven far from the answers reaches loss differences of thousands of nats. Only the order of
-# the ratios enters the KS test, and the clip keeps it except among ratios beyond e^700.
-LOG_RATIO_MAX = 700.0
+# Logs are clipped at LOG_MAX before exp() so that R, 1/R and perplexities stay finite float64
+# numbers (e^700 ~ 1e304): a model driven far from the answers reaches losses and loss
+# differences of thousands of nats. Only the order of the ratios enters the KS test, and the clip
+# keeps it except among ratios beyond e^700.
+LOG_MAX = 700.0
 
 
 def truth_ratios(para_loss, pert_losses) -> np.ndarray:
     """Per-example ``R = exp(-mean_j L_pert_j) / exp(-L_para)`` (log domain; ``|log R|`` clipped
-    at ``LOG_RATIO_MAX``)."""
+    at ``LOG_MAX``)."""
     p = _arr(para_loss, "para_loss", 1)
     w = _arr(pert_losses, "pert_losses", 2)
     if w.shape[0] != p.shape[0]:
         raise ValueError(f"pert_losses has {w.shape[0]} rows for {p.shape[0]} examples")
-    return np.exp(np.clip(p - w.mean(1), -LOG_RATIO_MAX, LOG_RATIO_MAX))
+    return np.exp(np.clip(p - w.mean(1), -LOG_MAX, LOG_MAX))
 
 
 def truth_ratio_forget(ratios) -> float:
@@ -197,11 +198,12 @@ def summarize(raw: dict, retain_model_raw: dict | None = None) -> dict:
 
 
 def fluency_ppl(nll_count: tuple[float, int]) -> float:
-    """Perplexity ``exp(summed NLL / tokens)`` on held-out general text."""
+    """Perplexity ``exp(summed NLL / tokens)`` on held-out general text (the mean NLL clipped at
+    ``LOG_MAX`` nats)."""
     total, count = nll_count
     if count <= 0:
         raise ValueError("fluency text has no predicted tokens")
-    return float(math.exp(total / count))
+    return float(math.exp(min(total / count, LOG_MAX)))
 
 
 def collateral(raw: dict, target_raw: dict | None = None, base_world: dict | None = None) -> dict:
