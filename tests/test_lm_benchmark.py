@@ -133,6 +133,21 @@ def test_choose_prefers_forget_quality_then_utility():
     assert runner.choose(low) is low[1]  # none reaches 0.05: the highest forget quality
 
 
+def test_paired_frontier_difference_and_standard_error():
+    from ofmu.studies.lm.summary import paired
+
+    def seeds(*fronts):
+        return [{"data_seed": i, "frontier_rel": f} for i, f in enumerate(fronts)]
+    # seeds 0-2 both have a frontier: differences 0.1, 0.3, 0.2 -> mean 0.2, sd 0.1, se 0.1/sqrt(3);
+    # seed 3: the reference has none; seed 4 only in the method's run
+    got = paired(seeds(1.1, 1.3, 1.0, 0.9, 1.0), seeds(1.0, 1.0, 0.8, None))
+    assert (got["n_common"], got["n_both"], got["none"], got["ref_none"]) == (4, 3, 0, 1)
+    assert got["diff"] == pytest.approx(0.2, abs=1e-12)
+    assert got["se"] == pytest.approx(0.1 / math.sqrt(3), rel=1e-12)
+    one = paired(seeds(None, 1.2), seeds(1.0, 1.0))
+    assert (one["n_both"], one["none"], one["se"]) == (1, 1, None) and one["diff"] == pytest.approx(0.2)
+
+
 @pytest.mark.skipif(not (corpus.WORDNET_DIR / "data.noun").is_file(),
                     reason="needs WordNet for the fluency text (apt-get install wordnet-base)")
 def test_authors_benchmark_cli_smoke(tmp_path, capsys):
@@ -176,6 +191,12 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
             assert {"inner_steps", "outer_steps", "rho", "similarity", "outer_hvp"} <= set(row_hp)
     summ = res["summary"]["10"]["methods"]["OFMU"]
     assert summ["n"] == 1 and len(summ["frontier"]) >= 1
+    val_retain = split["val"]["retain"]["model_utility"]
+    for name, m in res["summary"]["10"]["methods"].items():
+        ok = [r["model_utility"] / val_retain for r in split["methods"][name]["validation"]
+              if r["forget_quality"] >= 0.05]
+        assert m["per_seed"][0]["frontier_rel"] == (pytest.approx(max(ok)) if ok else None)
+        assert ("paired" in m) == (name != "OFMU")
     assert sorted(p.name.split("-")[2] for p in cache.iterdir()) == ["base", "retain10", "target"]
     assert "forget 10%" in capsys.readouterr().out
     # merging per-seed runs: the worlds side by side, the summary over both; no duplicates

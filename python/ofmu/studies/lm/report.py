@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...files import replace_atomic, write_text_atomic
 from .methods import ALL_METHODS as DEFAULT_ORDER
-from .summary import FQ_OK, MU_SHARE
+from .summary import FQ_OK, MU_SHARE, REFERENCE
 
 COLS = (("forget_quality", "FQ", "{:.2g}"), ("model_utility", "MU", "{:.3f}"),
         ("mu_ratio", "MU / retain", "{:.2f}"), ("forget_prob", "forget prob", "{:.3f}"),
@@ -60,8 +60,36 @@ def markdown_table(result: dict) -> str:
             best = "none" if best is None else f"{best:.3f}"
             out.append(f"| {name} | " + " | ".join(cells)
                        + f" | {m['n_fq_ok']}/{m['n']} | {m['n_target']}/{m['n']} | {best} | {lrs} |")
+        out += _paired_table(s)
     out += ["", "Methods:"] + [f"- {n}: {d}" for n, d in result.get("methods", {}).items()]
     return "\n".join(out)
+
+
+def _paired_table(s: dict) -> list[str]:
+    """Each data seed's validation frontier (best MU / the retain model's at FQ >= 0.05), and its
+    difference to OFMU's shipped defaults on the same data seeds (mean ± standard error)."""
+    if not any("paired" in m for m in s["methods"].values()):
+        return []
+    out = ["", f"Per data seed, paired with {REFERENCE} (the shipped defaults) on the same seeds: the "
+           "validation frontier as best MU / the retain model's at FQ > 0.05 (`-`: no validation "
+           "point reaches it), and the mean difference to OFMU's ± its standard error over the seeds "
+           "where both have one.", "",
+           "| method | frontier per data seed | seeds without | difference to OFMU (seeds) |",
+           "|---|---|---|---|"]
+    for name, m in s["methods"].items():
+        front = " ".join("-" if p.get("frontier_rel") is None else f"{p['frontier_rel']:.2f}"
+                         for p in m["per_seed"])
+        none = sum(p.get("frontier_rel") is None for p in m["per_seed"])
+        pr = m.get("paired")
+        if pr is None:
+            diff = "(reference)" if name == REFERENCE else ""
+        elif pr["diff"] is None:
+            diff = f"n/a ({pr['n_both']})"
+        else:
+            se = "" if pr["se"] is None else f" ± {pr['se']:.3f}"
+            diff = f"{pr['diff']:+.3f}{se} ({pr['n_both']})"
+        out.append(f"| {name} | {front} | {none}/{len(m['per_seed'])} | {diff} |")
+    return out
 
 
 def plot(result: dict, path: Path) -> None:

@@ -26,10 +26,13 @@ def agg(vals) -> list[float]:
     return [float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0]
 
 
-def _per_seed(entry: dict, retain_mu: float, ds: str) -> dict:
+def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str) -> dict:
     tests = entry["test"]
+    ok = [r["model_utility"] / val_retain_mu for r in entry["validation"] if r["forget_quality"] >= FQ_OK]
     row = {"data_seed": int(ds), "lr": entry["chosen"]["hparams"]["lr"],
-           "fraction": entry["chosen"]["fraction"]}
+           "fraction": entry["chosen"]["fraction"],
+           # this data seed's validation frontier: best MU / the retain model's at FQ >= 0.05
+           "frontier_rel": max(ok) if ok else None}
     for k in KEYS:
         vals = [r[k] for r in tests if k in r] if k != "mu_ratio" else \
             [r["model_utility"] / retain_mu for r in tests]
@@ -76,6 +79,24 @@ def _curve(entries: list[dict]) -> list[dict]:
             for f, rows in sorted(groups.items())]
 
 
+def paired(per: list[dict], ref: list[dict]) -> dict:
+    """The per-data-seed validation frontiers of a method against a reference method's on the same
+    data seeds (the same authors and models, so the seed-to-seed spread of utility cancels): mean
+    difference and its standard error over the seeds where both have a frontier, and on how many
+    seeds each has none."""
+    mine = {p["data_seed"]: p["frontier_rel"] for p in per}
+    theirs = {p["data_seed"]: p["frontier_rel"] for p in ref}
+    common = sorted(set(mine) & set(theirs))
+    d = np.array([mine[k] - theirs[k] for k in common if mine[k] is not None and theirs[k] is not None])
+    return {"n_common": len(common), "n_both": int(d.size),
+            "none": sum(mine[k] is None for k in common), "ref_none": sum(theirs[k] is None for k in common),
+            "diff": float(d.mean()) if d.size else None,
+            "se": float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else None}
+
+
+REFERENCE = "OFMU"  # the paired comparisons are against OFMU's shipped defaults
+
+
 def summarize(result: dict) -> dict:
     splits: dict = {}
     for ds, world in result.get("worlds", {}).items():
@@ -83,13 +104,14 @@ def summarize(result: dict) -> dict:
             s = splits.setdefault(pct, {"retain_mu": [], "target": [], "methods": {}, "n_forget_qa": [],
                                         "data_seeds": []})
             retain_mu = split["test"]["retain"]["model_utility"]
+            val_retain_mu = split["val"]["retain"]["model_utility"]
             s["retain_mu"].append(retain_mu)
             s["target"].append(split["test"]["target"])
             s["n_forget_qa"].append(split["test"]["n_forget_qa"])
             s["data_seeds"].append(int(ds))
             for name, e in split["methods"].items():
                 m = s["methods"].setdefault(name, {"per_seed": [], "_entries": []})
-                m["per_seed"].append(_per_seed(e, retain_mu, ds))
+                m["per_seed"].append(_per_seed(e, retain_mu, val_retain_mu, ds))
                 m["_entries"].append(e)
     out = {}
     for pct, s in splits.items():
@@ -102,6 +124,10 @@ def summarize(result: dict) -> dict:
                 "n_fq_ok": sum(p["fq_ok"] for p in per), "n_target": sum(p["target_met"] for p in per),
                 "n": len(per), "frontier": (fr := _frontier(m["_entries"])), "curve": _curve(m["_entries"]),
                 "frontier_best_mu": _best_mu(fr)}
+        ref = s["methods"].get(REFERENCE)
+        for name, m in methods.items():
+            if ref is not None and name != REFERENCE:
+                m["paired"] = paired(m["per_seed"], ref["per_seed"])
         out[pct] = {"data_seeds": s["data_seeds"], "n_forget_qa": s["n_forget_qa"],
                     "retain_mu": agg(s["retain_mu"]),
                     "target_fq": agg([t["forget_quality"] for t in s["target"]]),
