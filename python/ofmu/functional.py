@@ -16,6 +16,7 @@ step reads a device value on the host.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,11 @@ class StepConfig:
     forget_loss_cap: float | None
     hypers: list[Hyper]  # per param group
     inner_preconditioner: str | None = None  # None: the same as ``preconditioner``
+
+    @functools.cached_property
+    def decays(self) -> bool:
+        """Whether some group has weight decay (worked out once per config)."""
+        return any(h.weight_decay > 0 for h in self.hypers)
 
     def preconditioner_of(self, loop: str) -> str:
         if loop == "inner" and self.inner_preconditioner is not None:
@@ -184,9 +190,11 @@ def reduce(parts: list[GroupBuffer], layout: Layout, x: Slot,
            y: Slot | None) -> tuple[list[Tensor], Tensor]:
     """Per-buffer ``reduce3(x, y)``, global over the ``layout``'s ranks, and their sum (on
     :func:`reduction_device`; float64 if any buffer is float64, else float32)."""
-    # one buffer (the common case): its own device, no search
-    dev = parts[0].buf.device if len(parts) == 1 else reduction_device([p.buf.device for p in parts])
-    dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
+    if len(parts) == 1:  # the common case: its own device and accumulation dtype, no search
+        dev, dt = parts[0].buf.device, acc_dtype(parts[0].buf.dtype)
+    else:
+        dev = reduction_device([p.buf.device for p in parts])
+        dt = torch.float64 if any(p.buf.dtype == torch.float64 for p in parts) else torch.float32
     stats = [move(p.backend.reduce3(p.buf.flat(x), p.buf.flat(y)), dev, dt) for p in parts]
     stats = layout.all_reduce(stats)  # FSDP2: per-shard sums made global
     return stats, stats[0] if len(stats) == 1 else torch.stack(stats).sum(0)
@@ -267,11 +275,13 @@ def finite_inputs(parts: list[GroupBuffer], layout: Layout, cfg: StepConfig,
     becomes Inf/NaN in the decay term and the Adam moments): one sum per decayed buffer, no host
     sync (FSDP2: summed over the shards, so that every rank decides alike)."""
     dev, dt = like.device, like.dtype
-    if all(loss.device == dev and loss.dtype == dt for loss in losses):  # one op, no copies
+    for loss in losses:
+        if loss.dtype != dt or loss.device != dev:
+            checks = torch.stack([move(loss.detach(), dev, dt) for loss in losses])
+            break
+    else:  # the usual case: one op, no copies
         checks = torch.stack(losses)  # evaluate() returns them detached
-    else:
-        checks = torch.stack([move(loss.detach(), dev, dt) for loss in losses])
-    if any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
+    if cfg.decays and any(cfg.hypers[p.group].weight_decay > 0 for p in parts):
         sums = [move(p.buf.param.sum(dtype=acc_dtype(p.buf.dtype)), dev, torch.float64)
                 if cfg.hypers[p.group].weight_decay > 0 else torch.zeros((), dtype=torch.float64,
                                                                          device=dev)

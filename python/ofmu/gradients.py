@@ -42,6 +42,7 @@ class Evaluation:
 
 
 _ACCEPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BOTH, _RETAIN = (Slot.GRAD_F, Slot.GRAD_R), (Slot.GRAD_R,)  # what an evaluation's passes fill
 
 
 def accepts(closure: Callable, keyword: str) -> bool:
@@ -66,13 +67,14 @@ def call_closure(closure: Callable, same_batch: bool = False,
     """``closure()`` checked: two scalar losses that require grad. A closure that accepts the
     keywords is told ``same_batch=True`` (reuse the last minibatches) and ``need_forget=False``
     (the forget loss is not used: it may return ``(None, retain_loss)`` and skip that forward)."""
-    kwargs = {}
-    if same_batch:
-        kwargs["same_batch"] = True
     skip_forget = not need_forget and accepts(closure, "need_forget")
-    if skip_forget:
-        kwargs["need_forget"] = False
-    out = closure(**kwargs)
+    if same_batch or skip_forget:
+        kwargs = {"same_batch": True} if same_batch else {}
+        if skip_forget:
+            kwargs["need_forget"] = False
+        out = closure(**kwargs)
+    else:  # the usual call: no keyword dict to build and unpack
+        out = closure()
     if skip_forget and isinstance(out, (tuple, list)) and len(out) == 2 and out[0] is None:
         return None, _checked_loss("retain_loss", out[1])
     if isinstance(out, Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
@@ -173,16 +175,16 @@ class Autodiff:
                 self._backward(loss_f if forget else None, loss_r)
         finally:
             torch._C._set_grad_enabled(prev)
-        if forget:
-            self.average(Slot.GRAD_F)
-        self.average(Slot.GRAD_R)
+        if self.layout.averages:
+            if forget:
+                self.average(Slot.GRAD_F)
+            self.average(Slot.GRAD_R)
         ev.loss_f, ev.loss_r = mean_losses(None if ev.loss_f is None else ev.loss_f.detach(),
                                            ev.loss_r.detach(), self.layout.loss_group)
-        # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
-        # once one backward pass went through, the per-parameter check hooks can go.
-        for h in self.hooks:
-            h.remove()
-        self.hooks.clear()
+        if self.hooks:
+            # Whether a parameter gets sparse gradients is structural (nn.Embedding(sparse=True)):
+            # once one backward pass went through, the per-parameter check hooks can go.
+            remove_handles(self.hooks)
         return ev
 
     def _try_double_backward(self, loss_r: Tensor, why: str) -> None:
@@ -242,7 +244,7 @@ class Autodiff:
 
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
         """The forget (unless None) and retain backward passes into ``GRAD_F`` / ``GRAD_R``."""
-        self.layout.begin(self.buffers)
+        self.layout.begin(self.buffers, _BOTH if lf is not None else _RETAIN)
         reached_f = None if lf is None else self.layout.backward(self.buffers, lf, Slot.GRAD_F)
         try:
             reached_r = self.layout.backward(self.buffers, lr, Slot.GRAD_R)
@@ -253,8 +255,10 @@ class Autodiff:
             raise
         if reached_r == 0 or reached_f == 0:
             self._check_reached(reached_f, reached_r)
-        n = sum(len(buf.params) for buf in self.buffers)
-        if lf is not None and reached_f < n and reached_r < n:  # else no parameter was missed
+        if lf is None:
+            return
+        n = sum([len(buf.params) for buf in self.buffers])
+        if reached_f < n and reached_r < n:  # else no parameter was missed
             missed = self.layout.missed(self.params)
             if any(missed):
                 self._warn_unreached(missed)
@@ -329,7 +333,9 @@ def backward_into_leaves(loss: Tensor, inputs: list[Tensor]) -> None:
             or torch._C._has_torch_function(inputs)):
         torch.autograd.backward(loss, inputs=inputs)
         return
-    _ENGINE_BACKWARD((loss,), (torch.ones_like(loss, memory_format=torch.preserve_format),),
+    # (ones_like's default memory format is torch.preserve_format, what the public function
+    # passes; naming it costs a keyword parse)
+    _ENGINE_BACKWARD((loss,), (torch.ones_like(loss),),
                      False, False, inputs, allow_unreachable=True, accumulate_grad=True)
 
 

@@ -8,7 +8,8 @@ asks which layout it has:
   per-parameter views ``state[p]`` shows (construction);
 * ``begin`` / ``backward`` / ``missed``: backward passes into the flat gradient buffers and
   which parameters they reached;
-* ``average``: gradients averaged across ranks; ``all_reduce``: the reductions' per-buffer
+* ``average``: gradients averaged across ranks (``averages``: whether there is anything to
+  do); ``all_reduce``: the reductions' per-buffer
   statistics made global; ``loss_group``: the group the losses are averaged over;
 * ``copy_out``: the updated flat parameters into the tensors the model reads;
 * ``check_param_grads``: refuses what the layout cannot do (differentiate with respect to the
@@ -54,8 +55,12 @@ class Replicated:
 
     def __init__(self, process_group):
         self.process_group = self.loss_group = process_group
-        # per backward pass since ``begin``: its grads' version counters before and after
-        self._passes: list[tuple[list[int], list[int]]] = []
+        self.averages = process_group is not None  # whether ``average`` has anything to do
+        # per backward pass since ``begin``: what tells which parameters it reached (see
+        # ``missed``): True (all), its grads' version counters before and after, or the graph
+        # of its loss (a pass counted per buffer that missed some)
+        self._passes: list = []
+        self._per_param = True  # how the next pass counts (see ``backward``)
 
     def flat_buffer(self, params, names, earlier, sim, hvp, rho: float) -> FlatBuffer:
         """Plain parameters re-viewed into one flat buffer (``sim``, ``hvp``, ``rho``: every
@@ -71,35 +76,61 @@ class Replicated:
     def check_param_grads(self, why: str, buffers) -> None:
         """Every mode can differentiate with respect to plain parameters."""
 
-    def begin(self, buffers) -> None:
-        """Before an evaluation's backward passes: none has reached a parameter yet."""
+    def begin(self, buffers, slots: tuple[Slot, ...]) -> None:
+        """Before an evaluation's backward passes (into ``slots``): none has reached a
+        parameter yet, and the buffers they accumulate into are zeroed (one op for all)."""
         self._passes = []
+        flats = [buf.flat(s) for buf in buffers for s in slots]
+        if len(flats) == 1:
+            flats[0].zero_()
+        else:
+            torch._foreach_zero_(flats)
 
     def backward(self, buffers, loss: Tensor, slot: Slot) -> int:
-        """One backward pass straight into buffer ``slot``; how many parameters it reached.
+        """One backward pass straight into buffer ``slot`` (zeroed by :meth:`begin`); how many
+        parameters it reached.
 
-        Reached = autograd accumulated into the parameter's ``p.grad``: each is a slice of the
-        buffer with its own version counter (:meth:`FlatBuffer.bind_grads`), which the in-place
-        accumulation advances. Two integer reads per parameter instead of a Python hook call
-        per parameter and pass (a hook costs about 4 us, the pass itself on a small model
+        Reached = autograd accumulated into the parameter's ``p.grad``, a slice of the buffer,
+        which the in-place accumulation advances the version counter of. Counted per
+        parameter (each slice with a counter of its own: two integer reads per parameter)
+        until a pass reaches every parameter; from then on per buffer (the slices share the
+        buffer's counter, which each accumulation advances by one: two reads per pass, no
+        per-parameter work) until a pass misses some, whose graph then tells which
+        (:meth:`missed`), and the next passes count per parameter again. Either way no Python
+        hook per parameter and pass (about 4 us each; the pass itself on a small model
         ~200 us)."""
-        for buf in buffers:
-            buf.flat(slot).zero_()
-        if len(buffers) == 1:
-            grads, inputs = buffers[0].bind_grads(slot), buffers[0].params
-        else:
-            grads = [g for buf in buffers for g in buf.bind_grads(slot)]
-            inputs = [p for buf in buffers for p in buf.params]
+        one = buffers[0] if len(buffers) == 1 else None
+        inputs = one.params if one else [p for buf in buffers for p in buf.params]
+        if not self._per_param:
+            flats = [buf.flat(slot) for buf in buffers]
+            for buf in buffers:
+                buf.bind_grads(slot, own_counters=False)
+            before = sum(map(_VERSION, flats))
+            backward_into_leaves(loss, inputs)
+            reached = sum(map(_VERSION, flats)) - before
+            self._per_param = reached < len(inputs)
+            self._passes.append(loss.grad_fn if self._per_param else True)
+            return reached
+        grads = one.bind_grads(slot) if one else [g for buf in buffers for g in buf.bind_grads(slot)]
         before = list(map(_VERSION, grads))
         backward_into_leaves(loss, inputs)
         after = list(map(_VERSION, grads))
         self._passes.append((before, after))
-        return len(grads) - sum(map(operator.eq, before, after))
+        reached = len(grads) - sum(map(operator.eq, before, after))
+        self._per_param = reached < len(grads)
+        return reached
 
     def missed(self, params: list[Tensor]) -> list[bool]:
         """Per parameter: whether no backward pass since :meth:`begin` reached it."""
         out = [True] * len(params)
-        for before, after in self._passes:
+        for rec in self._passes:
+            if rec is True:
+                return [False] * len(params)
+            if type(rec) is not tuple:  # a graph: its leaves were reached
+                leaves = _graph_leaves(rec)
+                out = [m and id(p) not in leaves for m, p in zip(out, params)]
+                continue
+            before, after = rec
             if before == after:
                 continue  # reached none
             if all(map(operator.ne, before, after)):
@@ -125,6 +156,7 @@ class Sharded:
     reductions' statistics are summed over the shards of one replica."""
 
     also_replaced_by = " or re-sharding"
+    averages = False  # FSDP2's reduce-scatter averages the gradients
 
     def __init__(self, mesh):
         self.mesh = mesh
@@ -158,7 +190,7 @@ class Sharded:
         """The sharded parameters are not in the autograd graph: refuse ``why``'s mode."""
         raise mode_error(why, buffers[0].names[0])
 
-    def begin(self, buffers) -> None:
+    def begin(self, buffers, slots: tuple[Slot, ...]) -> None:
         pass  # backward copies in (and counts) the gradients FSDP2 leaves
 
     def backward(self, buffers, loss: Tensor, slot: Slot) -> int:
@@ -193,6 +225,22 @@ class Sharded:
 
 Layout = Replicated | Sharded
 _VERSION = operator.attrgetter("_version")
+
+
+def _graph_leaves(root) -> set[int]:
+    """``id`` of every tensor whose gradient a backward pass from ``root`` (a ``grad_fn``,
+    after the pass: its edges outlive the freed saved tensors) accumulates."""
+    leaves, seen, todo = set(), set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # an AccumulateGrad node
+        if var is not None:
+            leaves.add(id(var))
+        todo.extend(fn for fn, _ in node.next_functions)
+    return leaves
 
 
 def _mixed(dt: list[bool], names: list[str], earlier: list[FlatBuffer]) -> ValueError:

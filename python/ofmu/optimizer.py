@@ -181,7 +181,9 @@ class OFMU(Optimizer):
         # values with its Hyper, the StepConfig built from them, the parameters in param_groups
         self._options_seen: tuple | None = None
         self._groups_seen: dict[int, tuple[tuple, functional.Hyper]] = {}
-        self._cfg_seen: tuple[tuple, functional.StepConfig] | None = None
+        # (options, hypers, the StepConfig built from them, the double-backward graphs of
+        # each loops pair under it)
+        self._cfg_seen: tuple | None = None
         self._params_seen: list[Tensor] = []
         self._frozen: list[tuple[Tensor, str]] = []  # params left out (requires_grad=False)
         # Replicated or Sharded, chosen by the parameters of the first flat buffer
@@ -355,8 +357,7 @@ class OFMU(Optimizer):
         if self._frozen:
             check_frozen(self._frozen)
         for part in self._parts:
-            part.buf.check_requires_grad()
-            part.buf.check_aliasing()
+            part.buf.check_views()  # requires grad, still views its slot
 
     # ------------------------------------------------------------------------- public loops
 
@@ -381,7 +382,8 @@ class OFMU(Optimizer):
     def inner_step(self, closure: Callable) -> Tensor:
         """One ascent step on Phi. Returns the forget loss (detached)."""
         self._loops = (True, False)
-        return self._inner_step(closure)
+        return functional.inner_step(self._parts, self._prepare_update(), self._state,
+                                     self._autodiff, closure)
 
     @_one_step("outer_step")
     def outer_step(self, closure: Callable) -> Tensor:
@@ -413,17 +415,20 @@ class OFMU(Optimizer):
         self._check_buffers()
         self._check_options()
         hypers = [self._hyper(gi, g) for gi, g in enumerate(self.param_groups)]
-        key = (self._options_seen, *hypers)
-        if self._cfg_seen is not None and same_objects(self._cfg_seen[0], key):
-            cfg = self._cfg_seen[1]
+        seen = self._cfg_seen
+        if seen is not None and seen[0] is self._options_seen and same_objects(seen[1], hypers):
+            cfg, graphs = seen[2], seen[3]
         else:
-            cfg = self._settings(hypers)
-            self._cfg_seen = (key, cfg)
+            cfg, graphs = self._settings(hypers), {}
+            self._cfg_seen = (self._options_seen, hypers, cfg, graphs)
         loops, self._loops = self._loops, None
         if loops is not None:
-            penalty_on = loops[1] and any(h.rho > 0 for h in cfg.hypers)
-            self._autodiff.expect_double_backward(
-                *double_backward_graphs(cfg.sim, cfg.hvp, loops[0], penalty_on))
+            got = graphs.get(loops)
+            if got is None:  # a function of the config and the loops: worked out once
+                penalty_on = loops[1] and any(h.rho > 0 for h in cfg.hypers)
+                got = graphs[loops] = double_backward_graphs(cfg.sim, cfg.hvp, loops[0],
+                                                              penalty_on)
+            self._autodiff.expect_double_backward(*got)
         return cfg
 
     def _hyper(self, gi: int, g: dict) -> functional.Hyper:
