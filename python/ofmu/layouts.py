@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .distributed import average_
 from .flat import FlatBuffer, Slot
-from .gradients import backward_into_leaves
+from .gradients import backward_into_leaves, fresh_seed
 from .sharded import ShardedFlatBuffer, check_modes, check_placements, is_dtensor, mode_error
 
 
@@ -61,6 +61,7 @@ class Replicated:
         # of its loss (a pass counted per buffer that missed some)
         self._passes: list = []
         self._per_param = True  # how the next pass counts (see ``backward``)
+        self._seed: Tensor | None = None  # the passes' ones (gradients.fresh_seed)
 
     def flat_buffer(self, params, names, earlier, sim, hvp, rho: float) -> FlatBuffer:
         """Plain parameters re-viewed into one flat buffer (``sim``, ``hvp``, ``rho``: every
@@ -101,19 +102,20 @@ class Replicated:
         ~200 us)."""
         one = buffers[0] if len(buffers) == 1 else None
         inputs = one.params if one else [p for buf in buffers for p in buf.params]
+        seed = self._seed = fresh_seed(self._seed, loss)
         if not self._per_param:
             flats = [buf.flat(slot) for buf in buffers]
             for buf in buffers:
                 buf.bind_grads(slot, own_counters=False)
             before = sum(map(_VERSION, flats))
-            backward_into_leaves(loss, inputs)
+            backward_into_leaves(loss, inputs, seed)
             reached = sum(map(_VERSION, flats)) - before
             self._per_param = reached < len(inputs)
             self._passes.append(loss.grad_fn if self._per_param else True)
             return reached
         grads = one.bind_grads(slot) if one else [g for buf in buffers for g in buf.bind_grads(slot)]
         before = list(map(_VERSION, grads))
-        backward_into_leaves(loss, inputs)
+        backward_into_leaves(loss, inputs, seed)
         after = list(map(_VERSION, grads))
         self._passes.append((before, after))
         reached = len(grads) - sum(map(operator.eq, before, after))
