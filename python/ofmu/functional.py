@@ -104,12 +104,11 @@ class StepState:
     # updates), and which of the two exist: counted once, or loaded
     tally: Tensor | None = None
     counted: set[str] = field(default_factory=set)
-    # finalize's packed vectors summed since the last fold into ``tally``: one same-dtype add
-    # per update, no slice and no conversion (each costs more than the add on a small model).
-    # Only the flag slots are ever read; the others hold sums of no use. Folded every
-    # 2^20 updates, so that the flag sums stay exact in float32.
-    pending: Tensor | None = None
-    pending_adds: int = 0
+    # finalize's packed vectors of the updates since the last fold into ``tally``, kept as
+    # they are (every backend's finalize returns a new tensor): appending one costs nothing on
+    # the device, where an add per update cost more than the update's kernel on a small model.
+    # Summed every _FOLD_EVERY updates and when the counters are read (exact in float32).
+    pending: list[Tensor] = field(default_factory=list)
 
     @property
     def counters(self) -> dict[str, Tensor]:
@@ -124,37 +123,34 @@ class StepState:
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         self.tally = torch.stack([counters.get(n, zero).reshape(()).to(zero) for n in COUNTERS])
         self.counted = set(counters)
-        self.pending, self.pending_adds = None, 0
+        self.pending = []
 
     def count(self, fin: Tensor, capping: bool) -> None:
         """Counts an update's ``[skipped, capped]`` flags (finalize's packed vector ``fin``:
         0 or 1 in ``FLAGS``). ``capping``: whether this update counts ``capped`` (its flag is 0
         when it does not: no cap, or the outer loop)."""
-        p = self.pending
-        if p is None or p.dtype != fin.dtype or p.device != fin.device:
+        pending = self.pending
+        if pending and (pending[0].dtype != fin.dtype or pending[0].device != fin.device):
             self.fold()
-            p = self.pending = torch.zeros_like(fin)
-        p.add_(fin)
-        self.pending_adds += 1
-        if self.pending_adds == _FOLD_EVERY:
+        pending.append(fin)
+        if len(pending) >= _FOLD_EVERY:
             self.fold()
         self.counted.add("skipped")
         if capping:
             self.counted.add("capped")
 
     def fold(self) -> None:
-        """The pending flag sums into ``tally`` (reading the counters folds first)."""
+        """The pending flags summed into ``tally`` (reading the counters folds first)."""
         p = self.pending
-        if p is None or not self.pending_adds:
+        if not p:
             return
-        flags = p[FLAGS].to(torch.float64, copy=True)  # p is zeroed below
+        flags = (p[0][FLAGS] if len(p) == 1 else torch.stack(p)[:, FLAGS].sum(0)).to(torch.float64)
         t = self.tally
         self.tally = flags if t is None else t.to(flags.device) + flags
-        p.zero_()
-        self.pending_adds = 0
+        self.pending = []
 
 
-_FOLD_EVERY = 1 << 20
+_FOLD_EVERY = 64  # updates (their packed vectors are kept until then)
 FLAGS = slice(9, 11)  # [skipped, capped] in finalize's packed vector (reference.FINALIZE_LEN)
 COUNTERS = ("skipped", "capped")
 
