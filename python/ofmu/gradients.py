@@ -42,7 +42,6 @@ class Evaluation:
 
 
 _ACCEPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_BOTH, _RETAIN = (Slot.GRAD_F, Slot.GRAD_R), (Slot.GRAD_R,)  # what an evaluation's passes fill
 
 
 def accepts(closure: Callable, keyword: str) -> bool:
@@ -244,7 +243,7 @@ class Autodiff:
 
     def _backward(self, lf: Tensor | None, lr: Tensor) -> None:
         """The forget (unless None) and retain backward passes into ``GRAD_F`` / ``GRAD_R``."""
-        self.layout.begin(self.buffers, _BOTH if lf is not None else _RETAIN)
+        self.layout.begin(self.buffers)
         reached_f = None if lf is None else self.layout.backward(self.buffers, lf, Slot.GRAD_F)
         try:
             reached_r = self.layout.backward(self.buffers, lr, Slot.GRAD_R)
