@@ -8,6 +8,7 @@ picks the kernels.
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .validation import (
 _STEP_KEYS = {loop: f"{loop}_step" for loop in MOMENTS}  # per-parameter Adam step counts
 _STATE_KEYS = {s.value for pair in MOMENTS.values() for s in pair} | set(_STEP_KEYS.values())
 _COUNTERS = ("skipped", "capped")
+_OPTIONS = operator.attrgetter(*GLOBAL_KEYS)  # the per-optimizer settings, one C call
 # Settings fixed at construction: they decide the optimizer state, the kernels, the ranks.
 _FIXED = ("preconditioner", "inner_preconditioner", "backend", "process_group")
 
@@ -411,10 +413,16 @@ class OFMU(Optimizer):
         """This update's settings; validates the options and every group (host values, no
         device sync). At a step's first update, arms the trial of the double backward the step
         will need (:meth:`Autodiff.expect_double_backward`)."""
-        self._follow_switched_params()  # accelerate's FSDP2 prepare switches param_groups
+        groups = self.param_groups
+        if not same_objects(self._params_seen, [p for g in groups for p in g["params"]]):
+            self._follow_switched_params()  # accelerate's FSDP2 prepare switches param_groups
         self._check_buffers()
         self._check_options()
-        hypers = [self._hyper(gi, g) for gi, g in enumerate(self.param_groups)]
+        hypers = []
+        for gi, g in enumerate(groups):  # each group's Hyper of the last update while unchanged
+            values, seen = group_values(g, self.similarity), self._groups_seen.get(gi)
+            hypers.append(seen[1] if values is not None and seen is not None and
+                          same_objects(seen[0], values) else self._hyper(gi, g))
         seen = self._cfg_seen
         if seen is not None and seen[0] is self._options_seen and same_objects(seen[1], hypers):
             cfg, graphs = seen[2], seen[3]
@@ -445,9 +453,7 @@ class OFMU(Optimizer):
         return hp
 
     def _options(self) -> tuple:
-        return (self.similarity, self.outer_hvp, self.inner_steps, self.outer_steps,
-                self.preconditioner, self.eps, self.fd_delta, self.backend, self.process_group,
-                self.forget_loss_cap, self.inner_preconditioner)
+        return _OPTIONS(self)
 
     def _check_options(self) -> None:
         """The per-optimizer settings, which may have been edited on the instance since
