@@ -216,7 +216,7 @@ def test_last_stats_has_the_same_keys_whatever_the_configuration():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("fold_every", [1, 3, 1 << 20])
+@pytest.mark.parametrize("fold_every", [1, 3, 64, 1 << 20])
 def test_skip_and_cap_counts_are_exact_across_folds_and_checkpoints(monkeypatch, fold_every,
                                                                     dtype):
     """The counters: every non-finite update counted as skipped, every inner update at or above

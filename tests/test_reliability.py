@@ -359,6 +359,62 @@ def test_a_replaced_submodule_is_warned_about_by_name(similarity):
 
 
 
+def test_a_submodule_replaced_between_steps_is_warned_about_at_that_step():
+    """After steps that reached every parameter the reach is counted per buffer (no names);
+    the step after the head is re-created still warns at once, naming its old parameters
+    (found from the backward pass's graph), and the run goes on warning no more."""
+    model = mlp()
+    opt = ofmu(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.step(closure_for(model))
+    old_head = model[2]
+    model[2] = torch.nn.Linear(6, 2)
+    with pytest.warns(UserWarning, match=r"2 parameters received no gradient from either loss: "
+                                         r"param_groups\[0\]\.params\[2\] \(shape \(2, 6\)\), "
+                                         r"param_groups\[0\]\.params\[3\] \(shape \(2,\)\)"):
+        opt.inner_step(closure_for(model))
+    w = old_head.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per set of parameters
+        opt.step(closure_for(model))
+    assert torch.equal(old_head.weight, w)
+
+
+def test_a_backward_function_writing_into_its_incoming_gradient_leaves_later_passes_alone():
+    """The backward passes start from one kept ones tensor; a loss whose backward writes into
+    its incoming gradient in place (autograd allows it) gets a new one next time, so both
+    gradient buffers hold what autograd gives from a fresh seed, step after step."""
+    class Doubled(torch.autograd.Function):  # identity forward; backward doubles in place
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.mul_(2)
+
+    model = mlp()
+    opt = ofmu(model.parameters(), lr=0.0)  # the weights stay: every pass sees the same model
+    g = torch.Generator().manual_seed(1)
+    xf, xr = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    yf, yr = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
+
+    def losses():
+        return Doubled.apply(mse(model(xf), yf)), Doubled.apply(mse(model(xr), yr))
+
+    params = list(model.parameters())
+    ref_f, ref_r = (torch.cat([g.flatten() for g in torch.autograd.grad(2 * loss, params)])
+                    for loss in (mse(model(xf), yf), mse(model(xr), yr)))
+    buf = opt.flat_buffers[0]
+    for _ in range(3):
+        opt.inner_step(losses)
+        got_f, got_r = (torch.cat([v.flatten() for v in buf.views(flat)])
+                        for flat in (buf.grad_f, buf.grad_r))
+        assert torch.equal(got_f, ref_f) and torch.equal(got_r, ref_r)
+
+
 def test_the_older_of_two_optimizers_over_one_model_raises_at_its_next_step():
     model = mlp()
     old, new = ofmu(model.parameters(), lr=0.1), ofmu(model.parameters(), lr=0.1)

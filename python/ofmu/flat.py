@@ -180,6 +180,7 @@ class FlatBuffer:
         # share_memory_()), shape, strides and dtype of its view
         self._layout = [(v.data_ptr() - self.param.data_ptr(), v.shape, v.stride(), v.dtype)
                         for v in self.param_views]
+        self._views_ok = [(*t, True) for t in self._layout]  # ... and each requires grad
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Per-parameter views (with the parameters' shapes) into a buffer of this layout."""
@@ -203,11 +204,18 @@ class FlatBuffer:
             return got[0]
         return None if slot is None else self.buffer(slot)[0]
 
-    def bind_grads(self, slot: Slot | str) -> list[Tensor]:
+    def bind_grads(self, slot: Slot | str, own_counters: bool = True) -> list[Tensor]:
         """Point every ``p.grad`` at its slice of buffer ``slot`` (autograd accumulates there);
-        returns the bound tensors. Each is the view's memory with a version counter of its own
-        (``.data``; made once per slot): a backward pass that accumulates into one advances
-        only that one, which is how the layout tells which parameters a pass reached."""
+        returns the bound tensors. ``own_counters``: each is the view's memory with a version
+        counter of its own (``.data``; made once per slot), so that a backward pass that
+        accumulates into one advances only that one; else the views themselves, which share
+        the buffer's counter (each accumulation advances it by one). That is how the layout
+        tells which parameters, or how many, a pass reached."""
+        if not own_counters:
+            views = self.buffer(slot)[1]
+            for p, v in zip(self.params, views):
+                p.grad = v
+            return views
         grads = self._grads.get(slot)
         if grads is None:
             slot = Slot(slot)
@@ -225,6 +233,16 @@ class FlatBuffer:
                     "built; the optimizer would still update it. Set requires_grad=True again, or "
                     "rebuild the optimizer after freezing (frozen parameters are left out at "
                     "construction)")
+
+    def check_views(self) -> None:
+        """:meth:`check_requires_grad` and :meth:`check_aliasing` in one pass over the parameters
+        (each step: one list compared on the good path; those two name the culprit otherwise)."""
+        base = self.param.data_ptr()
+        if [(p.data_ptr() - base, p.shape, p.stride(), p.dtype, p.requires_grad)
+                for p in self.params] == self._views_ok:
+            return
+        self.check_requires_grad()
+        self.check_aliasing()
 
     def check_aliasing(self) -> None:
         """Cheap check that every parameter is still its view of the flat buffer: the same

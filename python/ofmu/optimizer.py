@@ -8,6 +8,7 @@ picks the kernels.
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .validation import (
 _STEP_KEYS = {loop: f"{loop}_step" for loop in MOMENTS}  # per-parameter Adam step counts
 _STATE_KEYS = {s.value for pair in MOMENTS.values() for s in pair} | set(_STEP_KEYS.values())
 _COUNTERS = ("skipped", "capped")
+_OPTIONS = operator.attrgetter(*GLOBAL_KEYS)  # the per-optimizer settings, one C call
 # Settings fixed at construction: they decide the optimizer state, the kernels, the ranks.
 _FIXED = ("preconditioner", "inner_preconditioner", "backend", "process_group")
 
@@ -181,7 +183,9 @@ class OFMU(Optimizer):
         # values with its Hyper, the StepConfig built from them, the parameters in param_groups
         self._options_seen: tuple | None = None
         self._groups_seen: dict[int, tuple[tuple, functional.Hyper]] = {}
-        self._cfg_seen: tuple[tuple, functional.StepConfig] | None = None
+        # (options, hypers, the StepConfig built from them, the double-backward graphs of
+        # each loops pair under it)
+        self._cfg_seen: tuple | None = None
         self._params_seen: list[Tensor] = []
         self._frozen: list[tuple[Tensor, str]] = []  # params left out (requires_grad=False)
         # Replicated or Sharded, chosen by the parameters of the first flat buffer
@@ -355,8 +359,7 @@ class OFMU(Optimizer):
         if self._frozen:
             check_frozen(self._frozen)
         for part in self._parts:
-            part.buf.check_requires_grad()
-            part.buf.check_aliasing()
+            part.buf.check_views()  # requires grad, still views its slot
 
     # ------------------------------------------------------------------------- public loops
 
@@ -381,7 +384,8 @@ class OFMU(Optimizer):
     def inner_step(self, closure: Callable) -> Tensor:
         """One ascent step on Phi. Returns the forget loss (detached)."""
         self._loops = (True, False)
-        return self._inner_step(closure)
+        return functional.inner_step(self._parts, self._prepare_update(), self._state,
+                                     self._autodiff, closure)
 
     @_one_step("outer_step")
     def outer_step(self, closure: Callable) -> Tensor:
@@ -409,21 +413,30 @@ class OFMU(Optimizer):
         """This update's settings; validates the options and every group (host values, no
         device sync). At a step's first update, arms the trial of the double backward the step
         will need (:meth:`Autodiff.expect_double_backward`)."""
-        self._follow_switched_params()  # accelerate's FSDP2 prepare switches param_groups
+        groups = self.param_groups
+        if not same_objects(self._params_seen, [p for g in groups for p in g["params"]]):
+            self._follow_switched_params()  # accelerate's FSDP2 prepare switches param_groups
         self._check_buffers()
         self._check_options()
-        hypers = [self._hyper(gi, g) for gi, g in enumerate(self.param_groups)]
-        key = (self._options_seen, *hypers)
-        if self._cfg_seen is not None and same_objects(self._cfg_seen[0], key):
-            cfg = self._cfg_seen[1]
+        hypers = []
+        for gi, g in enumerate(groups):  # each group's Hyper of the last update while unchanged
+            values, seen = group_values(g, self.similarity), self._groups_seen.get(gi)
+            hypers.append(seen[1] if values is not None and seen is not None and
+                          same_objects(seen[0], values) else self._hyper(gi, g))
+        seen = self._cfg_seen
+        if seen is not None and seen[0] is self._options_seen and same_objects(seen[1], hypers):
+            cfg, graphs = seen[2], seen[3]
         else:
-            cfg = self._settings(hypers)
-            self._cfg_seen = (key, cfg)
+            cfg, graphs = self._settings(hypers), {}
+            self._cfg_seen = (self._options_seen, hypers, cfg, graphs)
         loops, self._loops = self._loops, None
         if loops is not None:
-            penalty_on = loops[1] and any(h.rho > 0 for h in cfg.hypers)
-            self._autodiff.expect_double_backward(
-                *double_backward_graphs(cfg.sim, cfg.hvp, loops[0], penalty_on))
+            got = graphs.get(loops)
+            if got is None:  # a function of the config and the loops: worked out once
+                penalty_on = loops[1] and any(h.rho > 0 for h in cfg.hypers)
+                got = graphs[loops] = double_backward_graphs(cfg.sim, cfg.hvp, loops[0],
+                                                              penalty_on)
+            self._autodiff.expect_double_backward(*got)
         return cfg
 
     def _hyper(self, gi: int, g: dict) -> functional.Hyper:
@@ -440,9 +453,7 @@ class OFMU(Optimizer):
         return hp
 
     def _options(self) -> tuple:
-        return (self.similarity, self.outer_hvp, self.inner_steps, self.outer_steps,
-                self.preconditioner, self.eps, self.fd_delta, self.backend, self.process_group,
-                self.forget_loss_cap, self.inner_preconditioner)
+        return _OPTIONS(self)
 
     def _check_options(self) -> None:
         """The per-optimizer settings, which may have been edited on the instance since

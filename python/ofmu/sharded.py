@@ -189,3 +189,7 @@ class ShardedFlatBuffer(FlatBuffer):
 
     def check_aliasing(self) -> None:
         self.refresh()
+
+    def check_views(self) -> None:
+        self.check_requires_grad()
+        self.check_aliasing()

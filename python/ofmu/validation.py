@@ -22,6 +22,7 @@ GROUP_KEYS = ("lr", "inner_lr", "lr0", "beta", "rho", "rho_k", "rho_growth", "rh
 _MISSING = object()
 _ABSENT = (_MISSING,) * len(GROUP_KEYS)
 _BETAS = GROUP_KEYS.index("betas")
+_GROUP_VALUES = operator.itemgetter(*GROUP_KEYS)
 
 
 def same_objects(seen: tuple | None, now: tuple) -> bool:
@@ -37,7 +38,10 @@ def group_values(group: dict, similarity: str) -> tuple | None:
     object), and the similarity mode its ``beta`` bound depends on: the key under which a
     validated group is remembered (:func:`same_objects`). None when ``betas`` is not a tuple (a
     list may be edited in place): such a group is validated every time."""
-    values = tuple(map(group.get, GROUP_KEYS, _ABSENT))
+    try:
+        values = _GROUP_VALUES(group)  # one C call
+    except KeyError:
+        values = tuple(map(group.get, GROUP_KEYS, _ABSENT))
     return None if type(values[_BETAS]) is not tuple else values + (similarity,)
 
 
