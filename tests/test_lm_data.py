@@ -83,3 +83,18 @@ def test_word_tokenizer_round_trip_and_labels():
     assert b["input_ids"].shape == (2, len(ids))
     assert b["attention_mask"][1].tolist() == [1] * 3 + [0] * (len(ids) - 3)
     assert (b["labels"][1] == IGNORE).all()  # only prompt tokens survived the cut
+
+
+def test_wide_preset_holds_tofus_question_counts():
+    """The tiny rung's wide preset: forget 5% and 10% name at least 100 and 200 questions of the
+    generated pools (TOFU's counts), in both the test and the validation pool."""
+    from ofmu.studies.lm.config import config_for
+
+    cfg = config_for("tiny", "wide")
+    data = generate(cfg.n_test, cfg.n_val, cfg.n_holdout, cfg.qa_per_author, cfg.n_perturbed, 0,
+                    n_neighbour=cfg.n_neighbour)
+    for pool in ("test", "val"):
+        counts = {pct: sum(len(a.qas) for a in data.split(pool, pct)[0]) for pct in cfg.forget}
+        assert counts == {5: 100, 10: 200}
+    with pytest.raises(ValueError, match="wide preset"):
+        config_for("small", "wide")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 DEFAULT_METHODS = ("GA", "GradDiff", "GradDiff-KL", "NPO", "SimNPO", "OFMU", "OFMU-KL", "OFMU-paper",
                    "OFMU-beta0", "OFMU-rho")
 MODELS = ("tiny", "small", "smollm2")
-PRESET_NAMES = ("smoke", "power")
+PRESET_NAMES = ("smoke", "power", "wide")
 
 
 @dataclass
@@ -80,15 +80,21 @@ MODEL_SETTINGS = {
                     sgd_lrs=(1e-3, 2e-3), methods=("GA", "GradDiff", "NPO", "SimNPO", "OFMU", "OFMU-KL")),
 }
 
-# The power run of the tiny rung: on a loaded 2-core AMD EPYC one data seed at forget 10% took
-# about 7.5 min of CPU time (base, target and retain models ~3 min, ten methods ~4.5 min), so the
-# whole preset (3 data seeds, forget 1/5/10%) is about an hour of one core (docs/lm-benchmark.md);
-# on a GPU raise n_test / n_val to TOFU's 200 authors and the budget.
+# The power run of the tiny rung: on a loaded 2-core AMD EPYC the models of one data seed take
+# about 3 min and, at budget 320, the ten default methods about 15 min per split, so the whole
+# preset (3 data seeds, forget 1/5/10%) is about 2.5 hours of one core (docs/lm-benchmark.md);
+# on a GPU raise n_test / n_val to TOFU's 200 authors (or use the wide preset) and the budget.
 POWER = {
-    "tiny": dict(data_seeds=(0, 1, 2), seeds=(0, 1)),
+    "tiny": dict(data_seeds=(0, 1, 2), seeds=(0, 1), budget=320),  # 80 left OFMU mid-way
     "small": dict(data_seeds=(0, 1, 2), seeds=(0, 1)),
     "smollm2": dict(data_seeds=(0,), seeds=(0,)),
 }
+# TOFU's question counts at forget 5% and 10% on the tiny rung: 100 authors per pool (forget 5% =
+# 5 authors = 100 questions, 10% = 200), a budget four times power's (the KS test over 200
+# questions is stricter, and forgetting them takes longer). About 25-45 min of one core per data
+# seed for the models and 10 min per method and split (docs/lm-benchmark.md).
+WIDE = {"tiny": dict(n_test=100, n_val=100, forget=(5, 10), budget=1280, methods=("OFMU", "NPO"),
+                     data_seeds=(0, 1, 2), seeds=(0, 1))}
 SMOKE = dict(forget=(10,), n_test=10, n_val=10, n_holdout=1, qa_per_author=4, n_neighbour=1,
              n_retain_eval=8, n_world=8, n_general=8, n_fluency=4, general_words=8, hidden=32, layers=1,
              base_epochs=40, ft_epochs=10, budget=8, checkpoints=(0.5, 1.0), batch_size=4, eval_batch=32,
@@ -105,6 +111,8 @@ def config_for(model: str = "tiny", preset: str = "power", **overrides) -> LMCon
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"unknown settings {bad}")
+    if preset == "wide" and model not in WIDE:
+        raise ValueError(f"the wide preset is defined for the {', '.join(WIDE)} rung, not {model!r}")
     cfg = replace(LMConfig(), **MODEL_SETTINGS[model], preset=preset)
-    cfg = replace(cfg, **(SMOKE if preset == "smoke" else POWER[model]))
+    cfg = replace(cfg, **(SMOKE if preset == "smoke" else WIDE[model] if preset == "wide" else POWER[model]))
     return replace(cfg, **overrides)

@@ -28,7 +28,7 @@ import torch
 
 from ...bench.common import device_name
 from . import evaluate
-from .config import config_for
+from .config import PRESET_NAMES, config_for
 from .methods import GRID, build_methods, recorded, steps_for, unlearn
 from .peak import PeakMemory
 from .text import PairStream, encode_all
@@ -274,7 +274,7 @@ def main(args) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of the authors benchmark (for a stand-alone parser; the CLI adds its own)."""
     p.add_argument("--model", default="tiny", choices=("tiny", "small", "smollm2"))
-    p.add_argument("--preset", default="power", choices=("smoke", "power"))
+    p.add_argument("--preset", default="power", choices=PRESET_NAMES)
     p.add_argument("--data-seeds", default=None, help="comma-separated data seeds, e.g. 0,1,2")
     p.add_argument("--forget", default=None, help="forget percentages, e.g. 1,5,10")
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF file or folder")
