@@ -80,6 +80,9 @@ def test_costs_follow_the_shared_ofmu_count():
     assert lm_cost("GradDiff-KL", ms["GradDiff-KL"].defaults) == pytest.approx(2 + 1 / 3)
     assert lm_cost("NPO", {}) == pytest.approx(2 + 1 / 3)
     assert ms["OFMU"].cost({**ms["OFMU"].defaults, "lr": 1e-3}) == pytest.approx(10)
+    # replay swaps rows of the retain minibatch, it adds none: the same cost as without
+    assert lm_cost("OFMU-replay", ms["OFMU-replay"].defaults) == pytest.approx(10)
+    assert lm_cost("NPO-replay", ms["NPO-replay"].defaults) == pytest.approx(2 + 1 / 3)
     assert {len(m.grid("authors")) for m in ms.values()} == {1}
     with pytest.raises(ValueError, match="grids must have equal size"):
         build_methods((1e-3, 1e-4), (1e-1,))
@@ -110,6 +113,70 @@ def test_checkpoint_evaluation_leaves_the_run_unchanged(small, name):
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     assert not torch.equal(next(a.parameters()), next(model.parameters()))
+
+
+def test_mixed_stream_rows_follow_both_seeded_orders(small):
+    """A replay batch is the retain stream's next rows plus the general stream's, each in its own
+    seeded permutation (rebuilt here from the seeds), padded together; the batch size is kept."""
+    from ofmu.studies.lm.text import MixedStream, PairStream, encode_text
+
+    tok, _, qas = small
+    main = [encode_pair(tok, qa.question, qa.answer) for qa in qas[:6]]
+    extra = [encode_text(tok, qa.paraphrase) for qa in qas[6:11]]
+    mixed = MixedStream(PairStream(main, 4, tok.pad_id, 2), PairStream(extra, 4, tok.pad_id, 3), 0.25)
+    assert mixed.n_extra == 1
+    gm, ge = torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)
+    order_m = torch.randperm(6, generator=gm).tolist() + torch.randperm(6, generator=gm).tolist()
+    order_e = torch.randperm(5, generator=ge).tolist()
+    for k in range(4):  # crosses the retain stream's epoch boundary after two batches
+        b = mixed.next()
+        want = collate([main[i] for i in order_m[3 * k:3 * k + 3]] + [extra[order_e[k]]], tok.pad_id)
+        for key in want:
+            assert torch.equal(b[key], want[key]), (k, key)
+        assert mixed.last is b
+    with pytest.raises(ValueError, match="replay share must be in"):
+        MixedStream(PairStream(main, 4, tok.pad_id, 2), PairStream(extra, 4, tok.pad_id, 3), 1.0)
+    with pytest.raises(ValueError, match="batch size of at least 2"):
+        MixedStream(PairStream(main, 1, tok.pad_id, 2), PairStream(extra, 1, tok.pad_id, 3), 0.5)
+
+
+def test_replay_without_a_general_stream_is_refused_before_any_step(small):
+    from ofmu.studies.lm.text import PairStream
+    from ofmu.studies.lm.world import Streams
+
+    tok, model, qas = small
+    pairs = [encode_pair(tok, qa.question, qa.answer) for qa in qas]
+    steps = []
+    for name in ("OFMU-replay", "NPO-replay"):
+        m = build_methods((1e-3,), (1e-1,))[name]
+        streams = Streams(PairStream(pairs[:4], 2, tok.pad_id, 1), PairStream(pairs[4:], 2, tok.pad_id, 2))
+        with pytest.raises(ValueError, match="replay=0.25 needs a general-text stream"):
+            unlearn(m, model, streams, {**m.defaults, "lr": 1e-3}, 2, seed=0,
+                    after_step=lambda mdl, k: steps.append(k))
+    assert steps == []
+
+
+@pytest.mark.skipif(not (corpus.WORDNET_DIR / "data.noun").is_file(), reason="needs WordNet")
+def test_small_rung_replays_sentences_it_was_pretrained_on_never_the_fluency_text():
+    from ofmu.studies.lm.config import config_for
+    from ofmu.studies.lm.models import SMALL_DEFAULTS
+    from ofmu.studies.lm.world import _replay_pool
+
+    class Tok:  # records the sentences it encodes
+        seen: list = []
+
+        def text_ids(self, text):
+            self.seen.append(text)
+            return [0, 1]
+    cfg = config_for("small", "power", n_replay=40)
+    pool = _replay_pool(cfg, Tok(), [], 0)
+    assert len(pool) == 40
+    pretrained = corpus.general_sentences("pretrain", SMALL_DEFAULTS["n_sentences"], SMALL_DEFAULTS["seed"],
+                                          max_words=SMALL_DEFAULTS["max_words"])
+    assert Tok.seen == pretrained[:40]
+    held = corpus.general_sentences("heldout", None, 0)
+    assert not set(Tok.seen) & set(held)
+    assert _replay_pool(config_for("small", "power", n_replay=0), Tok(), [], 0) == []
 
 
 def test_smollm2_gguf_is_found_without_importing_the_package(tmp_path, monkeypatch):
@@ -158,7 +225,7 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     rc = cli.main(["--threads", "1", "benchmark", "--dataset", "authors", "--model", "tiny", "--preset",
                    "smoke", "--seeds", "1", "--quiet", "--out", str(out), "--cache-dir", str(cache),
-                   "--methods", "GA,GradDiff-KL,OFMU,OFMU-paper"])
+                   "--methods", "GA,GradDiff-KL,OFMU,OFMU-paper,OFMU-replay"])
     assert rc == 0
     res = json.loads((out / "authors-tiny-smoke.json").read_text())
     assert res["complete"] and (out / "authors-tiny-smoke.md").is_file()
@@ -176,7 +243,8 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     assert split["test"]["target"]["neighbour_prob_rel"] == pytest.approx(1.0)
     assert split["test"]["target"]["fluency_rel"] == pytest.approx(1.0)
     cfg = res["config"]
-    assert set(split["methods"]) == {"GA", "GradDiff-KL", "OFMU", "OFMU-paper"}
+    assert set(split["methods"]) == {"GA", "GradDiff-KL", "OFMU", "OFMU-paper", "OFMU-replay"}
+    assert split["methods"]["OFMU-replay"]["chosen"]["hparams"]["replay"] == 0.25
     for name, e in split["methods"].items():
         (row,) = e["test"]
         cost = lm_cost(name, row_hp := {k: v for k, v in e["chosen"]["hparams"].items()})

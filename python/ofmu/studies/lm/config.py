@@ -34,6 +34,7 @@ class LMConfig:
     n_retain_eval: int = 40
     n_world: int = 0  # at most this many answered world facts (0: all)
     n_general: int = 80  # general sentences in the tiny base's pre-training (and replay)
+    n_replay: int = 512  # general sentences the "-replay" methods replay (small, smollm2 rungs)
     n_fluency: int = 30  # held-out general sentences for the fluency perplexity
     general_words: int = 8  # longest general sentence, in words
     data_seed: int = 0  # the data seed being run (set per world by the runner)

@@ -34,6 +34,9 @@ from ...hf.losses import causal_lm_losses
 from ...optimizer import OFMU
 from ..methods.base import Method, steps_for
 from ..methods.ofmu_runs import FORWARD, closure_calls, ofmu_cost, resolve_ofmu
+from .text import MixedStream
+
+REPLAY = 0.25  # the "-replay" methods' share of each retain minibatch taken from general text
 
 GRID = "authors"  # the key of every LM method's grid
 
@@ -72,6 +75,17 @@ def _retain(hp, model, ref):
     return lambda b: nll(model, b)
 
 
+def _retain_stream(hp, streams):
+    """The retain minibatches: ``streams.retain``, or with a ``replay`` share of every batch drawn
+    from general pre-training text (same rows per batch, so the same cost)."""
+    share = hp.get("replay", 0.0)
+    if not share:
+        return streams.retain
+    if streams.general is None:
+        raise ValueError(f"replay={share} needs a general-text stream (Streams.general), got None")
+    return MixedStream(streams.retain, streams.general, share)
+
+
 def _adam_loop(model, hp, steps, loss_fn, ctx: Context) -> None:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=hp["lr"])
     for k in range(steps):
@@ -87,12 +101,14 @@ def ga(model, ctx, hp, streams, steps):
 
 def grad_diff(model, ctx, hp, streams, steps):
     retain = _retain(hp, model, _frozen(model) if hp["retain"] == "kl" else None)
+    rs = _retain_stream(hp, streams)
     _adam_loop(model, hp, steps, lambda: -nll(model, streams.forget.next())
-               + hp["alpha"] * retain(streams.retain.next()), ctx)
+               + hp["alpha"] * retain(rs.next()), ctx)
 
 
 def npo(model, ctx, hp, streams, steps):
     b, ref = hp["npo_beta"], _frozen(model)
+    rs = _retain_stream(hp, streams)
 
     def loss():
         bf = streams.forget.next()
@@ -101,17 +117,18 @@ def npo(model, ctx, hp, streams, steps):
             s_ref, _ = _token_nll(ref, bf)
         log_ratio = -(s - s_ref)  # log p_theta - log p_ref of the whole answer
         return (-(2.0 / b) * logsigmoid(-b * log_ratio).mean()
-                + hp["alpha"] * nll(model, streams.retain.next()))
+                + hp["alpha"] * nll(model, rs.next()))
     _adam_loop(model, hp, steps, loss, ctx)
 
 
 def simnpo(model, ctx, hp, streams, steps):
     b = hp["npo_beta"]
+    rs = _retain_stream(hp, streams)
 
     def loss():
         s, n = _token_nll(model, streams.forget.next())
         lf = -logsigmoid(b * (s / n - hp["delta"])).mean() * 2.0 / b
-        return hp["gamma"] * lf + hp["alpha"] * nll(model, streams.retain.next())
+        return hp["gamma"] * lf + hp["alpha"] * nll(model, rs.next())
     _adam_loop(model, hp, steps, loss, ctx)
 
 
@@ -119,13 +136,13 @@ def ofmu(model, ctx, hp, streams, steps):
     """``OFMU(params, **options)`` with the options the method sets (the rest: the constructor's
     defaults); the closure returns (NLL_f, retain loss) on fresh minibatches, or on the last ones
     when the optimizer asks (finite-difference probes)."""
-    options = {k: v for k, v in hp.items() if k not in ("retain", "_notes")}
-    opt = OFMU([p for p in model.parameters() if p.requires_grad], **options)
+    opt = OFMU([p for p in model.parameters() if p.requires_grad], **_options(hp))
     retain = _retain(hp, model, _frozen(model) if hp["retain"] == "kl" else None)
+    rs = _retain_stream(hp, streams)
 
     def closure(same_batch: bool = False):
         bf = streams.forget.last if same_batch else streams.forget.next()
-        br = streams.retain.last if same_batch else streams.retain.next()
+        br = rs.last if same_batch else rs.next()
         return nll(model, bf), retain(br)
 
     for k in range(steps):
@@ -145,8 +162,11 @@ def lm_cost(name: str, hp: dict) -> float:
     return {"GA": 1.0, "GradDiff": 2.0, "NPO": 2.0 + FORWARD, "SimNPO": 2.0}[name.split("-")[0]] + kl
 
 
+_STUDY_KEYS = ("retain", "replay", "_notes")  # the study's settings, not OFMU's
+
+
 def _options(hp: dict) -> dict:
-    return {k: v for k, v in hp.items() if k not in ("retain", "_notes")}
+    return {k: v for k, v in hp.items() if k not in _STUDY_KEYS}
 
 
 # name -> (fn, settings beyond lr, doc). OFMU's settings are only those that differ from the
@@ -159,6 +179,8 @@ BASELINES = {
     "NPO": (npo, {"npo_beta": 0.1, "alpha": 1.0}, "negative preference optimisation, reference = target"),
     "SimNPO": (simnpo, {"npo_beta": 4.5, "gamma": 0.125, "delta": 0.0, "alpha": 1.0},
                "reference-free NPO on the length-normalised NLL"),
+    "NPO-replay": (npo, {"npo_beta": 0.1, "alpha": 1.0, "replay": REPLAY},
+                   f"NPO with {REPLAY:.0%} of every retain minibatch from general pre-training text"),
 }
 OFMU_VARIANTS = {
     "OFMU": ({}, "ofmu.OFMU(params, lr=lr): the shipped defaults"),
@@ -169,6 +191,8 @@ OFMU_VARIANTS = {
     "OFMU-sign": ({"inner_preconditioner": "sign"}, "the defaults with inner_preconditioner='sign'"),
     "OFMU-outer2": ({"outer_steps": 2}, "the defaults with outer_steps=2 (more ascent steps per budget)"),
     "OFMU-outer1": ({"outer_steps": 1}, "the defaults with outer_steps=1 (one descent step per ascent step)"),
+    "OFMU-replay": ({"replay": REPLAY},
+                    f"the defaults with {REPLAY:.0%} of every retain minibatch from general pre-training text"),
 }
 ALL_METHODS = tuple(BASELINES) + tuple(OFMU_VARIANTS)
 
@@ -201,7 +225,8 @@ def recorded(method: Method, hp: dict) -> dict:
     """The hyperparameters a run records: OFMU's with every constructor default resolved."""
     clean = {k: v for k, v in hp.items() if not k.startswith("_")}
     if method.fn is ofmu:
-        return {**resolve_ofmu(_options(clean)), "retain": clean["retain"]}
+        study = {k: clean[k] for k in ("retain", "replay") if k in clean}
+        return {**resolve_ofmu(_options(clean)), **study}
     return clean
 
 

@@ -138,12 +138,37 @@ class PairStream:
         self._order: list[int] = []
         self.last: dict | None = None
 
-    def next(self) -> dict:
-        if len(self._order) < self.batch_size:
+    def draw(self, n: int) -> list:
+        """The next ``n`` pairs of the seeded order (a new permutation whenever it runs out)."""
+        while len(self._order) < n:
             self._order += torch.randperm(len(self.pairs), generator=self.g).tolist()
-        idx, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
-        batch = collate([self.pairs[i] for i in idx], self.pad_id)
+        idx, self._order = self._order[:n], self._order[n:]
+        return [self.pairs[i] for i in idx]
+
+    def next(self) -> dict:
+        batch = collate(self.draw(self.batch_size), self.pad_id)
         self.last = {k: v.to(self.device) for k, v in batch.items()}
+        return self.last
+
+
+class MixedStream:
+    """Minibatches of ``main``'s batch size whose last ``round(share * size)`` rows come from
+    ``extra`` (general-text replay in the retain stream): the same number of rows, so the same
+    cost per evaluation, as ``main`` alone. ``last`` is the last batch, like :class:`PairStream`'s."""
+
+    def __init__(self, main: PairStream, extra: PairStream, share: float):
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"replay share must be in (0, 1), got {share!r}")
+        if main.batch_size < 2:
+            raise ValueError(f"a mixed stream needs a batch size of at least 2, got {main.batch_size}")
+        self.main, self.extra = main, extra
+        self.n_extra = min(max(1, round(share * main.batch_size)), main.batch_size - 1)
+        self.last: dict | None = None
+
+    def next(self) -> dict:
+        rows = self.main.draw(self.main.batch_size - self.n_extra) + self.extra.draw(self.n_extra)
+        batch = collate(rows, self.main.pad_id)
+        self.last = {k: v.to(self.main.device) for k, v in batch.items()}
         return self.last
 
 

@@ -26,6 +26,7 @@ from .text import PairStream, encode_all, encode_text_all
 class Streams:
     forget: PairStream
     retain: PairStream
+    general: PairStream | None = None  # general-text replay (methods with a "replay" share)
 
 
 @dataclass
@@ -35,7 +36,7 @@ class World:
     tok: object
     base: object
     world: list  # the world facts the base model answers
-    general: list  # encoded general sentences the base was trained on (tiny) or []
+    general: list  # encoded general pre-training sentences: the replay pool of "-replay" methods
     fluency: list  # held-out general sentences (strings) for the fluency perplexity
     target: object
     retain_models: dict  # pct -> model
@@ -164,8 +165,25 @@ def build_world(cfg, device, progress: bool = True) -> World:
                                           cfg.use_cache)
         names[pct] = gone
     base_world = evaluate.raw_world(base, tok, world, cfg.eval_batch, device)
-    return World(cfg, data, tok, base, world, replay[len(data.world):] if replay else [], held, target,
-                 retain_models, names, base_world)
+    return World(cfg, data, tok, base, world, _replay_pool(cfg, tok, replay, len(data.world)), held,
+                 target, retain_models, names, base_world)
+
+
+def _replay_pool(cfg, tok, replay: list, n_world: int) -> list:
+    """General pre-training sentences for replay in the retain stream, never the world facts
+    (those are scored) nor the held-out fluency text (a disjoint split): the tiny base's own
+    ``n_general`` sentences; for the small rung the first ``n_replay`` of the sentences it was
+    pre-trained on; for SmolLM2 ``n_replay`` general English sentences (its pre-training data is
+    not ours to replay)."""
+    if cfg.model == "tiny":
+        return replay[n_world:]
+    if not cfg.n_replay:
+        return []
+    from .corpus import general_sentences
+    from .models import SMALL_DEFAULTS
+    seed = SMALL_DEFAULTS["seed"] if cfg.model == "small" else cfg.data_seed
+    sentences = general_sentences("pretrain", cfg.n_replay, seed, max_words=SMALL_DEFAULTS["max_words"])
+    return encode_text_all(tok, sentences)
 
 
 def eval_sets(w: World, pool: str, pct) -> evaluate.EvalSets:
