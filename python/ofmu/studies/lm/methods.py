@@ -192,7 +192,7 @@ OFMU_VARIANTS = {
     "OFMU-outer2": ({"outer_steps": 2}, "the defaults with outer_steps=2 (more ascent steps per budget)"),
     "OFMU-outer1": ({"outer_steps": 1}, "the defaults with outer_steps=1 (one descent step per ascent step)"),
     "OFMU-replay": ({"replay": REPLAY},
-                    f"the defaults with {REPLAY:.0%} of every retain minibatch from general pre-training text"),
+                    f"the defaults with {REPLAY:.0%} of every retain minibatch from general text"),
 }
 ALL_METHODS = tuple(BASELINES) + tuple(OFMU_VARIANTS)
 

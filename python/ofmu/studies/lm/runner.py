@@ -85,11 +85,12 @@ class Split:
     def streams(self, pool: str, seed: int) -> Streams:
         cfg, tok = self.w.cfg, self.w.tok
         forget_pairs = self.pools[pool][1]
-        general = self.w.general
+        general = self.w.general  # the replay pool of the "-replay" methods
+        replay = (PairStream(general, cfg.batch_size, tok.pad_id, seed * 1000 + 3, self.device)
+                  if general else None)
         return Streams(
             PairStream(forget_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 1, self.device),
-            PairStream(self.retain_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 2, self.device),
-            PairStream(general, cfg.batch_size, tok.pad_id, seed * 1000 + 3, self.device) if general else None)
+            PairStream(self.retain_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 2, self.device), replay)
 
     def score(self, model, pool: str, mia: bool) -> tuple[dict, dict]:
         sets, _, r_raw, t_raw = self.pools[pool]
