@@ -103,12 +103,13 @@ def plot(result: dict, path: Path) -> None:
         return
     n = len(summary)
     fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 8.4), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    markers = "osD^v<>ph*P"
+    n_methods = max(len(s["methods"]) for s in summary.values())
+    cmap, n_colours = (plt.get_cmap("tab10"), 10) if n_methods <= 10 else (plt.get_cmap("tab20"), 20)
+    markers = "osD^v<>ph*PX"  # with the colours, distinct for up to 60 methods
     for j, (pct, s) in enumerate(summary.items()):
         ax, bx = axes[0][j], axes[1][j]
         for i, (name, m) in enumerate(s["methods"].items()):
-            c, mk = cmap(i % 10), markers[i % len(markers)]
+            c, mk = cmap(i % n_colours), markers[i % len(markers)]
             pts = sorted(m["frontier"], key=lambda p: p["log10_fq"])
             ax.scatter([10 ** p["log10_fq"] for p in pts], [p["model_utility"] for p in pts], color=c,
                        marker=mk, s=12, alpha=0.45)
