@@ -285,6 +285,15 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     res_b["worlds"]["0"]["splits"]["10"]["methods"] = {"GradDiff-KL": gd}
     both = merge([part, res_b])
     assert list(both["worlds"]["0"]["splits"]["10"]["methods"]) == list(split["methods"])
+    # a run that predates a setting compares as its default; where the models were cached, the
+    # preset's name and the machine may differ (the machines are listed)
+    older = json.loads(json.dumps(other))
+    del older["config"]["n_replay"]
+    older["config"].update(cache="/elsewhere", preset="power", cpu="another CPU")
+    assert merge([res, older])["config"]["cpu"] == f"{res['config']['cpu']}; another CPU"
+    older["config"]["n_replay"] = res["config"]["n_replay"] + 1
+    with pytest.raises(ValueError, match=r"settings differ: \['n_replay'\]"):
+        merge([res, older])
     other["config"]["budget"] += 1
     with pytest.raises(ValueError, match="budget"):
         merge([res, other])

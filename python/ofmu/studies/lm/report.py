@@ -5,9 +5,11 @@ validation-chosen configuration marked, and the budget curves."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from ...files import replace_atomic, write_text_atomic
+from .config import LMConfig
 from .methods import ALL_METHODS as DEFAULT_ORDER
 from .summary import FQ_OK, MU_SHARE, REFERENCE
 
@@ -175,11 +177,18 @@ def merge(results: list[dict]) -> dict:
 
     if not results:
         raise ValueError("nothing to merge")
-    skip = ("data_seeds", "threads", "forget", "methods")
-    base = {k: v for k, v in results[0]["config"].items() if k not in skip}
+    # what may differ: the parts run, where the models were cached, the preset's name (its
+    # settings are compared one by one) and the machine (listed in the merged config)
+    skip = ("data_seeds", "threads", "forget", "methods", "cache", "preset", "cpu")
+    defaults = json.loads(json.dumps(asdict(LMConfig()), default=str))  # a setting a run predates
+
+    def settings(r):
+        return {**{k: v for k, v in defaults.items() if k not in skip},
+                **{k: v for k, v in r["config"].items() if k not in skip}}
+    base = settings(results[0])
     worlds: dict = {}
     for r in results:
-        other = {k: v for k, v in r["config"].items() if k not in skip}
+        other = settings(r)
         if other != base:
             diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
             raise ValueError(f"cannot merge runs whose settings differ: {diff}")
@@ -202,8 +211,9 @@ def merge(results: list[dict]) -> dict:
     for w in worlds.values():
         for split in w["splits"].values():
             split["methods"] = {m: split["methods"][m] for m in methods if m in split["methods"]}
+    cpus = list(dict.fromkeys(str(r["config"].get("cpu")) for r in results))
     out = {**results[0], "config": {**results[0]["config"], "data_seeds": seeds, "forget": forget,
-                                    "methods": methods},
+                                    "methods": methods, "cpu": "; ".join(cpus)},
            "methods": {m: docs[m] for m in methods if m in docs},
            "worlds": {k: worlds[k] for k in sorted(worlds, key=int)},
            "complete": all(r.get("complete") for r in results),
