@@ -180,7 +180,7 @@ BASELINES = {
     "SimNPO": (simnpo, {"npo_beta": 4.5, "gamma": 0.125, "delta": 0.0, "alpha": 1.0},
                "reference-free NPO on the length-normalised NLL"),
     "NPO-replay": (npo, {"npo_beta": 0.1, "alpha": 1.0, "replay": REPLAY},
-                   f"NPO with {REPLAY:.0%} of every retain minibatch from general pre-training text"),
+                   f"NPO with {REPLAY:.0%} of every retain minibatch from general text"),
 }
 OFMU_VARIANTS = {
     "OFMU": ({}, "ofmu.OFMU(params, lr=lr): the shipped defaults"),
