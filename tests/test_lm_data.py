@@ -98,3 +98,18 @@ def test_wide_preset_holds_tofus_question_counts():
         assert counts == {5: 100, 10: 200}
     with pytest.raises(ValueError, match="wide preset"):
         config_for("small", "wide")
+
+
+def test_tofu_preset_holds_tofus_shape():
+    """200 authors per pool: forget 1/5/10% name 40/200/400 questions, nested, in both pools."""
+    from ofmu.studies.lm.config import config_for
+
+    cfg = config_for("tiny", "tofu")
+    data = generate(cfg.n_test, cfg.n_val, cfg.n_holdout, cfg.qa_per_author, cfg.n_perturbed, 0,
+                    n_neighbour=cfg.n_neighbour)
+    for pool in ("test", "val"):
+        forgets = {pct: data.split(pool, pct)[0] for pct in cfg.forget}
+        assert {pct: sum(len(a.qas) for a in f) for pct, f in forgets.items()} == {1: 40, 5: 200, 10: 400}
+        assert set(forgets[1]) <= set(forgets[5]) <= set(forgets[10])
+    with pytest.raises(ValueError, match="tofu preset"):
+        config_for("smollm2", "tofu")

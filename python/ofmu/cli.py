@@ -440,9 +440,10 @@ def build_parser(methods_for_help: bool = False) -> tuple[argparse.ArgumentParse
     b.add_argument("--model", default="tiny", choices=("tiny", "small", "smollm2"),
                    help="authors only: tiny Llama from a config, a small Llama pre-trained on general "
                    "text with SmolLM2's tokenizer, or SmolLM2-135M-Instruct (GGUF)")
-    b.add_argument("--preset", default="power", choices=("smoke", "power", "wide"),
-                   help="authors only: smoke (seconds, for CI), power (the real run) or wide (tiny "
-                   "rung at TOFU's question counts: 100 authors per pool, forget 5/10%%, budget 1280)")
+    b.add_argument("--preset", default="power", choices=("smoke", "power", "wide", "tofu"),
+                   help="authors only: smoke (seconds, for CI), power (the real run), wide (tiny "
+                   "rung at TOFU's question counts: 100 authors per pool, forget 5/10%%, budget 1280) "
+                   "or tofu (tiny rung in TOFU's shape: 200 authors per pool, forget 1/5/10%%)")
     b.add_argument("--data-seeds", default=None, type=_seed_list, metavar="S,S,...",
                    help="authors only: comma-separated data seeds, each a new set of authors and "
                    "new models (default: the preset's; 0,1,2 for power on tiny and small)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 DEFAULT_METHODS = ("GA", "GradDiff", "GradDiff-KL", "NPO", "SimNPO", "OFMU", "OFMU-KL", "OFMU-paper",
                    "OFMU-beta0", "OFMU-rho")
 MODELS = ("tiny", "small", "smollm2")
-PRESET_NAMES = ("smoke", "power", "wide")
+PRESET_NAMES = ("smoke", "power", "wide", "tofu")
 
 
 @dataclass
@@ -96,6 +96,11 @@ POWER = {
 # seed for the models and 10 min per method and split (docs/lm-benchmark.md).
 WIDE = {"tiny": dict(n_test=100, n_val=100, forget=(5, 10), budget=1280, methods=("OFMU", "NPO"),
                      data_seeds=(0, 1, 2), seeds=(0, 1))}
+# TOFU's shape on the tiny rung: 200 authors per pool, so that forget 1/5/10% hold 40/200/400
+# questions. On a CPU run it one split at a time (`--forget 1`: about 45 min of one core per data
+# seed); on a GPU, whole.
+TOFU = {"tiny": {**WIDE["tiny"], "n_test": 200, "n_val": 200, "forget": (1, 5, 10)}}
+SIZES = {"wide": WIDE, "tofu": TOFU}
 SMOKE = dict(forget=(10,), n_test=10, n_val=10, n_holdout=1, qa_per_author=4, n_neighbour=1,
              n_retain_eval=8, n_world=8, n_general=8, n_fluency=4, general_words=8, hidden=32, layers=1,
              base_epochs=40, ft_epochs=10, budget=8, checkpoints=(0.5, 1.0), batch_size=4, eval_batch=32,
@@ -112,8 +117,10 @@ def config_for(model: str = "tiny", preset: str = "power", **overrides) -> LMCon
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"unknown settings {bad}")
-    if preset == "wide" and model not in WIDE:
-        raise ValueError(f"the wide preset is defined for the {', '.join(WIDE)} rung, not {model!r}")
+    if preset in SIZES and model not in SIZES[preset]:
+        raise ValueError(f"the {preset} preset is defined for the {', '.join(SIZES[preset])} rung, "
+                         f"not {model!r}")
     cfg = replace(LMConfig(), **MODEL_SETTINGS[model], preset=preset)
-    cfg = replace(cfg, **(SMOKE if preset == "smoke" else WIDE[model] if preset == "wide" else POWER[model]))
+    cfg = replace(cfg, **(SMOKE if preset == "smoke" else SIZES[preset][model] if preset in SIZES
+                          else POWER[model]))
     return replace(cfg, **overrides)
