@@ -163,19 +163,21 @@ def test_small_rung_replays_sentences_it_was_pretrained_on_never_the_fluency_tex
     from ofmu.studies.lm.world import _replay_pool
 
     class Tok:  # records the sentences it encodes
-        seen: list = []
+        def __init__(self):
+            self.seen = []
 
         def text_ids(self, text):
             self.seen.append(text)
             return [0, 1]
     cfg = config_for("small", "power", n_replay=40)
-    pool = _replay_pool(cfg, Tok(), [], 0)
+    tok = Tok()
+    pool = _replay_pool(cfg, tok, [], 0)
     assert len(pool) == 40
     pretrained = corpus.general_sentences("pretrain", SMALL_DEFAULTS["n_sentences"], SMALL_DEFAULTS["seed"],
                                           max_words=SMALL_DEFAULTS["max_words"])
-    assert Tok.seen == pretrained[:40]
+    assert tok.seen == pretrained[:40]
     held = corpus.general_sentences("heldout", None, 0)
-    assert not set(Tok.seen) & set(held)
+    assert not set(tok.seen) & set(held)
     assert _replay_pool(config_for("small", "power", n_replay=0), Tok(), [], 0) == []
 
 

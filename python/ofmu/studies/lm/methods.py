@@ -225,8 +225,7 @@ def recorded(method: Method, hp: dict) -> dict:
     """The hyperparameters a run records: OFMU's with every constructor default resolved."""
     clean = {k: v for k, v in hp.items() if not k.startswith("_")}
     if method.fn is ofmu:
-        study = {k: clean[k] for k in ("retain", "replay") if k in clean}
-        return {**resolve_ofmu(_options(clean)), **study}
+        return {**resolve_ofmu(_options(clean)), **{k: clean[k] for k in _STUDY_KEYS if k in clean}}
     return clean
 
 

@@ -152,7 +152,7 @@ def write_outputs(result: dict, out: str | Path, partial: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg = result["config"]
     preset = cfg.get("preset")
-    stem = f"authors-{cfg['model']}" + (f"-{preset}" if preset in ("smoke", "wide", "tofu") else "")
+    stem = f"authors-{cfg['model']}" + (f"-{preset}" if preset not in (None, "power") else "")
     paths = _paths(out, stem + "-partial" if partial else stem)
     write_text_atomic(json.dumps(result, indent=1, default=str), paths["json"])
     write_text_atomic(markdown_table(result) + "\n", paths["md"])

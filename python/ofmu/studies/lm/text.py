@@ -146,8 +146,7 @@ class PairStream:
         return [self.pairs[i] for i in idx]
 
     def next(self) -> dict:
-        batch = collate(self.draw(self.batch_size), self.pad_id)
-        self.last = {k: v.to(self.device) for k, v in batch.items()}
+        self.last = to_device(collate(self.draw(self.batch_size), self.pad_id), self.device)
         return self.last
 
 
@@ -167,8 +166,7 @@ class MixedStream:
 
     def next(self) -> dict:
         rows = self.main.draw(self.main.batch_size - self.n_extra) + self.extra.draw(self.n_extra)
-        batch = collate(rows, self.main.pad_id)
-        self.last = {k: v.to(self.main.device) for k, v in batch.items()}
+        self.last = to_device(collate(rows, self.main.pad_id), self.main.device)
         return self.last
 
 
