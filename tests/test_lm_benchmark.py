@@ -83,6 +83,10 @@ def test_costs_follow_the_shared_ofmu_count():
     # replay swaps rows of the retain minibatch, it adds none: the same cost as without
     assert lm_cost("OFMU-replay", ms["OFMU-replay"].defaults) == pytest.approx(10)
     assert lm_cost("NPO-replay", ms["NPO-replay"].defaults) == pytest.approx(2 + 1 / 3)
+    # LoRA trains fewer weights with the same forward and backward passes: the same count
+    assert lm_cost("OFMU-lora", ms["OFMU-lora"].defaults) == pytest.approx(10)
+    assert lm_cost("NPO-lora", ms["NPO-lora"].defaults) == pytest.approx(2 + 1 / 3)
+    assert lm_cost("GradDiff-lora", ms["GradDiff-lora"].defaults) == pytest.approx(2)
     assert {len(m.grid("authors")) for m in ms.values()} == {1}
     with pytest.raises(ValueError, match="grids must have equal size"):
         build_methods((1e-3, 1e-4), (1e-1,))
@@ -152,6 +156,55 @@ def test_replay_without_a_general_stream_is_refused_before_any_step(small):
         streams = Streams(PairStream(pairs[:4], 2, tok.pad_id, 1), PairStream(pairs[4:], 2, tok.pad_id, 2))
         with pytest.raises(ValueError, match="replay=0.25 needs a general-text stream"):
             unlearn(m, model, streams, {**m.defaults, "lr": 1e-3}, 2, seed=0,
+                    after_step=lambda mdl, k: steps.append(k))
+    assert steps == []
+
+
+@pytest.mark.parametrize("name", ["OFMU-lora", "NPO-lora", "GradDiff-lora"])
+def test_lora_methods_move_the_weights_only_in_a_rank_r_subspace(small, name):
+    """A "-lora" method returns a plain model whose only changed weights are the targeted
+    projections, each by a float64 matrix of numerical rank <= the adapter rank; embeddings,
+    norms and the target itself are untouched."""
+    pytest.importorskip("peft")
+    from ofmu.studies.lm.methods import LORA_RANK, LORA_TARGETS
+    from ofmu.studies.lm.text import PairStream
+    from ofmu.studies.lm.world import Streams
+
+    tok, model, qas = small
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pairs = [encode_pair(tok, qa.question, qa.answer) for qa in qas]
+    m = build_methods((1e-2,), (1e-1,))[name]
+    streams = Streams(PairStream(pairs[:4], 2, tok.pad_id, 1), PairStream(pairs[4:], 2, tok.pad_id, 2))
+    out = unlearn(m, model, streams, {**m.defaults, "lr": 1e-2}, 3, seed=0)
+    assert type(out) is type(model)
+    got = dict(out.named_parameters())
+    assert set(got) == set(before)
+    changed = 0
+    for n, w0 in before.items():
+        assert torch.equal(dict(model.named_parameters())[n], w0)  # the target is not modified
+        delta = (got[n].detach().double() - w0.double())
+        if n.split(".")[-2] in LORA_TARGETS:
+            sv = torch.linalg.svdvals(delta)
+            assert sv[0] > 1e-4, n  # it moved
+            assert (sv > 1e-6 * sv[0]).sum() <= LORA_RANK < min(delta.shape), n
+            changed += 1
+        else:
+            assert torch.equal(got[n], w0), n
+    assert changed == len(LORA_TARGETS)  # one layer, every projection
+
+
+def test_lora_rank_is_checked_before_any_step(small):
+    from ofmu.studies.lm.text import PairStream
+    from ofmu.studies.lm.world import Streams
+
+    tok, model, qas = small
+    pairs = [encode_pair(tok, qa.question, qa.answer) for qa in qas]
+    m = build_methods((1e-3,), (1e-1,))["OFMU-lora"]
+    steps = []
+    for bad in (-1, 2.5, True):
+        streams = Streams(PairStream(pairs[:4], 2, tok.pad_id, 1), PairStream(pairs[4:], 2, tok.pad_id, 2))
+        with pytest.raises(ValueError, match="lora must be a positive integer rank"):
+            unlearn(m, model, streams, {**m.defaults, "lr": 1e-3, "lora": bad}, 2, seed=0,
                     after_step=lambda mdl, k: steps.append(k))
     assert steps == []
 
@@ -227,7 +280,7 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     rc = cli.main(["--threads", "1", "benchmark", "--dataset", "authors", "--model", "tiny", "--preset",
                    "smoke", "--seeds", "1", "--quiet", "--out", str(out), "--cache-dir", str(cache),
-                   "--methods", "GA,GradDiff-KL,OFMU,OFMU-paper,OFMU-replay"])
+                   "--methods", "GA,GradDiff-KL,OFMU,OFMU-paper,OFMU-replay,OFMU-lora"])
     assert rc == 0
     res = json.loads((out / "authors-tiny-smoke.json").read_text())
     assert res["complete"] and (out / "authors-tiny-smoke.md").is_file()
@@ -245,8 +298,9 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     assert split["test"]["target"]["neighbour_prob_rel"] == pytest.approx(1.0)
     assert split["test"]["target"]["fluency_rel"] == pytest.approx(1.0)
     cfg = res["config"]
-    assert set(split["methods"]) == {"GA", "GradDiff-KL", "OFMU", "OFMU-paper", "OFMU-replay"}
+    assert set(split["methods"]) == {"GA", "GradDiff-KL", "OFMU", "OFMU-paper", "OFMU-replay", "OFMU-lora"}
     assert split["methods"]["OFMU-replay"]["chosen"]["hparams"]["replay"] == 0.25
+    assert split["methods"]["OFMU-lora"]["chosen"]["hparams"]["lora"] == 8
     for name, e in split["methods"].items():
         (row,) = e["test"]
         cost = lm_cost(name, row_hp := {k: v for k, v in e["chosen"]["hparams"].items()})

@@ -19,6 +19,11 @@ the retain loss is either that NLL or the token-mean ``KL(p_target || p_model)``
   same with the KL retain loss; OFMU-paper ``OFMU.paper_config()``; the ablations change one
   default each. The recorded hyperparameters are the constructor's, resolved from its
   signature (:func:`ofmu.studies.methods.ofmu_runs.resolve_ofmu`), and so is the cost.
+
+Two study settings apply to any method: ``replay`` (a share of every retain minibatch drawn
+from general text) and ``lora`` (a rank: the method trains PEFT LoRA adapters on every linear
+projection of the attention and MLP blocks instead of all weights, and the adapters are merged
+into the returned model; the "-lora" methods).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from ..methods.ofmu_runs import FORWARD, closure_calls, ofmu_cost, resolve_ofmu
 from .text import MixedStream
 
 REPLAY = 0.25  # the "-replay" methods' share of each retain minibatch taken from general text
+LORA_RANK = 8  # the "-lora" methods' adapter rank (alpha = 2 x rank, no dropout)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 GRID = "authors"  # the key of every LM method's grid
 
@@ -162,7 +169,7 @@ def lm_cost(name: str, hp: dict) -> float:
     return {"GA": 1.0, "GradDiff": 2.0, "NPO": 2.0 + FORWARD, "SimNPO": 2.0}[name.split("-")[0]] + kl
 
 
-_STUDY_KEYS = ("retain", "replay", "_notes")  # the study's settings, not OFMU's
+_STUDY_KEYS = ("retain", "replay", "lora", "_notes")  # the study's settings, not OFMU's
 
 
 def _options(hp: dict) -> dict:
@@ -181,6 +188,10 @@ BASELINES = {
                "reference-free NPO on the length-normalised NLL"),
     "NPO-replay": (npo, {"npo_beta": 0.1, "alpha": 1.0, "replay": REPLAY},
                    f"NPO with {REPLAY:.0%} of every retain minibatch from general text"),
+    "NPO-lora": (npo, {"npo_beta": 0.1, "alpha": 1.0, "lora": LORA_RANK},
+                 f"NPO training rank-{LORA_RANK} LoRA adapters only"),
+    "GradDiff-lora": (grad_diff, {"alpha": 1.0, "retain": "nll", "lora": LORA_RANK},
+                      f"GradDiff training rank-{LORA_RANK} LoRA adapters only"),
 }
 OFMU_VARIANTS = {
     "OFMU": ({}, "ofmu.OFMU(params, lr=lr): the shipped defaults"),
@@ -193,6 +204,7 @@ OFMU_VARIANTS = {
     "OFMU-outer1": ({"outer_steps": 1}, "the defaults with outer_steps=1 (one descent step per ascent step)"),
     "OFMU-replay": ({"replay": REPLAY},
                     f"the defaults with {REPLAY:.0%} of every retain minibatch from general text"),
+    "OFMU-lora": ({"lora": LORA_RANK}, f"the defaults training rank-{LORA_RANK} LoRA adapters only"),
 }
 ALL_METHODS = tuple(BASELINES) + tuple(OFMU_VARIANTS)
 
@@ -234,13 +246,36 @@ def unlearn(method: Method, target, streams, hp: dict, steps: int, seed: int,
     """A copy of ``target`` unlearned with ``method`` for ``steps`` steps; ``after_step(model, k)``
     is called after step ``k`` (an evaluation there must leave the model as it found it)."""
     model = copy.deepcopy(target)
+    if hp.get("lora"):
+        model = with_lora(model, hp["lora"])
     model.train()
     torch.manual_seed(seed)
     hook = (lambda k: after_step(model, k)) if after_step is not None else (lambda k: None)
     method.fn(model, Context(hook), hp, streams, steps)
+    if hp.get("lora"):
+        model = model.merge_and_unload()
     model.eval()
     return model
 
 
+def with_lora(model, rank: int):
+    """``model`` (modified in place) wrapped in PEFT LoRA adapters of ``rank`` on every linear
+    projection of ``LORA_TARGETS`` (alpha = 2 x rank, no dropout); only the adapters train. The
+    adapters start at zero (PEFT's init), so the wrapped model computes what ``model`` did."""
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0):
+        raise ValueError(f"lora must be a positive integer rank, got {rank!r}")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError('the "-lora" methods need peft: pip install "ofmu[lm]"') from None
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in present]
+    if not targets:
+        raise ValueError(f"lora: the model has none of the projections {LORA_TARGETS}")
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+                     bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
 __all__ = ["ALL_METHODS", "GRID", "Context", "build_methods", "lm_cost", "recorded", "steps_for",
-           "unlearn"]
+           "unlearn", "with_lora"]
