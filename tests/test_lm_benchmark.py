@@ -272,6 +272,62 @@ def test_paired_frontier_difference_and_standard_error():
 
 @pytest.mark.skipif(not (corpus.WORDNET_DIR / "data.noun").is_file(),
                     reason="needs WordNet for the fluency text (apt-get install wordnet-base)")
+def test_a_diverged_run_is_scored_as_lost_and_the_benchmark_goes_on(tmp_path, monkeypatch):
+    """NaN weights (one learning rate of "Blowup") and finite weights whose forward overflows
+    ("Overflow", every point) score forget quality 0 and utility 0, are chosen only when every
+    point diverged, and the run completes with the other metrics left out, not averaged over
+    the runs that survived."""
+    from ofmu.studies.lm.config import config_for
+    from ofmu.studies.lm.methods import GRID, ga
+    from ofmu.studies.lm.report import markdown_table
+    from ofmu.studies.methods.base import Method
+
+    def blowup(model, ctx, hp, streams, steps):
+        if hp["lr"] < 1.0:
+            return ga(model, ctx, hp, streams, steps)
+        for k in range(steps):
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+            ctx.after_step(k + 1)
+
+    def overflow(model, ctx, hp, streams, steps):
+        for k in range(steps):
+            with torch.no_grad():
+                model.model.norm.weight.fill_(3e38)  # finite weights; the logits overflow float32
+            ctx.after_step(k + 1)
+
+    def fake_methods(lrs, sgd_lrs):
+        grid = {GRID: tuple({"lr": lr} for lr in lrs)}
+        return {n: Method(n, n, fn, lambda hp: 1.0, grid, doc=n, defaults={})
+                for n, fn in (("Blowup", blowup), ("Overflow", overflow))}
+    monkeypatch.setattr(runner, "build_methods", fake_methods)
+    cfg = config_for("tiny", "smoke", methods=("Blowup", "Overflow"), lrs=(1e-3, 1.0), cache=str(tmp_path))
+    res = runner.run(cfg, progress=False)
+    assert res["complete"]
+    split = res["worlds"]["0"]["splits"]["10"]
+    b = split["methods"]["Blowup"]
+    for r in b["validation"]:
+        assert bool(r.get("diverged")) == (r["lr"] == 1.0)
+        if r.get("diverged"):
+            assert (r["forget_quality"], r["model_utility"]) == (0.0, 0.0)
+            assert "forget_prob" not in r
+        else:
+            assert math.isfinite(r["forget_prob"])
+    assert b["chosen"]["hparams"]["lr"] == 1e-3
+    assert not b["test"][0].get("diverged") and "raw" in b["test"][0]
+    o = split["methods"]["Overflow"]
+    assert all(r.get("diverged") for r in o["validation"]) and o["test"][0]["diverged"]
+    assert "raw" not in o["test"][0] and "forget_prob" not in o["test"][0]
+    (per,) = res["summary"]["10"]["methods"]["Overflow"]["per_seed"]
+    assert (per["n_diverged"], per["val_diverged"]) == (1, len(o["validation"]))
+    assert per["forget_quality"] == 0.0 and per["mu_ratio"] == 0.0 and not per["target_met"]
+    assert "neighbour_prob_rel" not in per  # left out, not averaged over survivors
+    assert res["summary"]["10"]["methods"]["Blowup"]["per_seed"][0]["val_diverged"] == 2
+    assert "Overflow: 1 test runs, 4 validation points" in markdown_table(res)  # 2 lrs x 2 checkpoints
+
+
+@pytest.mark.skipif(not (corpus.WORDNET_DIR / "data.noun").is_file(),
+                    reason="needs WordNet for the fluency text (apt-get install wordnet-base)")
 def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     """The CLI command on the smoke preset: every method runs under the budget, the retain
     model is its own reference, outputs are written and the model cache is used."""

@@ -36,6 +36,10 @@ import numpy as np
 MIN_K = 0.4
 
 
+class NonFiniteError(ValueError):
+    """A metric's input or result is NaN or infinite (a diverged model's losses)."""
+
+
 def _missing(name: str) -> ImportError:
     return ImportError(f"{name} is needed for the language-model benchmark: "
                        f'pip install "ofmu[lm]"')
@@ -46,7 +50,7 @@ def _arr(x, name: str, ndim: int) -> np.ndarray:
     if a.ndim != ndim or a.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty {ndim}-D array, got shape {a.shape}")
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains non-finite values")
+        raise NonFiniteError(f"{name} contains non-finite values")
     return a
 
 
@@ -193,7 +197,7 @@ def summarize(raw: dict, retain_model_raw: dict | None = None) -> dict:
         out.update(mia_auc=mia, mia_gap=abs(mia - mia_ref))
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"non-finite metrics {bad}")
+        raise NonFiniteError(f"non-finite metrics {bad}")
     return out
 
 
@@ -237,7 +241,7 @@ def collateral(raw: dict, target_raw: dict | None = None, base_world: dict | Non
             out["fluency_rel"] = out["fluency_ppl"] / fluency_ppl(target_raw["fluency"])
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"non-finite metrics {bad}")
+        raise NonFiniteError(f"non-finite metrics {bad}")
     return out
 
 

@@ -62,6 +62,13 @@ def markdown_table(result: dict) -> str:
             best = "none" if best is None else f"{best:.3f}"
             out.append(f"| {name} | " + " | ".join(cells)
                        + f" | {m['n_fq_ok']}/{m['n']} | {m['n_target']}/{m['n']} | {best} | {lrs} |")
+        diverged = [f"{name}: {sum(p.get('n_diverged', 0) for p in m['per_seed'])} test runs, "
+                    f"{sum(p.get('val_diverged', 0) for p in m['per_seed'])} validation points"
+                    for name, m in s["methods"].items()
+                    if any(p.get("n_diverged") or p.get("val_diverged") for p in m["per_seed"])]
+        if diverged:
+            out += ["", "Diverged (non-finite weights or losses; scored FQ 0, MU 0, other metrics left "
+                    "out): " + "; ".join(diverged) + "."]
         out += _paired_table(s)
     out += ["", "Methods:"] + [f"- {n}: {d}" for n, d in result.get("methods", {}).items()]
     return "\n".join(out)

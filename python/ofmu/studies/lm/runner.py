@@ -27,18 +27,24 @@ import numpy as np
 import torch
 
 from ...bench.common import device_name
-from . import evaluate
+from . import evaluate, metrics
 from .config import PRESET_NAMES, config_for
 from .methods import GRID, build_methods, recorded, steps_for, unlearn
 from .peak import PeakMemory
 from .text import PairStream, encode_all
 from .world import Streams, World, build_world, eval_sets, metrics_row, qa_items
 
+# How a diverged model (non-finite weights or losses) scores: it answers nothing, so utility 0,
+# and it is unlike the retain model, so forget quality 0; the other metrics are left out.
+DIVERGED = {"forget_quality": 0.0, "model_utility": 0.0, "diverged": True}
+
 
 def choose(rows: list[dict]) -> dict:
     """The validation rule, fixed before any test run: among configurations whose forget quality
     reaches 0.05 (KS test not rejecting "same distribution as the retain model"), the one with
-    the highest model utility; if none does, the highest forget quality (ties: utility)."""
+    the highest model utility; if none does, the highest forget quality (ties: utility). A
+    diverged point is chosen only when every point diverged."""
+    rows = [r for r in rows if not r.get("diverged")] or rows
     ok = [r for r in rows if r["forget_quality"] >= 0.05]
     if ok:
         return max(ok, key=lambda r: (r["model_utility"], r["forget_quality"]))
@@ -92,10 +98,17 @@ class Split:
             PairStream(forget_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 1, self.device),
             PairStream(self.retain_pairs, cfg.batch_size, tok.pad_id, seed * 1000 + 2, self.device), replay)
 
-    def score(self, model, pool: str, mia: bool) -> tuple[dict, dict]:
+    def score(self, model, pool: str, mia: bool) -> tuple[dict, dict | None]:
+        """(metrics row, raw numbers); a diverged model scores ``DIVERGED`` with no raw numbers, so
+        one diverged run does not stop the benchmark."""
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return dict(DIVERGED), None
         sets, _, r_raw, t_raw = self.pools[pool]
         raw = evaluate.raw(model, self.w.tok, sets, self.w.cfg.eval_batch, self.device, mia=mia)
-        return metrics_row(raw, r_raw, t_raw, self.w.base_world), raw
+        try:
+            return metrics_row(raw, r_raw, t_raw, self.w.base_world), raw
+        except metrics.NonFiniteError:  # finite weights, non-finite losses (overflowing logits)
+            return dict(DIVERGED), None
 
 
 def checkpoint_steps(method, hp: dict, budget: int, fractions) -> dict[int, float]:
@@ -140,17 +153,21 @@ def test_run(method, split: Split, hp: dict, steps: int, seed: int, device) -> d
     row, raw = split.score(model, "test", mia=True)
     out = {"seed": seed, "steps": steps, "grad_evals": round(steps * method.cost(hp), 2),
            "time_s": round(elapsed, 2), "eval_time_s": round(time.perf_counter() - t1, 2),
-           "peak_mem_mb": round(mem.peak / 2**20, 1), **row, "raw": _json_raw(raw)}
+           "peak_mem_mb": round(mem.peak / 2**20, 1), **row}
+    if raw is not None:
+        out["raw"] = _json_raw(raw)
     if run_hp.get("_notes"):
         out["notes"] = list(run_hp["_notes"])
     return out
 
 
 def mean_std(rows: list[dict]) -> dict:
-    """Per numeric key: [mean, sample std] over ``rows`` (std 0 for a single row)."""
+    """Per numeric key that every row has: [mean, sample std] over ``rows`` (std 0 for a single
+    row). A diverged row has only forget quality and utility, so the rest is left out."""
     out = {}
     for k, v in rows[0].items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed", "data_seed"):
+        if (isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed", "data_seed")
+                and all(k in r for r in rows)):
             vals = np.array([r[k] for r in rows], dtype=np.float64)
             out[k] = [float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0]
     return out

@@ -34,10 +34,14 @@ def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str) -> d
            # this data seed's validation frontier: best MU / the retain model's at FQ >= 0.05
            "frontier_rel": max(ok) if ok else None}
     for k in KEYS:
+        # a key only when every test run has it (a diverged run has FQ and MU only): a mean
+        # over the runs that did not diverge would hide them
         vals = [r[k] for r in tests if k in r] if k != "mu_ratio" else \
             [r["model_utility"] / retain_mu for r in tests]
-        if vals:
+        if vals and len(vals) == len(tests):
             row[k] = _mean(vals)
+    row["n_diverged"] = sum(bool(r.get("diverged")) for r in tests)
+    row["val_diverged"] = sum(bool(r.get("diverged")) for r in entry["validation"])
     row["fq_ok"] = row["forget_quality"] > FQ_OK
     row["target_met"] = row["fq_ok"] and row["mu_ratio"] >= MU_SHARE
     return row
