@@ -87,6 +87,10 @@ def test_costs_follow_the_shared_ofmu_count():
     assert lm_cost("OFMU-lora", ms["OFMU-lora"].defaults) == pytest.approx(10)
     assert lm_cost("NPO-lora", ms["NPO-lora"].defaults) == pytest.approx(2 + 1 / 3)
     assert lm_cost("GradDiff-lora", ms["GradDiff-lora"].defaults) == pytest.approx(2)
+    lora_grid = build_methods((1e-4, 3e-4), (1e-2, 3e-2))
+    for name in ("OFMU-lora", "NPO-lora", "GradDiff-lora"):  # LoRA's grid: ten times the common one
+        assert [g["lr"] for g in lora_grid[name].grid("authors")] == [1e-3, 3e-3]
+    assert [g["lr"] for g in lora_grid["OFMU"].grid("authors")] == [1e-4, 3e-4]
     assert {len(m.grid("authors")) for m in ms.values()} == {1}
     with pytest.raises(ValueError, match="grids must have equal size"):
         build_methods((1e-3, 1e-4), (1e-1,))

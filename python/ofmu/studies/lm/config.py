@@ -73,12 +73,14 @@ MODEL_SETTINGS = {
     "small": dict(model="small", forget=(10,), n_test=20, n_val=20, n_holdout=2, n_general=0,
                   ft_epochs=6, ft_lr=1.5e-3, ft_batch=32, budget=160, methods=("OFMU", "NPO", "GradDiff"),
                   replay_world=False, eval_batch=64, lrs=(3e-5, 1e-4, 3e-4)),
-    # SmolLM2-135M-Instruct at CPU size; on a GPU, raise n_test, qa_per_author and the budget.
+    # SmolLM2-135M-Instruct at CPU size, full fine-tuning and rank-8 LoRA; on a GPU, raise n_test,
+    # qa_per_author and the budget.
     "smollm2": dict(model="smollm2", forget=(1, 10), n_test=20, n_val=20, n_holdout=2,
                     qa_per_author=4, n_neighbour=1, n_retain_eval=16, n_world=16, n_general=0,
                     n_fluency=16, ft_epochs=3, ft_lr=3e-4, ft_batch=16, replay_world=False, budget=24,
                     checkpoints=(1.0,), batch_size=8, eval_batch=32, lrs=(1e-5, 2e-5),
-                    sgd_lrs=(1e-3, 2e-3), methods=("GA", "GradDiff", "NPO", "SimNPO", "OFMU", "OFMU-KL")),
+                    sgd_lrs=(1e-3, 2e-3), methods=("GA", "GradDiff", "NPO", "SimNPO", "OFMU", "OFMU-KL",
+                                                   "NPO-lora", "OFMU-lora")),
 }
 
 # The power run of the tiny rung: on a loaded 2-core AMD EPYC the models of one data seed take

@@ -43,6 +43,9 @@ from .text import MixedStream
 
 REPLAY = 0.25  # the "-replay" methods' share of each retain minibatch taken from general text
 LORA_RANK = 8  # the "-lora" methods' adapter rank (alpha = 2 x rank, no dropout)
+# The "-lora" methods sweep the common grid times this: adapters that start at zero need larger
+# steps, and LoRA's customary learning rate is about ten times full fine-tuning's.
+LORA_LR_SCALE = 10.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 GRID = "authors"  # the key of every LM method's grid
@@ -189,9 +192,9 @@ BASELINES = {
     "NPO-replay": (npo, {"npo_beta": 0.1, "alpha": 1.0, "replay": REPLAY},
                    f"NPO with {REPLAY:.0%} of every retain minibatch from general text"),
     "NPO-lora": (npo, {"npo_beta": 0.1, "alpha": 1.0, "lora": LORA_RANK},
-                 f"NPO training rank-{LORA_RANK} LoRA adapters only"),
+                 f"NPO training rank-{LORA_RANK} LoRA adapters only (lr grid x {LORA_LR_SCALE:g})"),
     "GradDiff-lora": (grad_diff, {"alpha": 1.0, "retain": "nll", "lora": LORA_RANK},
-                      f"GradDiff training rank-{LORA_RANK} LoRA adapters only"),
+                      f"GradDiff training rank-{LORA_RANK} LoRA adapters only (lr grid x {LORA_LR_SCALE:g})"),
 }
 OFMU_VARIANTS = {
     "OFMU": ({}, "ofmu.OFMU(params, lr=lr): the shipped defaults"),
@@ -204,7 +207,7 @@ OFMU_VARIANTS = {
     "OFMU-outer1": ({"outer_steps": 1}, "the defaults with outer_steps=1 (one descent step per ascent step)"),
     "OFMU-replay": ({"replay": REPLAY},
                     f"the defaults with {REPLAY:.0%} of every retain minibatch from general text"),
-    "OFMU-lora": ({"lora": LORA_RANK}, f"the defaults training rank-{LORA_RANK} LoRA adapters only"),
+    "OFMU-lora": ({"lora": LORA_RANK}, f"the defaults training rank-{LORA_RANK} LoRA adapters only (lr grid x {LORA_LR_SCALE:g})"),
 }
 ALL_METHODS = tuple(BASELINES) + tuple(OFMU_VARIANTS)
 
@@ -218,15 +221,17 @@ def _ofmu_settings(name: str) -> dict:
 def build_methods(lrs: tuple[float, ...], sgd_lrs: tuple[float, ...]) -> dict[str, Method]:
     """Every method with the same learning-rate grid ``lrs`` (OFMU: ``inner_lr`` left to its
     default, which follows ``lr``); OFMU's paper form, plain SGD steps, sweeps ``sgd_lrs`` of the
-    same length."""
+    same length, and the "-lora" methods ``lrs`` x ``LORA_LR_SCALE``."""
     if len(sgd_lrs) != len(lrs):
         raise ValueError(f"grids must have equal size: {len(lrs)} Adam lrs, {len(sgd_lrs)} SGD lrs")
     out = {}
+    lora_lrs = tuple(float(f"{lr * LORA_LR_SCALE:.6g}") for lr in lrs)
     for name, (fn, d, doc) in BASELINES.items():
+        grid = lora_lrs if d.get("lora") else lrs
         out[name] = Method(name, name, fn, lambda hp, n=name: lm_cost(n, hp),
-                           {GRID: tuple({"lr": lr} for lr in lrs)}, doc=doc, defaults=dict(d))
-    for name, (_, doc) in OFMU_VARIANTS.items():
-        grid = sgd_lrs if name == "OFMU-paper" else lrs
+                           {GRID: tuple({"lr": lr} for lr in grid)}, doc=doc, defaults=dict(d))
+    for name, (settings, doc) in OFMU_VARIANTS.items():
+        grid = sgd_lrs if name == "OFMU-paper" else lora_lrs if (settings or {}).get("lora") else lrs
         out[name] = Method(name, name, ofmu, lambda hp, n=name: lm_cost(n, hp),
                            {GRID: tuple({"lr": lr} for lr in grid)}, doc=doc,
                            defaults=_ofmu_settings(name))
