@@ -207,7 +207,8 @@ OFMU_VARIANTS = {
     "OFMU-outer1": ({"outer_steps": 1}, "the defaults with outer_steps=1 (one descent step per ascent step)"),
     "OFMU-replay": ({"replay": REPLAY},
                     f"the defaults with {REPLAY:.0%} of every retain minibatch from general text"),
-    "OFMU-lora": ({"lora": LORA_RANK}, f"the defaults training rank-{LORA_RANK} LoRA adapters only (lr grid x {LORA_LR_SCALE:g})"),
+    "OFMU-lora": ({"lora": LORA_RANK},
+                  f"the defaults training rank-{LORA_RANK} LoRA adapters only (lr grid x {LORA_LR_SCALE:g})"),
 }
 ALL_METHODS = tuple(BASELINES) + tuple(OFMU_VARIANTS)
 
