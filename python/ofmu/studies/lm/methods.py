@@ -225,17 +225,14 @@ def build_methods(lrs: tuple[float, ...], sgd_lrs: tuple[float, ...]) -> dict[st
     same length, and the "-lora" methods ``lrs`` x ``LORA_LR_SCALE``."""
     if len(sgd_lrs) != len(lrs):
         raise ValueError(f"grids must have equal size: {len(lrs)} Adam lrs, {len(sgd_lrs)} SGD lrs")
-    out = {}
     lora_lrs = tuple(float(f"{lr * LORA_LR_SCALE:.6g}") for lr in lrs)
-    for name, (fn, d, doc) in BASELINES.items():
-        grid = lora_lrs if d.get("lora") else lrs
+    specs = [(name, fn, dict(d), doc) for name, (fn, d, doc) in BASELINES.items()]
+    specs += [(name, ofmu, _ofmu_settings(name), doc) for name, (_, doc) in OFMU_VARIANTS.items()]
+    out = {}
+    for name, fn, defaults, doc in specs:
+        grid = sgd_lrs if name == "OFMU-paper" else lora_lrs if defaults.get("lora") else lrs
         out[name] = Method(name, name, fn, lambda hp, n=name: lm_cost(n, hp),
-                           {GRID: tuple({"lr": lr} for lr in grid)}, doc=doc, defaults=dict(d))
-    for name, (settings, doc) in OFMU_VARIANTS.items():
-        grid = sgd_lrs if name == "OFMU-paper" else lora_lrs if (settings or {}).get("lora") else lrs
-        out[name] = Method(name, name, ofmu, lambda hp, n=name: lm_cost(n, hp),
-                           {GRID: tuple({"lr": lr} for lr in grid)}, doc=doc,
-                           defaults=_ofmu_settings(name))
+                           {GRID: tuple({"lr": lr} for lr in grid)}, doc=doc, defaults=defaults)
     return out
 
 
