@@ -23,7 +23,6 @@ import argparse
 import time
 from dataclasses import asdict, replace
 
-import numpy as np
 import torch
 
 from ...bench.common import device_name
@@ -31,6 +30,7 @@ from . import evaluate, metrics
 from .config import PRESET_NAMES, config_for
 from .methods import GRID, build_methods, recorded, steps_for, unlearn
 from .peak import PeakMemory
+from .summary import mean_std, summarize
 from .text import PairStream, encode_all
 from .world import Streams, World, build_world, eval_sets, metrics_row, qa_items
 
@@ -161,18 +161,6 @@ def test_run(method, split: Split, hp: dict, steps: int, seed: int, device) -> d
     return out
 
 
-def mean_std(rows: list[dict]) -> dict:
-    """Per numeric key that every row has: [mean, sample std] over ``rows`` (std 0 for a single
-    row). A diverged row has only forget quality and utility, so the rest is left out."""
-    out = {}
-    for k, v in rows[0].items():
-        if (isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed", "data_seed")
-                and all(k in r for r in rows)):
-            vals = np.array([r[k] for r in rows], dtype=np.float64)
-            out[k] = [float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0]
-    return out
-
-
 def run_method(method, split: Split, cfg, device, bar=None) -> dict:
     entry = {"doc": method.doc, "validation": []}
     for g in method.grid(GRID):
@@ -187,7 +175,7 @@ def run_method(method, split: Split, cfg, device, bar=None) -> dict:
     entry["test"] = [test_run(method, split, hp, chosen["steps"], seed, device) for seed in cfg.seeds]
     if bar is not None:
         bar.update(len(cfg.seeds))
-    entry["mean"] = mean_std([{k: v for k, v in r.items() if k != "raw"} for r in entry["test"]])
+    entry["mean"] = mean_std(entry["test"])
     return entry
 
 
@@ -215,8 +203,6 @@ def run_world(w: World, cfg, methods: dict, device, progress: bool, on_split=Non
 
 def run(cfg, progress: bool = True, on_update=None) -> dict:
     """Every data seed of ``cfg``; ``on_update(result)`` after every method (partial results)."""
-    from .summary import summarize
-
     t_start = time.perf_counter()
     device = _device(cfg.device)
     methods = build_methods(tuple(cfg.lrs), tuple(cfg.sgd_lrs))

@@ -26,6 +26,18 @@ def agg(vals) -> list[float]:
     return [float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0]
 
 
+def mean_std(rows: list[dict]) -> dict:
+    """Per numeric key that every row has: [mean, sample std] over ``rows`` (std 0 for a single
+    row). A diverged row has only forget quality and utility, so the rest is left out: a mean over
+    the rows that did not diverge would hide them."""
+    out = {}
+    for k, v in rows[0].items():
+        if (isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed", "data_seed")
+                and all(k in r for r in rows)):
+            out[k] = agg([r[k] for r in rows])
+    return out
+
+
 def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str) -> dict:
     tests = entry["test"]
     ok = [r["model_utility"] / val_retain_mu for r in entry["validation"] if r["forget_quality"] >= FQ_OK]
@@ -33,13 +45,12 @@ def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str) -> d
            "fraction": entry["chosen"]["fraction"],
            # this data seed's validation frontier: best MU / the retain model's at FQ >= 0.05
            "frontier_rel": max(ok) if ok else None}
+    means = mean_std(tests)
     for k in KEYS:
-        # a key only when every test run has it (a diverged run has FQ and MU only): a mean
-        # over the runs that did not diverge would hide them
-        vals = [r[k] for r in tests if k in r] if k != "mu_ratio" else \
-            [r["model_utility"] / retain_mu for r in tests]
-        if vals and len(vals) == len(tests):
-            row[k] = _mean(vals)
+        if k == "mu_ratio":
+            row[k] = _mean([r["model_utility"] / retain_mu for r in tests])
+        elif k in means:
+            row[k] = means[k][0]
     row["n_diverged"] = sum(bool(r.get("diverged")) for r in tests)
     row["val_diverged"] = sum(bool(r.get("diverged")) for r in entry["validation"])
     row["fq_ok"] = row["forget_quality"] > FQ_OK
