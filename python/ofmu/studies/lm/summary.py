@@ -47,10 +47,9 @@ def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str) -> d
            "frontier_rel": max(ok) if ok else None}
     means = mean_std(tests)
     for k in KEYS:
-        if k == "mu_ratio":
-            row[k] = _mean([r["model_utility"] / retain_mu for r in tests])
-        elif k in means:
+        if k in means:
             row[k] = means[k][0]
+    row["mu_ratio"] = row["model_utility"] / retain_mu  # the retain model's MU divides every run
     row["n_diverged"] = sum(bool(r.get("diverged")) for r in tests)
     row["val_diverged"] = sum(bool(r.get("diverged")) for r in entry["validation"])
     row["fq_ok"] = row["forget_quality"] > FQ_OK
