@@ -413,6 +413,29 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     other["config"]["budget"] += 1
     with pytest.raises(ValueError, match="budget"):
         merge([res, other])
+    # an interrupted run (OFMU-lora not reached): partial as it is, whole once that method is left
+    # out; the kept methods' numbers are those of the complete run
+    cut = json.loads(json.dumps(res))
+    cut["complete"] = False
+    del cut["worlds"]["0"]["splits"]["10"]["methods"]["OFMU-lora"]
+    assert not merge([cut])["complete"]
+    keep = [m for m in res["config"]["methods"] if m != "OFMU-lora"]
+    kept = merge([cut], methods=keep)
+    assert kept["complete"] and kept["config"]["methods"] == merge([res], methods=keep)["config"]["methods"]
+    assert "OFMU-lora" not in kept["config"]["methods"] + list(kept["methods"])
+    assert set(kept["summary"]["10"]["methods"]) == set(keep)
+    assert kept["summary"]["10"]["methods"]["OFMU"] == merge([res])["summary"]["10"]["methods"]["OFMU"]
+    assert not merge([cut], methods=keep + ["OFMU-lora"])["complete"]  # still missing
+    before = json.dumps(cut)
+    with pytest.raises(ValueError, match=r"\['NPO'\] are in none of the runs"):
+        merge([cut], methods=["OFMU", "NPO"])
+    assert json.dumps(cut) == before  # a refused merge changes nothing
+    from ofmu.studies.lm.report import main as report_main
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    argv = [str(tmp_path / "merged"), str(tmp_path / "cut.json"), "--methods", ",".join(keep)]
+    assert report_main(argv) == 0
+    written = json.loads((tmp_path / "merged" / "authors-tiny-smoke.json").read_text())
+    assert written["complete"] and written["config"]["methods"] == kept["config"]["methods"]
 
 
 def test_fluency_nll_matches_the_models_own_loss(small):

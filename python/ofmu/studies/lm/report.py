@@ -175,15 +175,43 @@ def write_outputs(result: dict, out: str | Path, partial: bool = False) -> dict:
     return paths
 
 
-def merge(results: list[dict]) -> dict:
+def _only(result: dict, keep: list[str]) -> dict:
+    """``result`` restricted to the methods in ``keep``; complete if every data seed and split
+    it was asked for has each of its kept methods (an interrupted run whose missing methods are
+    left out is whole for the rest)."""
+    cfg = result["config"]
+    names = [m for m in cfg["methods"] if m in keep]
+    worlds = {ds: {**w, "splits": {pct: {**split, "methods": {m: e for m, e in split["methods"].items()
+                                                             if m in names}}
+                                   for pct, split in w["splits"].items()}}
+              for ds, w in result["worlds"].items()}
+    whole = all(str(ds) in worlds and str(pct) in worlds[str(ds)]["splits"]
+                and set(names) <= set(worlds[str(ds)]["splits"][str(pct)]["methods"])
+                for ds in cfg["data_seeds"] for pct in cfg["forget"])
+    if cfg.get("rho_probe") and cfg.get("model") == "tiny":  # the runner's last step of a world
+        whole = whole and all("rho_probe" in worlds.get(str(ds), {}) for ds in cfg["data_seeds"])
+    return {**result, "config": {**cfg, "methods": names}, "worlds": worlds,
+            "methods": {m: d for m, d in result.get("methods", {}).items() if m in names},
+            "complete": bool(result.get("complete")) or whole}
+
+
+def merge(results: list[dict], methods: list[str] | None = None) -> dict:
     """One result from runs of the same configuration on different data seeds, forget
     percentages or methods (for example one process per data seed, split and group of methods):
     their worlds, splits and methods together, the summary recomputed. A (data seed, split,
-    method) may appear only once."""
+    method) may appear only once. ``methods``: keep only these (each must be in some run), for
+    example to leave out the methods an interrupted run did not reach."""
     from .summary import summarize
 
     if not results:
         raise ValueError("nothing to merge")
+    if methods is not None:
+        ran = {m for r in results for m in r["config"]["methods"]}
+        unknown = [m for m in methods if m not in ran]
+        if unknown or not methods:
+            raise ValueError(f"methods {unknown} are in none of the runs (they have {sorted(ran)})"
+                             if unknown else "methods: an empty list keeps nothing")
+        results = [_only(r, list(methods)) for r in results]
     # what may differ: the parts run, where the models were cached, the preset's name (its
     # settings are compared one by one) and the machine (listed in the merged config)
     skip = ("data_seeds", "threads", "forget", "methods", "cache", "preset", "cpu")
@@ -239,8 +267,11 @@ def main(argv=None) -> int:
                                 description="merge authors-benchmark results of different data seeds")
     p.add_argument("out")
     p.add_argument("results", nargs="+")
+    p.add_argument("--methods", help="comma-separated: keep only these methods (for example those an "
+                                     "interrupted run finished)")
     args = p.parse_args(argv)
-    merged = merge([json.loads(Path(f).read_text()) for f in args.results])
+    keep = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    merged = merge([json.loads(Path(f).read_text()) for f in args.results], methods=keep)
     paths = write_outputs(merged, args.out)
     print(markdown_table(merged))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
