@@ -3,6 +3,7 @@ in CI size (``ofmu benchmark --dataset authors --model tiny`` with the smoke pre
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -450,3 +451,28 @@ def test_fluency_nll_matches_the_models_own_loss(small):
         want_total += loss * (ids.shape[1] - 1)
         want_count += ids.shape[1] - 1
     assert count == want_count and total == pytest.approx(want_total, rel=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_cpu_peak_memory_counts_a_runs_allocations_after_an_earlier_run_freed_them():
+    """A run measured after an earlier one in the same process reads the 64 MiB it holds, also
+    where the earlier run's freed memory is still resident in the C heap for it to reuse (the
+    resident size then does not grow; the first of several equal runs used to read as the only
+    one that needed memory)."""
+    import time
+
+    from ofmu.studies.lm.peak import PeakMemory
+
+    warm = [torch.ones(2**18) for _ in range(8)]  # 1 MiB each: glibc then serves 1 MiB from its heap
+    del warm
+    earlier = [torch.ones(2**18) for _ in range(64)]
+    pin = torch.ones(2**18)  # allocated after them, so the heap cannot shrink from the top
+    del earlier
+    held = 64 * 2**20
+    for _ in range(2):
+        with PeakMemory(torch.device("cpu")) as m:
+            y = [torch.ones(2**18) for _ in range(64)]
+            time.sleep(0.05)  # several 10 ms samples while they are held
+            del y
+        assert held * 0.95 <= m.peak <= held * 1.25
+    del pin

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
 
@@ -10,7 +12,12 @@ import torch
 
 class PeakMemory:
     """Peak memory of a block: CUDA ``max_memory_allocated`` on a GPU, else the peak resident set
-    size of this process sampled every 10 ms, minus the resident size at entry (on CPU)."""
+    size of this process sampled every 10 ms, minus the resident size at entry (on CPU).
+
+    On CPU the C heap's free memory is first handed back to the system (glibc ``malloc_trim``),
+    so memory an earlier block freed but the allocator kept resident does not hide this block's
+    growth: without it a block that reuses that memory reads as needing none, and the first of
+    several equal runs in one process as the only one that does."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
@@ -26,6 +33,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        _trim_heap()
         self._base = self._rss()
         self._max = self._base
         self._stop = threading.Event()
@@ -46,3 +54,13 @@ class PeakMemory:
             self._t.join()
             self.peak = max(self._max, self._rss()) - self._base
         return False
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the system where the C library can (glibc); elsewhere
+    nothing."""
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
