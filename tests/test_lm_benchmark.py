@@ -375,6 +375,11 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
         if name.startswith("OFMU"):  # every constructor keyword recorded
             assert {"inner_steps", "outer_steps", "rho", "similarity", "outer_hvp"} <= set(row_hp)
     summ = res["summary"]["10"]["methods"]["OFMU"]
+    for who in ("retain", "target"):  # where forgetting should end and where it starts
+        for k in ("forget_prob", "mia_auc"):
+            assert res["summary"]["10"][f"{who}_{k}"][0] == pytest.approx(split["test"][who][k])
+    held = f"forget prob {split['test']['target']['forget_prob']:.3f}"
+    assert held in (out / "authors-tiny-smoke.md").read_text()
     assert summ["n"] == 1 and len(summ["frontier"]) >= 1
     val_retain = split["val"]["retain"]["model_utility"]
     for name, m in res["summary"]["10"]["methods"].items():

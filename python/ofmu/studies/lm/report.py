@@ -44,14 +44,25 @@ def _header(result: dict) -> list[str]:
             f"{MU_SHARE} x the retain model's."]
 
 
+def _held(s: dict, who: str) -> str:
+    """``who``'s forget probability and membership-attack AUC on the test pool, if recorded."""
+    if f"{who}_forget_prob" not in s:
+        return ""
+    return (f", forget prob {_fmt(s[f'{who}_forget_prob'], '{:.3f}')}, MIA AUC "
+            f"{_fmt(s[f'{who}_mia_auc'], '{:.2f}')}")
+
+
 def markdown_table(result: dict) -> str:
     out = _header(result)
     for pct, s in result.get("summary", {}).items():
         n_q = sorted(set(s["n_forget_qa"]))
         out += ["", f"### forget {pct}% ({'/'.join(map(str, n_q))} test questions; data seeds "
                 f"{s['data_seeds']})", "",
-                f"retain model MU {_fmt(s['retain_mu'], '{:.3f}')}; target model FQ "
-                f"{_fmt(s['target_fq'], '{:.2g}')}, MU {_fmt(s['target_mu'], '{:.3f}')}.", "",
+                f"retain model MU {_fmt(s['retain_mu'], '{:.3f}')}{_held(s, 'retain')}; target model FQ "
+                f"{_fmt(s['target_fq'], '{:.2g}')}, MU {_fmt(s['target_mu'], '{:.3f}')}{_held(s, 'target')}."
+                + (" A method has forgotten where its forget prob and MIA AUC are near the retain "
+                   "model's; far below them it over-forgets (the forget answers become less likely "
+                   "than unseen ones)." if "retain_forget_prob" in s else ""), "",
                 "| method | " + " | ".join(c[1] for c in COLS)
                 + " | FQ>0.05 | target | val frontier: best MU at FQ>0.05 | chosen lr@budget |",
                 "|---" * (len(COLS) + 5) + "|"]

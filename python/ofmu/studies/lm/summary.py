@@ -115,11 +115,12 @@ def summarize(result: dict) -> dict:
     splits: dict = {}
     for ds, world in result.get("worlds", {}).items():
         for pct, split in world["splits"].items():
-            s = splits.setdefault(pct, {"retain_mu": [], "target": [], "methods": {}, "n_forget_qa": [],
-                                        "data_seeds": []})
+            s = splits.setdefault(pct, {"retain_mu": [], "retain": [], "target": [], "methods": {},
+                                        "n_forget_qa": [], "data_seeds": []})
             retain_mu = split["test"]["retain"]["model_utility"]
             val_retain_mu = split["val"]["retain"]["model_utility"]
             s["retain_mu"].append(retain_mu)
+            s["retain"].append(split["test"]["retain"])
             s["target"].append(split["test"]["target"])
             s["n_forget_qa"].append(split["test"]["n_forget_qa"])
             s["data_seeds"].append(int(ds))
@@ -145,5 +146,10 @@ def summarize(result: dict) -> dict:
         out[pct] = {"data_seeds": s["data_seeds"], "n_forget_qa": s["n_forget_qa"],
                     "retain_mu": agg(s["retain_mu"]),
                     "target_fq": agg([t["forget_quality"] for t in s["target"]]),
-                    "target_mu": agg([t["model_utility"] for t in s["target"]]), "methods": methods}
+                    "target_mu": agg([t["model_utility"] for t in s["target"]]),
+                    # where forgetting should end (the retain model) and where it starts (the
+                    # target): forget quality can pass while these say the facts are still held
+                    **{f"{who}_{k}": agg([t[k] for t in s[who]]) for who in ("retain", "target")
+                       for k in ("forget_prob", "mia_auc") if all(k in t for t in s[who])},
+                    "methods": methods}
     return out
