@@ -222,3 +222,39 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
         assert (tmp_path / "b.csv").read_text() == "x\n1.5\n"
     finally:
         os.umask(old)
+
+
+_CONCURRENT = r"""
+import pathlib, sys, time
+import torch
+from ofmu.studies.cache import load_or_build
+entry, log, started = (pathlib.Path(a) for a in sys.argv[1:4])
+role = sys.argv[4]
+def build():
+    with open(log, "a") as f:
+        f.write(role + "\n")
+    started.touch()
+    time.sleep(2.0)  # the other process asks for the entry meanwhile
+    return {"w": torch.arange(5.0), "by": role}
+if role == "second":
+    while not started.exists():
+        time.sleep(0.01)
+print(load_or_build(entry, build, what="test model")["by"])
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="builds are serialised with POSIX flock")
+def test_a_second_process_waits_for_the_first_build_instead_of_repeating_it(tmp_path):
+    """Two processes ask for the same missing entry; the second asks while the first builds. The
+    build runs once, both get the first's object, and no lock file is left."""
+    entry, log, started = tmp_path / "c" / "m.pt", tmp_path / "log", tmp_path / "started"
+    args = [str(entry), str(log), str(started)]
+    procs = {role: subprocess.Popen([sys.executable, "-c", _CONCURRENT, *args, role],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for role in ("first", "second")}
+    out = {role: p.communicate(timeout=120) for role, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), out
+    assert log.read_text().split() == ["first"]  # built once
+    assert out["first"][0].split() == out["second"][0].split() == ["first"]
+    assert "waiting for another process that is building test model" in out["second"][1]
+    assert sorted(os.listdir(entry.parent)) == ["m.pt"]

@@ -10,14 +10,22 @@ fsync'ed, moved onto the entry with ``os.replace`` and the folder is fsync'ed, s
 either the old entry or the new one, never a partial file. A run killed mid-write leaves only its
 temporary file (``.<name>.tmp-<pid>-<random>``); the next ``load_or_build`` of that entry removes
 temporary files whose writer process no longer exists.
+
+Builds are serialised per entry across processes (an exclusive ``flock`` on ``.<name>.lock``
+beside it, where the system has one): a second process asking for an entry that another is
+building waits, then loads what the first saved, instead of building it again (for example
+several benchmark processes started together that share a pre-trained model). The lock file is
+removed after the build; a process killed while building releases its lock with it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +109,60 @@ def _remove_orphans(path: Path) -> None:
                       CacheWarning, stacklevel=3)
 
 
+def _stat(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _load(path: Path, what: str) -> tuple[bool, Any]:
+    """``(True, object)`` if ``path`` reads back, else ``(False, None)`` (a warning names an
+    unreadable entry)."""
+    if not path.exists():
+        return False, None
+    if not path.is_file():
+        raise IsADirectoryError(f"{what} {path} exists but is not a file; remove it or choose "
+                                "another cache folder")
+    try:
+        return True, torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means "rebuild"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in reason or "Weights only" in reason:
+            reason = "it is not loadable with weights_only=True (it is never loaded unsafely)"
+        warnings.warn(f"{what} {path} is unreadable ({type(exc).__name__}: {reason[:200]}); "
+                      "rebuilding it", CacheWarning, stacklevel=3)
+    return False, None
+
+
+@contextmanager
+def _build_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``path`` (no-op without ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: builds are not serialised
+        yield
+        return
+    lock = path.parent / f".{path.name}.lock"
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"ofmu: waiting for another process that is building {what} {path}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            try:  # only our own lock file: a waiter may already hold a newer one
+                if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                    lock.unlink()
+            except OSError:
+                pass
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_or_build(path: str | os.PathLike, build: Callable[[], Any], *, what: str = "cache entry") -> Any:
     """Return ``torch.load(path, weights_only=True)`` (on the CPU) if ``path`` exists and reads back;
     otherwise call ``build()``, save its result atomically (see :func:`save_atomic`) and return it.
@@ -108,21 +170,20 @@ def load_or_build(path: str | os.PathLike, build: Callable[[], Any], *, what: st
     An unreadable entry (truncated, empty, garbage, or not loadable with ``weights_only=True``) is
     treated as missing: a :class:`CacheWarning` names the path and says it is rebuilt. Orphan
     temporary files of that entry left by a killed run are removed. The built object must be
-    weights_only-loadable (tensors, dicts, lists, tuples, numbers, strings)."""
+    weights_only-loadable (tensors, dicts, lists, tuples, numbers, strings). While one process
+    builds an entry, another asking for it waits and then loads it (module docstring)."""
     path = Path(path)
     _remove_orphans(path)
-    if path.exists():
-        if not path.is_file():
-            raise IsADirectoryError(f"{what} {path} exists but is not a file; remove it or choose "
-                                    "another cache folder")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure to read means "rebuild"
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "weights_only" in reason or "Weights only" in reason:
-                reason = "it is not loadable with weights_only=True (it is never loaded unsafely)"
-            warnings.warn(f"{what} {path} is unreadable ({type(exc).__name__}: {reason[:200]}); "
-                          "rebuilding it", CacheWarning, stacklevel=2)
-    obj = build()
-    save_atomic(obj, path)
+    found, obj = _load(path, what)
+    if found:
+        return obj
+    seen = _stat(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(path, what):
+        if _stat(path) != seen:  # another process saved it while this one waited
+            found, obj = _load(path, what)
+            if found:
+                return obj
+        obj = build()
+        save_atomic(obj, path)
     return obj
