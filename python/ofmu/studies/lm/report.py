@@ -217,11 +217,12 @@ def merge(results: list[dict], methods: list[str] | None = None) -> dict:
     if not results:
         raise ValueError("nothing to merge")
     if methods is not None:
+        if not methods:
+            raise ValueError("methods: an empty list keeps nothing")
         ran = {m for r in results for m in r["config"]["methods"]}
         unknown = [m for m in methods if m not in ran]
-        if unknown or not methods:
-            raise ValueError(f"methods {unknown} are in none of the runs (they have {sorted(ran)})"
-                             if unknown else "methods: an empty list keeps nothing")
+        if unknown:
+            raise ValueError(f"methods {unknown} are in none of the runs (they have {sorted(ran)})")
         results = [_only(r, list(methods)) for r in results]
     # what may differ: the parts run, where the models were cached, the preset's name (its
     # settings are compared one by one) and the machine (listed in the merged config)

@@ -115,11 +115,10 @@ def summarize(result: dict) -> dict:
     splits: dict = {}
     for ds, world in result.get("worlds", {}).items():
         for pct, split in world["splits"].items():
-            s = splits.setdefault(pct, {"retain_mu": [], "retain": [], "target": [], "methods": {},
-                                        "n_forget_qa": [], "data_seeds": []})
+            s = splits.setdefault(pct, {"retain": [], "target": [], "methods": {}, "n_forget_qa": [],
+                                        "data_seeds": []})
             retain_mu = split["test"]["retain"]["model_utility"]
             val_retain_mu = split["val"]["retain"]["model_utility"]
-            s["retain_mu"].append(retain_mu)
             s["retain"].append(split["test"]["retain"])
             s["target"].append(split["test"]["target"])
             s["n_forget_qa"].append(split["test"]["n_forget_qa"])
@@ -144,7 +143,7 @@ def summarize(result: dict) -> dict:
             if ref is not None and name != REFERENCE:
                 m["paired"] = paired(m["per_seed"], ref["per_seed"])
         out[pct] = {"data_seeds": s["data_seeds"], "n_forget_qa": s["n_forget_qa"],
-                    "retain_mu": agg(s["retain_mu"]),
+                    "retain_mu": agg([r["model_utility"] for r in s["retain"]]),
                     "target_fq": agg([t["forget_quality"] for t in s["target"]]),
                     "target_mu": agg([t["model_utility"] for t in s["target"]]),
                     # where forgetting should end (the retain model) and where it starts (the
