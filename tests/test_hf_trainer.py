@@ -1,6 +1,8 @@
 """OFMUTrainer and OFMU on transformers models: exact checkpoint resume, PEFT LoRA, activation
 checkpointing, bf16 models, tied embeddings."""
 
+import math
+
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -172,8 +174,9 @@ def test_trainer_closure_streams_and_batch_reuse(tmp_path):
     assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:16]) == list(range(8))
 
 
-def _own_loop_kl(model, reference, tr, steps: int) -> torch.Tensor:
-    """The documented own-loop closure with the KL retain loss, on the minibatches the Trainer's
+def _own_loop(model, reference, tr, steps: int, **loss_kw) -> torch.Tensor:
+    """The documented own-loop closure with the built-in losses ``loss_kw`` selects (``retain``,
+    ``forget``, ``npo_beta``) against ``reference``, on the minibatches the Trainer's
     streams draw (their order is tested above), with the optimizer settings the Trainer derives
     from its TrainingArguments (lr 1e-3 constant, clip 1.0, Adam betas/eps, no weight decay)."""
     forget, retain = sequences()
@@ -188,7 +191,7 @@ def _own_loop_kl(model, reference, tr, steps: int) -> torch.Tensor:
             drawn[0] += 1
         k = drawn[0]
         fb = batch(forget[fs.indices(k)]) if need_forget else None
-        return causal_lm_losses(model, fb, batch(retain[rs.indices(k)]), retain="kl", reference=reference)
+        return causal_lm_losses(model, fb, batch(retain[rs.indices(k)]), reference=reference, **loss_kw)
 
     model.train()
     opt = OFMU(model.parameters(), lr=1e-3, betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0,
@@ -208,7 +211,7 @@ def test_trainer_kl_retain_loss_takes_the_own_loop_step(tmp_path):
     assert not any(p.requires_grad for p in tr.reference_model.parameters())
 
     reference = memorised("llama").eval()
-    own = _own_loop_kl(memorised("llama"), reference, tr, steps=3)
+    own = _own_loop(memorised("llama"), reference, tr, steps=3, retain="kl")
     moved = (own - start).norm()
     assert moved > 1e-3
     assert (flat_params(model) - own).norm() <= 1e-6 * moved
@@ -218,6 +221,36 @@ def test_trainer_kl_retain_loss_takes_the_own_loop_step(tmp_path):
             trainer_kwargs=dict(retain_loss="kl", reference_model=memorised("llama"))).train()
     assert (flat_params(given) - own).norm() <= 1e-6 * moved
     # ... and it is not the NLL run: the retain loss really changed.
+    nll_model = memorised("llama")
+    trainer(nll_model, tmp_path / "nll", max_steps=3).train()
+    assert (flat_params(nll_model) - own).norm() > 1e-2 * moved
+
+
+def test_trainer_npo_forget_loss_takes_the_own_loop_step(tmp_path):
+    start = flat_params(memorised("llama"))
+    model = memorised("llama")
+    tr = trainer(model, tmp_path / "npo", max_steps=3, logging_steps=1,
+                 trainer_kwargs=dict(forget_loss="npo", npo_beta=0.5))
+    tr.train()
+    assert torch.equal(flat_params(tr.reference_model), start)
+    own = _own_loop(memorised("llama"), memorised("llama").eval(), tr, steps=3, forget="npo",
+                    npo_beta=0.5)
+    moved = (own - start).norm()
+    assert moved > 1e-3
+    assert (flat_params(model) - own).norm() <= 1e-6 * moved
+    # The forget loss logged is NPO's, negated: -(2/beta) log 2 where the model is its reference
+    # (the first step's first evaluation), then rising as the forget answers become less likely.
+    logged = [h["forget_loss"] for h in tr.state.log_history if "forget_loss" in h]
+    assert len(logged) == 3 and logged[0] == pytest.approx(-2 / 0.5 * math.log(2), rel=1e-4)
+    assert logged[0] < logged[2] < 0
+    # Both reference losses at once share one reference.
+    both = memorised("llama")
+    trainer(both, tmp_path / "both", max_steps=3,
+            trainer_kwargs=dict(forget_loss="npo", npo_beta=0.5, retain_loss="kl")).train()
+    own_both = _own_loop(memorised("llama"), memorised("llama").eval(), tr, steps=3, forget="npo",
+                         npo_beta=0.5, retain="kl")
+    assert (flat_params(both) - own_both).norm() <= 1e-6 * moved
+    # ... and it is not the NLL-ascent run.
     nll_model = memorised("llama")
     trainer(nll_model, tmp_path / "nll", max_steps=3).train()
     assert (flat_params(nll_model) - own).norm() > 1e-2 * moved
@@ -261,8 +294,18 @@ def test_trainer_retain_loss_options_are_checked_before_any_work(tmp_path):
         trainer(model, tmp_path, trainer_kwargs=dict(retain_loss="kl", reference_model=model))
     with pytest.raises(TypeError, match="reference_model must be a model"):
         trainer(model, tmp_path, trainer_kwargs=dict(retain_loss="kl", reference_model="gpt2"))
-    with pytest.raises(ValueError, match="needs the model at construction"):
+    with pytest.raises(ValueError, match="the model at construction"):
         OFMUTrainer(None, None, forget_dataset=[1], retain_dataset=[1], retain_loss="kl")
+    with pytest.raises(ValueError, match="forget_loss must be one of"):
+        trainer(model, tmp_path, trainer_kwargs=dict(forget_loss="NPO"))
+    for bad in (0.0, -1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="npo_beta must be"):
+            trainer(model, tmp_path, trainer_kwargs=dict(forget_loss="npo", npo_beta=bad))
+    with pytest.raises(ValueError, match="the model at construction"):
+        OFMUTrainer(None, None, forget_dataset=[1], retain_dataset=[1], forget_loss="npo")
+    with pytest.raises(ValueError, match="forget_loss='npo' select the built-in"):
+        OFMUTrainer(model, None, forget_dataset=[1], retain_dataset=[1], forget_loss="npo",
+                    compute_losses=lambda m, f, r: (f, r))
     with pytest.raises(ValueError, match="custom compute_losses"):
         OFMUTrainer(model, None, forget_dataset=[1], retain_dataset=[1], retain_loss="kl",
                     compute_losses=lambda m, f, r: (f, r))

@@ -77,6 +77,8 @@ def test_costs_follow_the_shared_ofmu_count():
     assert lm_cost("OFMU", ms["OFMU"].defaults) == pytest.approx(10)
     # a KL retain loss adds a reference forward to each of the 7 closure calls
     assert lm_cost("OFMU-KL", ms["OFMU-KL"].defaults) == pytest.approx(10 + 7 / 3)
+    # ... and so does NPO's forget loss (the target as reference) to each closure call
+    assert lm_cost("OFMU-NPO", ms["OFMU-NPO"].defaults) == pytest.approx(10 + 7 / 3)
     assert lm_cost("OFMU-paper", ms["OFMU-paper"].defaults) == pytest.approx(13)
     assert lm_cost("GradDiff-KL", ms["GradDiff-KL"].defaults) == pytest.approx(2 + 1 / 3)
     assert lm_cost("NPO", {}) == pytest.approx(2 + 1 / 3)
@@ -163,6 +165,44 @@ def test_replay_without_a_general_stream_is_refused_before_any_step(small):
             unlearn(m, model, streams, {**m.defaults, "lr": 1e-3}, 2, seed=0,
                     after_step=lambda mdl, k: steps.append(k))
     assert steps == []
+
+
+def test_ofmu_npo_is_the_optimizer_ascending_the_negated_npo_loss(small):
+    """OFMU-NPO's run equals a hand-written loop: ``OFMU(params, lr)`` stepping a closure of
+    ``causal_lm_losses(..., forget="npo", reference=<the target>)`` on the same seeded streams;
+    it is not OFMU's NLL-ascent run, and it records its loss settings."""
+    import copy
+
+    from ofmu import OFMU
+    from ofmu.hf import causal_lm_losses
+    from ofmu.studies.lm.methods import recorded
+    from ofmu.studies.lm.text import PairStream
+    from ofmu.studies.lm.world import Streams
+
+    tok, model, qas = small
+    pairs = [encode_pair(tok, qa.question, qa.answer) for qa in qas]
+
+    def streams():
+        return Streams(PairStream(pairs[:4], 2, tok.pad_id, 1), PairStream(pairs[4:], 2, tok.pad_id, 2))
+    ms = build_methods((1e-3,), (1e-1,))
+    hp = {**ms["OFMU-NPO"].defaults, "lr": 1e-3}
+    got = unlearn(ms["OFMU-NPO"], model, streams(), dict(hp), 3, seed=0)
+    plain = unlearn(ms["OFMU"], model, streams(), {**ms["OFMU"].defaults, "lr": 1e-3}, 3, seed=0)
+
+    own, ref, s = copy.deepcopy(model).train(), copy.deepcopy(model).eval(), streams()
+    torch.manual_seed(0)
+    opt = OFMU(own.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.step(lambda: causal_lm_losses(own, s.forget.next(), s.retain.next(), forget="npo",
+                                          npo_beta=0.1, reference=ref))
+    flat = [torch.cat([p.detach().double().flatten() for p in m.parameters()])
+            for m in (model, got, own, plain)]
+    moved = (flat[1] - flat[0]).norm()
+    assert moved > 1e-4
+    assert (flat[1] - flat[2]).norm() <= 1e-6 * moved
+    assert (flat[1] - flat[3]).norm() > 1e-2 * moved
+    rec = recorded(ms["OFMU-NPO"], hp)
+    assert rec["forget"] == "npo" and rec["npo_beta"] == 0.1 and rec["outer_steps"] == 6
 
 
 @pytest.mark.parametrize("name", ["OFMU-lora", "NPO-lora", "GradDiff-lora"])

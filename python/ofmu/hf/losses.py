@@ -1,5 +1,5 @@
-"""Causal language-model losses for OFMU's closure: token-mean negative log-likelihood, and a
-KL-to-reference retain loss."""
+"""Causal language-model losses for OFMU's closure: token-mean negative log-likelihood, a
+KL-to-reference retain loss, and NPO's bounded forget objective."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 RETAIN_LOSSES = ("nll", "kl")
+FORGET_LOSSES = ("nll", "npo")
 
 
 def causal_lm_labels(batch: Mapping[str, Tensor]) -> Tensor:
@@ -61,6 +62,38 @@ def token_kl(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
     return per_token.mean()
 
 
+def sequence_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-sequence summed next-token negative log-likelihood over the labelled positions (the
+    shift and masking of :func:`token_nll`), in float32 or the logits' wider dtype:
+    ``-log p(answer)`` of each row."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (batch, seq, vocab) and labels (batch, seq); got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    shift_labels = labels[:, 1:].to(logits.device)
+    wide = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    ce = torch.nn.functional.cross_entropy(wide.transpose(1, 2), shift_labels,
+                                           ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.sum(1)
+
+
+def npo_objective(logits: Tensor, ref_logits: Tensor, labels: Tensor, beta: float) -> Tensor:
+    """NPO's forget loss negated, the quantity OFMU ascends:
+    ``(2 / beta) * mean log sigmoid(-beta * (log p_model(y) - log p_ref(y)))`` over the rows,
+    ``log p(y)`` the summed log-likelihood of each row's labelled tokens.
+
+    It is ``-(2 / beta) log 2`` where the model equals the reference and rises towards 0 as the
+    model's probability of the forget answers falls below the reference's. Its gradient is the
+    summed-NLL ascent direction weighted per row by ``2 * sigmoid(beta * log(p_model / p_ref))``,
+    which vanishes once a row is forgotten: the ascent stops by itself, unlike NLL ascent."""
+    if not beta > 0:
+        raise ValueError(f"npo_beta must be > 0; got {beta!r}")
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"reference logits {tuple(ref_logits.shape)} differ from the model's "
+                         f"{tuple(logits.shape)}")
+    log_ratio = sequence_nll(ref_logits, labels) - sequence_nll(logits, labels)
+    return (2.0 / beta) * torch.nn.functional.logsigmoid(-beta * log_ratio).mean()
+
+
 def _forward(model, batch: Mapping[str, Tensor]) -> Tensor:
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     for key in ("position_ids", "token_type_ids"):
@@ -72,10 +105,20 @@ def _forward(model, batch: Mapping[str, Tensor]) -> Tensor:
 
 def causal_lm_losses(model, forget_batch: Mapping[str, Tensor] | None,
                      retain_batch: Mapping[str, Tensor], *, retain: str = "nll",
-                     reference=None) -> tuple[Tensor | None, Tensor]:
+                     reference=None, forget: str = "nll",
+                     npo_beta: float = 0.1) -> tuple[Tensor | None, Tensor]:
     """``(forget_loss, retain_loss)`` for :meth:`ofmu.OFMU.step`, from two separate forward
-    passes: the forget loss is the token-mean next-token NLL of ``forget_batch`` (``-100``
-    labels masked); the retain loss is
+    passes. The forget loss (which OFMU ascends) is
+
+    - ``forget="nll"`` (default): the token-mean next-token NLL of ``forget_batch`` (``-100``
+      labels masked);
+    - ``forget="npo"``: NPO's forget loss negated (:func:`npo_objective`, ``beta=npo_beta``,
+      reference ``reference``): ascent on it lowers the forget answers' probability with a
+      weight that vanishes once they are below the reference's, so it stops by itself. Its
+      values are negative (``-(2/npo_beta) log 2`` at the reference), so OFMU's
+      ``forget_loss_cap`` never acts on it.
+
+    The retain loss is
 
     - ``retain="nll"`` (default): the token-mean NLL of ``retain_batch``;
     - ``retain="kl"``: the token-mean ``KL(p_ref || p_model)`` over the retain batch's labelled
@@ -97,13 +140,25 @@ def causal_lm_losses(model, forget_batch: Mapping[str, Tensor] | None,
     """
     if retain not in RETAIN_LOSSES:
         raise ValueError(f"retain must be one of {RETAIN_LOSSES}; got {retain!r}")
-    if retain == "kl" and reference is None:
-        raise ValueError('retain="kl" needs reference=<a frozen copy of the model before unlearning>')
+    if forget not in FORGET_LOSSES:
+        raise ValueError(f"forget must be one of {FORGET_LOSSES}; got {forget!r}")
+    for name, value in (("retain", retain), ("forget", forget)):
+        if value in ("kl", "npo") and reference is None:
+            raise ValueError(f'{name}="{value}" needs reference=<a frozen copy of the model '
+                             'before unlearning>')
+    if forget == "npo" and not npo_beta > 0:
+        raise ValueError(f"npo_beta must be > 0; got {npo_beta!r}")
     forget_labels = None if forget_batch is None else causal_lm_labels(forget_batch)
     labels = causal_lm_labels(retain_batch)
     forget_loss = None
     if forget_batch is not None:
-        forget_loss = token_nll(_forward(model, forget_batch), forget_labels)
+        forget_logits = _forward(model, forget_batch)
+        if forget == "nll":
+            forget_loss = token_nll(forget_logits, forget_labels)
+        else:
+            with torch.no_grad():
+                ref_forget = _forward(reference, forget_batch)
+            forget_loss = npo_objective(forget_logits, ref_forget, forget_labels, npo_beta)
     logits = _forward(model, retain_batch)
     if retain == "nll":
         return forget_loss, token_nll(logits, labels)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..optimizer import OFMU
-from .losses import causal_lm_losses
+from .losses import FORGET_LOSSES, causal_lm_losses
 
 RETAIN_LOSSES = ("nll", "kl")
 
@@ -68,7 +68,14 @@ class OFMUTrainer(Trainer):
             labelled positions: it keeps the model's whole next-token distribution on the retain
             text close to the reference's, not only the labelled token's probability; see
             :func:`ofmu.hf.causal_lm_losses`). Only with the default ``compute_losses``.
-        reference_model: the frozen reference of ``retain_loss="kl"``, evaluated under
+        forget_loss: the built-in forget loss, which OFMU ascends: ``"nll"`` (default; token-mean
+            NLL of the forget batch) or ``"npo"`` (NPO's forget loss negated, ``npo_beta`` its
+            beta, against the reference model: the ascent weakens by itself once the forget
+            answers are less likely than under the reference; see
+            :func:`ofmu.hf.causal_lm_losses`). Its logged ``forget_loss`` is then negative,
+            rising towards 0. Only with the default ``compute_losses``.
+        reference_model: the frozen reference of ``retain_loss="kl"`` and ``forget_loss="npo"``
+            (one model for both), evaluated under
             ``torch.no_grad()`` in eval mode, on the model's device. Default: the model as it is
             at construction. For a PEFT model that is the base with its adapters disabled (no
             copy; equal to the model at construction while the adapters are freshly initialised,
@@ -99,7 +106,8 @@ class OFMUTrainer(Trainer):
                  forget_collator: Callable | None = None, retain_collator: Callable | None = None,
                  ofmu_kwargs: Mapping[str, Any] | None = None,
                  compute_losses: Callable = causal_lm_losses, retain_loss: str = "nll",
-                 reference_model: torch.nn.Module | None = None, **kwargs):
+                 reference_model: torch.nn.Module | None = None, forget_loss: str = "nll",
+                 npo_beta: float = 0.1, **kwargs):
         for key in ("train_dataset", "optimizers", "optimizer_cls_and_kwargs"):
             if kwargs.get(key) not in (None, (None, None)):
                 raise TypeError(f"OFMUTrainer does not take {key!r}: it trains on forget_dataset and "
@@ -119,19 +127,20 @@ class OFMUTrainer(Trainer):
         for key in ("params", "process_group"):
             if key in self.ofmu_kwargs:
                 raise ValueError(f"ofmu_kwargs[{key!r}] is chosen by OFMUTrainer")
-        _check_retain_loss(retain_loss, reference_model, compute_losses, model)
+        _check_builtin_losses(retain_loss, forget_loss, npo_beta, reference_model, compute_losses, model)
         self.forget_dataset, self.retain_dataset = forget_dataset, retain_dataset
         self.compute_losses = compute_losses
-        self.retain_loss = retain_loss
+        self.retain_loss, self.forget_loss, self.npo_beta = retain_loss, forget_loss, npo_beta
         # The built-in losses may skip the forget forward pass (need_forget=False); a custom
         # compute_losses always gets both batches.
         self._builtin_losses = compute_losses is causal_lm_losses
         super().__init__(model=model, args=args, **kwargs)
         self._check_setup()
         self.reference_model, self._own_reference = None, False
-        if retain_loss == "kl":
+        if retain_loss == "kl" or forget_loss == "npo":
             self.reference_model, self._own_reference = _reference_for(self.model, reference_model)
-            self.compute_losses = functools.partial(causal_lm_losses, retain="kl",
+            self.compute_losses = functools.partial(causal_lm_losses, retain=retain_loss,
+                                                    forget=forget_loss, npo_beta=npo_beta,
                                                     reference=self.reference_model)
         self.forget_collator = forget_collator or self.data_collator
         self.retain_collator = retain_collator or self.data_collator
@@ -298,19 +307,26 @@ class OFMUTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _check_retain_loss(retain_loss, reference_model, compute_losses, model) -> None:
+def _check_builtin_losses(retain_loss, forget_loss, npo_beta, reference_model, compute_losses,
+                          model) -> None:
     if retain_loss not in RETAIN_LOSSES:
         raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}; got {retain_loss!r}")
-    if retain_loss != "kl" and reference_model is not None:
-        raise ValueError('reference_model is used only with retain_loss="kl"; '
-                         f"got retain_loss={retain_loss!r}")
-    if retain_loss == "kl" and compute_losses is not causal_lm_losses:
-        raise ValueError('retain_loss="kl" selects the built-in causal_lm_losses(..., retain="kl"); '
-                         "a custom compute_losses computes its own retain loss (leave retain_loss "
+    if forget_loss not in FORGET_LOSSES:
+        raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}; got {forget_loss!r}")
+    if not (isinstance(npo_beta, (int, float)) and npo_beta > 0 and npo_beta < float("inf")):
+        raise ValueError(f"npo_beta must be a finite number > 0; got {npo_beta!r}")
+    chosen = [f"{k}={v!r}" for k, v, special in (("retain_loss", retain_loss, "kl"),
+                                                    ("forget_loss", forget_loss, "npo")) if v == special]
+    if not chosen and reference_model is not None:
+        raise ValueError('reference_model is used only with retain_loss="kl" or forget_loss="npo"; '
+                         f"got retain_loss={retain_loss!r}, forget_loss={forget_loss!r}")
+    if chosen and compute_losses is not causal_lm_losses:
+        raise ValueError(f"{' and '.join(chosen)} select the built-in causal_lm_losses; a custom "
+                         "compute_losses computes its own losses (leave retain_loss and forget_loss "
                          "at 'nll' and use the reference inside compute_losses)")
-    if retain_loss == "kl" and model is None:
-        raise ValueError('retain_loss="kl" needs the model at construction (model=...), to take the '
-                         "reference from; model_init is not supported with it")
+    if chosen and model is None:
+        raise ValueError(f"{' and '.join(chosen)} need the model at construction (model=...), to take "
+                         "the reference from; model_init is not supported with it")
     if reference_model is not None:
         if not callable(reference_model):
             raise TypeError("reference_model must be a model (callable); got "

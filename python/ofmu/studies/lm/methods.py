@@ -17,7 +17,8 @@ the retain loss is either that NLL or the token-mean ``KL(p_target || p_model)``
   per-token average answer NLL (b = 4.5, gamma = 0.125, delta = 0), no reference model.
 * OFMU: ``ofmu.OFMU(params, lr=lr)``, the shipped defaults (nothing else set); OFMU-KL the
   same with the KL retain loss; OFMU-paper ``OFMU.paper_config()``; the ablations change one
-  default each. The recorded hyperparameters are the constructor's, resolved from its
+  default each; OFMU-NPO ascends NPO's forget loss, negated (``ofmu.hf.causal_lm_losses`` with
+  ``forget="npo"``, the target model as reference), instead of the forget NLL. The recorded hyperparameters are the constructor's, resolved from its
   signature (:func:`ofmu.studies.methods.ofmu_runs.resolve_ofmu`), and so is the cost.
 
 Two study settings apply to any method: ``replay`` (a share of every retain minibatch drawn
@@ -147,13 +148,16 @@ def ofmu(model, ctx, hp, streams, steps):
     defaults); the closure returns (NLL_f, retain loss) on fresh minibatches, or on the last ones
     when the optimizer asks (finite-difference probes)."""
     opt = OFMU([p for p in model.parameters() if p.requires_grad], **_options(hp))
-    retain = _retain(hp, model, _frozen(model) if hp["retain"] == "kl" else None)
+    forget = hp.get("forget", "nll")
+    ref = _frozen(model) if hp["retain"] == "kl" or forget == "npo" else None
     rs = _retain_stream(hp, streams)
+    npo_beta = hp.get("npo_beta", 0.1)
 
     def closure(same_batch: bool = False):
         bf = streams.forget.last if same_batch else streams.forget.next()
         br = rs.last if same_batch else rs.next()
-        return nll(model, bf), retain(br)
+        return causal_lm_losses(model, bf, br, retain=hp["retain"], reference=ref, forget=forget,
+                                npo_beta=npo_beta)
 
     for k in range(steps):
         opt.step(closure)
@@ -165,14 +169,16 @@ def ofmu(model, ctx, hp, streams, steps):
 
 def lm_cost(name: str, hp: dict) -> float:
     """Gradient evaluations of one step of method ``name`` (the one place this is counted): a
-    KL retain loss adds the reference model's forward (1/3) to every retain evaluation."""
+    KL retain loss adds the reference model's forward (1/3) to every retain evaluation, and
+    OFMU's NPO forget loss to every forget evaluation (every closure call computes both)."""
     kl = FORWARD if hp.get("retain") == "kl" else 0.0
     if name.startswith("OFMU"):
-        return ofmu_cost(_options(hp)) + kl * closure_calls(_options(hp))
+        ref = kl + (FORWARD if hp.get("forget") == "npo" else 0.0)
+        return ofmu_cost(_options(hp)) + ref * closure_calls(_options(hp))
     return {"GA": 1.0, "GradDiff": 2.0, "NPO": 2.0 + FORWARD, "SimNPO": 2.0}[name.split("-")[0]] + kl
 
 
-_STUDY_KEYS = ("retain", "replay", "lora", "_notes")  # the study's settings, not OFMU's
+_STUDY_KEYS = ("retain", "forget", "npo_beta", "replay", "lora", "_notes")  # the study's settings, not OFMU's
 
 
 def _options(hp: dict) -> dict:
@@ -205,6 +211,9 @@ OFMU_VARIANTS = {
     "OFMU-sign": ({"inner_preconditioner": "sign"}, "the defaults with inner_preconditioner='sign'"),
     "OFMU-outer2": ({"outer_steps": 2}, "the defaults with outer_steps=2 (more ascent steps per budget)"),
     "OFMU-outer1": ({"outer_steps": 1}, "the defaults with outer_steps=1 (one descent step per ascent step)"),
+    "OFMU-NPO": ({"forget": "npo", "npo_beta": 0.1},
+                 "the defaults ascending NPO's forget loss (negated; beta 0.1, reference = target) "
+                 "instead of the forget NLL"),
     "OFMU-replay": ({"replay": REPLAY},
                     f"the defaults with {REPLAY:.0%} of every retain minibatch from general text"),
     "OFMU-lora": ({"lora": LORA_RANK},
