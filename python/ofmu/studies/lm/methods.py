@@ -18,8 +18,9 @@ the retain loss is either that NLL or the token-mean ``KL(p_target || p_model)``
 * OFMU: ``ofmu.OFMU(params, lr=lr)``, the shipped defaults (nothing else set); OFMU-KL the
   same with the KL retain loss; OFMU-paper ``OFMU.paper_config()``; the ablations change one
   default each; OFMU-NPO ascends NPO's forget loss, negated (``ofmu.hf.causal_lm_losses`` with
-  ``forget="npo"``, the target model as reference), instead of the forget NLL. The recorded hyperparameters are the constructor's, resolved from its
-  signature (:func:`ofmu.studies.methods.ofmu_runs.resolve_ofmu`), and so is the cost.
+  ``forget="npo"``, the target model as reference), instead of the forget NLL. The recorded
+  hyperparameters are the constructor's, resolved from its signature
+  (:func:`ofmu.studies.methods.ofmu_runs.resolve_ofmu`), and so is the cost.
 
 Two study settings apply to any method: ``replay`` (a share of every retain minibatch drawn
 from general text) and ``lora`` (a rank: the method trains PEFT LoRA adapters on every linear
