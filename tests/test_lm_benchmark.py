@@ -421,6 +421,11 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     held = f"forget prob {split['test']['target']['forget_prob']:.3f}"
     assert held in (out / "authors-tiny-smoke.md").read_text()
     assert summ["n"] == 1 and len(summ["frontier"]) >= 1
+    # a data seed whose untouched target already passes the validation gate is named, and the
+    # report says that the split cannot choose there
+    passes = split["val"]["target"]["forget_quality"] >= 0.05
+    assert res["summary"]["10"]["val_target_passes"] == ([0] if passes else [])
+    assert ("validation cannot tell" in (out / "authors-tiny-smoke.md").read_text()) == passes
     val_retain = split["val"]["retain"]["model_utility"]
     for name, m in res["summary"]["10"]["methods"].items():
         ok = [r["model_utility"] / val_retain for r in split["methods"][name]["validation"]
@@ -430,7 +435,7 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     assert sorted(p.name.split("-")[2] for p in cache.iterdir()) == ["base", "retain10", "target"]
     assert "forget 10%" in capsys.readouterr().out
     # merging per-seed runs: the worlds side by side, the summary over both; no duplicates
-    from ofmu.studies.lm.report import merge
+    from ofmu.studies.lm.report import markdown_table, merge
     other = json.loads(json.dumps(res))
     other["worlds"] = {"7": other["worlds"].pop("0")}
     other["config"]["data_seeds"] = [7]
@@ -441,6 +446,15 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     assert fq[0] == fq[1] == pytest.approx(want)
     with pytest.raises(ValueError, match="appear in more than one run"):
         merge([res, res])
+    for fq_val, want_seeds in ((0.049, [0]), (0.05, [0, 7]), (1e-4, [0])):
+        gate = json.loads(json.dumps(other))
+        gate["worlds"]["7"]["splits"]["10"]["val"]["target"]["forget_quality"] = fq_val
+        first = json.loads(json.dumps(res))
+        first["worlds"]["0"]["splits"]["10"]["val"]["target"]["forget_quality"] = 0.5
+        got = merge([first, gate])
+        assert got["summary"]["10"]["val_target_passes"] == want_seeds
+        seeds_text = "data seeds 0, 7 " if len(want_seeds) == 2 else "data seed 0 "
+        assert seeds_text + "the untouched target" in markdown_table(got)
     part = json.loads(json.dumps(res))  # the same seed and split, another group of methods
     gd = part["worlds"]["0"]["splits"]["10"]["methods"].pop("GradDiff-KL")
     res_b = json.loads(json.dumps(res))

@@ -52,6 +52,16 @@ def _held(s: dict, who: str) -> str:
             f"{_fmt(s[f'{who}_mia_auc'], '{:.2f}')}")
 
 
+def _cannot_choose(s: dict) -> str:
+    seeds = s.get("val_target_passes")
+    if not seeds:
+        return ""
+    return (f" **On data seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} the untouched "
+            f"target already has FQ >= {FQ_OK} on the validation pool**: there validation cannot tell "
+            "forgetting from not, so the choice (best MU at FQ > 0.05) picks the highest validation "
+            "utility, usually the earliest checkpoint, and that seed's `target` count decides nothing.")
+
+
 def markdown_table(result: dict) -> str:
     out = _header(result)
     for pct, s in result.get("summary", {}).items():
@@ -62,7 +72,8 @@ def markdown_table(result: dict) -> str:
                 f"{_fmt(s['target_fq'], '{:.2g}')}, MU {_fmt(s['target_mu'], '{:.3f}')}{_held(s, 'target')}."
                 + (" A method has forgotten where its forget prob and MIA AUC are near the retain "
                    "model's; far below them it over-forgets (the forget answers become less likely "
-                   "than unseen ones)." if "retain_forget_prob" in s else ""), "",
+                   "than unseen ones)." if "retain_forget_prob" in s else "")
+                + _cannot_choose(s), "",
                 "| method | " + " | ".join(c[1] for c in COLS)
                 + " | FQ>0.05 | target | val frontier: best MU at FQ>0.05 | chosen lr@budget |",
                 "|---" * (len(COLS) + 5) + "|"]

@@ -116,13 +116,15 @@ def summarize(result: dict) -> dict:
     for ds, world in result.get("worlds", {}).items():
         for pct, split in world["splits"].items():
             s = splits.setdefault(pct, {"retain": [], "target": [], "methods": {}, "n_forget_qa": [],
-                                        "data_seeds": []})
+                                        "data_seeds": [], "val_target_passes": []})
             retain_mu = split["test"]["retain"]["model_utility"]
             val_retain_mu = split["val"]["retain"]["model_utility"]
             s["retain"].append(split["test"]["retain"])
             s["target"].append(split["test"]["target"])
             s["n_forget_qa"].append(split["test"]["n_forget_qa"])
             s["data_seeds"].append(int(ds))
+            if split["val"]["target"]["forget_quality"] >= FQ_OK:  # the validation frontier's gate
+                s["val_target_passes"].append(int(ds))
             for name, e in split["methods"].items():
                 m = s["methods"].setdefault(name, {"per_seed": [], "_entries": []})
                 m["per_seed"].append(_per_seed(e, retain_mu, val_retain_mu, ds))
@@ -150,5 +152,8 @@ def summarize(result: dict) -> dict:
                     # target): forget quality can pass while these say the facts are still held
                     **{f"{who}_{k}": agg([t[k] for t in s[who]]) for who in ("retain", "target")
                        for k in ("forget_prob", "mia_auc") if all(k in t for t in s[who])},
+                    # data seeds whose untouched target already passes the validation gate: there
+                    # validation cannot tell forgetting from not, and the rule picks the best MU
+                    "val_target_passes": s["val_target_passes"],
                     "methods": methods}
     return out
