@@ -418,6 +418,13 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
     for who in ("retain", "target"):  # where forgetting should end and where it starts
         for k in ("forget_prob", "mia_auc"):
             assert res["summary"]["10"][f"{who}_{k}"][0] == pytest.approx(split["test"][who][k])
+    # MU's six parts for the retain model, whose harmonic mean is its MU; the report names the smallest
+    parts = {k: v[0] for k, v in res["summary"]["10"]["retain_mu_parts"].items()}
+    assert len(parts) == 6 and all(parts[k] == pytest.approx(split["test"]["retain"][k]) for k in parts)
+    assert len(parts) / sum(1 / v for v in parts.values()) == pytest.approx(
+        split["test"]["retain"]["model_utility"], rel=1e-6)
+    low = min(parts, key=parts.get).replace("_", " ").replace("rouge", "ROUGE").replace("tr", "truth ratio")
+    assert f"smallest part, {low}." in (out / "authors-tiny-smoke.md").read_text()
     held = f"forget prob {split['test']['target']['forget_prob']:.3f}"
     assert held in (out / "authors-tiny-smoke.md").read_text()
     assert summ["n"] == 1 and len(summ["frontier"]) >= 1

@@ -52,6 +52,20 @@ def _held(s: dict, who: str) -> str:
             f"{_fmt(s[f'{who}_mia_auc'], '{:.2f}')}")
 
 
+_PART_NAMES = {"retain_prob": "retain prob", "retain_rouge": "retain ROUGE", "retain_tr": "retain truth ratio",
+               "world_prob": "world prob", "world_rouge": "world ROUGE", "world_tr": "world truth ratio"}
+
+
+def _mu_parts(s: dict) -> str:
+    parts = s.get("retain_mu_parts")
+    if not parts:
+        return ""
+    text = ", ".join(f"{_PART_NAMES[k]} {v[0]:.3f}" for k, v in parts.items())
+    low = min(parts, key=lambda k: parts[k][0])
+    return (f" The retain model's MU is the harmonic mean of {text}; it moves most with its "
+            f"smallest part, {_PART_NAMES[low]}.")
+
+
 def _cannot_choose(s: dict) -> str:
     seeds = s.get("val_target_passes")
     if not seeds:
@@ -73,7 +87,7 @@ def markdown_table(result: dict) -> str:
                 + (" A method has forgotten where its forget prob and MIA AUC are near the retain "
                    "model's; far below them it over-forgets (the forget answers become less likely "
                    "than unseen ones)." if "retain_forget_prob" in s else "")
-                + _cannot_choose(s), "",
+                + _cannot_choose(s) + _mu_parts(s), "",
                 "| method | " + " | ".join(c[1] for c in COLS)
                 + " | FQ>0.05 | target | val frontier: best MU at FQ>0.05 | chosen lr@budget |",
                 "|---" * (len(COLS) + 5) + "|"]

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 FQ_OK = 0.05  # forget quality the KS test must not reject
+MU_PARTS = ("retain_prob", "retain_rouge", "retain_tr", "world_prob", "world_rouge", "world_tr")
 MU_SHARE = 0.95  # the target: model utility at least this share of the retain model's
 KEYS = ("forget_quality", "model_utility", "mu_ratio", "forget_prob", "forget_rouge", "mia_auc",
         "neighbour_prob_rel", "neighbour_rouge_rel", "world_prob_rel", "world_rouge_rel",
@@ -152,6 +153,10 @@ def summarize(result: dict) -> dict:
                     # target): forget quality can pass while these say the facts are still held
                     **{f"{who}_{k}": agg([t[k] for t in s[who]]) for who in ("retain", "target")
                        for k in ("forget_prob", "mia_auc") if all(k in t for t in s[who])},
+                    # the six numbers whose harmonic mean is MU, for the retain model: a harmonic mean
+                    # moves with its smallest terms, so this says what MU differences are made of
+                    "retain_mu_parts": {k: agg([r[k] for r in s["retain"]]) for k in MU_PARTS
+                                        if all(k in r for r in s["retain"])},
                     # data seeds whose untouched target already passes the validation gate: there
                     # validation cannot tell forgetting from not, and the rule picks the best MU
                     "val_target_passes": s["val_target_passes"],
