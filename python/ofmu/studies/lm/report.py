@@ -53,7 +53,8 @@ def _held(s: dict, who: str) -> str:
 
 
 _PART_NAMES = {"retain_prob": "retain prob", "retain_rouge": "retain ROUGE",
-               "retain_tr": "retain truth ratio", "world_prob": "world prob", "world_rouge": "world ROUGE", "world_tr": "world truth ratio"}
+               "retain_tr": "retain truth ratio", "world_prob": "world prob",
+               "world_rouge": "world ROUGE", "world_tr": "world truth ratio"}
 
 
 def _mu_parts(s: dict) -> str:
