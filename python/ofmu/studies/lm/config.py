@@ -67,12 +67,13 @@ class LMConfig:
 MODEL_SETTINGS = {
     "tiny": {},
     # The small rung: SmolLM2's tokenizer and a few-million-parameter Llama pre-trained on
-    # general text and world facts (models.load_small); no replay, fewer authors.
+    # general text and world facts (models.load_small); fewer authors; fine-tuning replays the
+    # world facts the base answers (without, the fine-tuned models answer none of them).
     # Its power run: forget 10%, budget 160, OFMU/NPO/GradDiff (about 100 CPU-minutes per data
     # seed on an AMD EPYC core: 27 for the target and retain models, ~5 per unlearning run).
     "small": dict(model="small", forget=(10,), n_test=20, n_val=20, n_holdout=2, n_general=0,
                   ft_epochs=6, ft_lr=1.5e-3, ft_batch=32, budget=160, methods=("OFMU", "NPO", "GradDiff"),
-                  replay_world=False, eval_batch=64, lrs=(3e-5, 1e-4, 3e-4)),
+                  replay_world=True, eval_batch=64, lrs=(3e-5, 1e-4, 3e-4)),
     # SmolLM2-135M-Instruct at CPU size, full fine-tuning and rank-8 LoRA; on a GPU, raise n_test,
     # qa_per_author and the budget. Forget 10% only: at this size 1% would be one author's 4
     # questions, which no test can separate from the retain model (`--forget 1` still runs it).
