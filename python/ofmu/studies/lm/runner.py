@@ -258,6 +258,8 @@ def config_from_args(args):
         over["budget"] = int(args.budget)
     if getattr(args, "device", None):
         over["device"] = args.device
+    if getattr(args, "no_world_replay", False):
+        over["replay_world"] = False
     if getattr(args, "lrs", None):
         over["lrs"] = tuple(float(x) for x in str(args.lrs).split(","))
         over["sgd_lrs"] = tuple(100 * x for x in over["lrs"])  # the paper form's plain SGD steps
@@ -299,6 +301,7 @@ def cli(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--no-world-replay", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return main(p.parse_args(argv))
 
