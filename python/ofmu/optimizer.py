@@ -136,7 +136,8 @@ class OFMU(Optimizer):
     unrequested facts and fluency than NPO. With TOFU's question counts (100 authors per
     pool, 1280 evaluations) they meet it at forget 5% in 2 of 3 data seeds (NPO 0 of 3) and at
     10% in none (nor does NPO); in TOFU's shape at forget 1% in 3 of 3 (NPO 1 of 3, which
-    over-forgets); on a 4.2M-parameter Llama at forget 10%, in 2 of 4 (NPO 1 of 4; at 5% the
+    over-forgets); on a 4.2M-parameter Llama at forget 10%, in 2 of 4 (NPO 1 of 4; its utility
+    there follows a near-zero world-ROUGE part, so that count says little; at 5% the
     untouched model already passes, so that split decides nothing). There,
     where they forget, held-out perplexity rises 1.2-2.3x (NPO's 1.0-1.2x) and on one data seed
     utility falls to 0.34x: they cost more fluency than NPO (mixing general text into the retain
