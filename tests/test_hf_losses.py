@@ -144,7 +144,8 @@ def test_bad_forget_options_are_refused_before_any_forward_pass():
         causal_lm_losses(model, {"input_ids": forget}, {"input_ids": retain}, forget="npo")
     with pytest.raises(ValueError, match="forget must be one of"):
         causal_lm_losses(model, {"input_ids": forget}, {"input_ids": retain}, forget="ga")
-    with pytest.raises(ValueError, match="npo_beta must be > 0"):
-        causal_lm_losses(model, {"input_ids": forget}, {"input_ids": retain}, forget="npo",
-                         npo_beta=0.0, reference=model)
+    for bad in (0.0, -0.1, float("inf"), float("nan"), True, "0.1", None):
+        with pytest.raises(ValueError, match="npo_beta must be a finite number > 0"):
+            causal_lm_losses(model, {"input_ids": forget}, {"input_ids": retain}, forget="npo",
+                             npo_beta=bad, reference=model)
     assert calls == []

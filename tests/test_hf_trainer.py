@@ -298,7 +298,7 @@ def test_trainer_retain_loss_options_are_checked_before_any_work(tmp_path):
         OFMUTrainer(None, None, forget_dataset=[1], retain_dataset=[1], retain_loss="kl")
     with pytest.raises(ValueError, match="forget_loss must be one of"):
         trainer(model, tmp_path, trainer_kwargs=dict(forget_loss="NPO"))
-    for bad in (0.0, -1.0, float("nan"), "0.1"):
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match="npo_beta must be"):
             trainer(model, tmp_path, trainer_kwargs=dict(forget_loss="npo", npo_beta=bad))
     with pytest.raises(ValueError, match="the model at construction"):

@@ -3,6 +3,7 @@ KL-to-reference retain loss, and NPO's bounded forget objective."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -62,6 +63,15 @@ def token_kl(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
     return per_token.mean()
 
 
+def check_npo_beta(beta) -> float:
+    """``beta`` as a float if it is a finite number > 0 (not a bool); a ``ValueError`` naming
+    ``npo_beta`` otherwise."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (
+            math.isfinite(beta) and beta > 0):
+        raise ValueError(f"npo_beta must be a finite number > 0; got {beta!r}")
+    return float(beta)
+
+
 def sequence_nll(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-sequence summed next-token negative log-likelihood over the labelled positions (the
     shift and masking of :func:`token_nll`), in float32 or the logits' wider dtype:
@@ -85,8 +95,7 @@ def npo_objective(logits: Tensor, ref_logits: Tensor, labels: Tensor, beta: floa
     model's probability of the forget answers falls below the reference's. Its gradient is the
     summed-NLL ascent direction weighted per row by ``2 * sigmoid(beta * log(p_model / p_ref))``,
     which vanishes once a row is forgotten: the ascent stops by itself, unlike NLL ascent."""
-    if not beta > 0:
-        raise ValueError(f"npo_beta must be > 0; got {beta!r}")
+    beta = check_npo_beta(beta)
     if ref_logits.shape != logits.shape:
         raise ValueError(f"reference logits {tuple(ref_logits.shape)} differ from the model's "
                          f"{tuple(logits.shape)}")
@@ -146,8 +155,8 @@ def causal_lm_losses(model, forget_batch: Mapping[str, Tensor] | None,
         if value in ("kl", "npo") and reference is None:
             raise ValueError(f'{name}="{value}" needs reference=<a frozen copy of the model '
                              'before unlearning>')
-    if forget == "npo" and not npo_beta > 0:
-        raise ValueError(f"npo_beta must be > 0; got {npo_beta!r}")
+    if forget == "npo":
+        check_npo_beta(npo_beta)
     forget_labels = None if forget_batch is None else causal_lm_labels(forget_batch)
     labels = causal_lm_labels(retain_batch)
     forget_loss = None

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..optimizer import OFMU
-from .losses import FORGET_LOSSES, causal_lm_losses
+from .losses import FORGET_LOSSES, causal_lm_losses, check_npo_beta
 
 RETAIN_LOSSES = ("nll", "kl")
 
@@ -313,8 +313,7 @@ def _check_builtin_losses(retain_loss, forget_loss, npo_beta, reference_model, c
         raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}; got {retain_loss!r}")
     if forget_loss not in FORGET_LOSSES:
         raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}; got {forget_loss!r}")
-    if not (isinstance(npo_beta, (int, float)) and npo_beta > 0 and npo_beta < float("inf")):
-        raise ValueError(f"npo_beta must be a finite number > 0; got {npo_beta!r}")
+    check_npo_beta(npo_beta)
     chosen = [f"{k}={v!r}" for k, v, special in (("retain_loss", retain_loss, "kl"),
                                                     ("forget_loss", forget_loss, "npo")) if v == special]
     if not chosen and reference_model is not None:

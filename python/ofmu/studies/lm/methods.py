@@ -146,8 +146,9 @@ def simnpo(model, ctx, hp, streams, steps):
 
 def ofmu(model, ctx, hp, streams, steps):
     """``OFMU(params, **options)`` with the options the method sets (the rest: the constructor's
-    defaults); the closure returns (NLL_f, retain loss) on fresh minibatches, or on the last ones
-    when the optimizer asks (finite-difference probes)."""
+    defaults); the closure returns (forget loss, retain loss) on fresh minibatches, or on the last
+    ones when the optimizer asks (finite-difference probes): the forget NLL, or with
+    ``forget="npo"`` NPO's forget loss negated, the target as reference."""
     opt = OFMU([p for p in model.parameters() if p.requires_grad], **_options(hp))
     forget = hp.get("forget", "nll")
     ref = _frozen(model) if hp["retain"] == "kl" or forget == "npo" else None
