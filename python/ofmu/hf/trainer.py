@@ -35,9 +35,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..optimizer import OFMU
-from .losses import FORGET_LOSSES, causal_lm_losses, check_npo_beta
-
-RETAIN_LOSSES = ("nll", "kl")
+from .losses import FORGET_LOSSES, RETAIN_LOSSES, causal_lm_losses, check_npo_beta
 
 # Set from TrainingArguments; passing them in ``ofmu_kwargs`` as well would be ambiguous.
 _FROM_ARGS = ("lr", "weight_decay", "max_grad_norm")
