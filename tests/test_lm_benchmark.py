@@ -254,6 +254,53 @@ def test_lora_rank_is_checked_before_any_step(small):
     assert steps == []
 
 
+def test_matched_forgetting_takes_the_best_of_the_points_that_forgot_as_far_as_the_retain_model():
+    from ofmu.studies.lm.summary import summarize
+
+    def point(fp, nb, world, ppl, mu):
+        return {"lr": 1e-4, "fraction": 1.0, "grad_evals": 10, "forget_quality": 0.5, "forget_prob": fp,
+                "model_utility": mu, "neighbour_prob_rel": nb, "world_prob_rel": world, "fluency_rel": ppl}
+
+    def entry(*pts):
+        return {"validation": list(pts), "chosen": {"hparams": {"lr": 1e-4}, "fraction": 1.0},
+                "test": [point(0.02, 0.5, 0.9, 1.0, 0.4)]}
+    retain = {"forget_prob": 0.03, "model_utility": 0.5, "forget_quality": 1.0}
+    # the retain model's forget prob is 0.03: points at or below 0.06 have forgotten as far
+    ofmu = entry(point(0.061, 0.9, 0.99, 0.5, 0.6),  # not far enough: left out
+                 point(0.06, 0.2, 0.95, 1.5, 0.45), point(0.001, 0.1, 0.97, 1.2, 0.3),
+                 {"lr": 1e-3, "fraction": 1.0, "grad_evals": 10, "forget_quality": 0.0,
+                  "model_utility": 0.0})  # diverged: no forget prob, never qualifies
+    npo = entry(point(0.5, 0.9, 0.99, 0.9, 0.5))  # never forgets that far
+    gd = entry(point(0.01, 0.4, 0.90, 2.0, 0.25))
+
+    def world(methods):
+        split = {"val": {"retain": retain, "target": {"forget_quality": 0.0}},
+                 "test": {"retain": {"model_utility": 0.5}, "n_forget_qa": 4,
+                          "target": {"forget_quality": 0.0, "model_utility": 0.5}},
+                 "methods": methods}
+        return {"splits": {"10": split}}
+    res = {"worlds": {"0": world({"OFMU": ofmu, "NPO": npo, "GradDiff": gd}),
+                      "1": world({"OFMU": entry(point(0.03, 0.3, 0.9, 1.0, 0.5)), "NPO": npo,
+                                  "GradDiff": entry(point(0.02, 0.5, 0.8, 1.1, 0.4))})}}
+    got = summarize(res)["10"]["methods"]
+    m0 = got["OFMU"]["per_seed"][0]["matched"]  # each number's best over the two qualifying points
+    assert m0 == {"n_points": 2, "neighbour_prob_rel": 0.2, "world_prob_rel": 0.97, "fluency_rel": 1.2,
+                  "mu_ratio": pytest.approx(0.9)}
+    assert got["NPO"]["per_seed"][0]["matched"] is None
+    assert got["NPO"]["matched"]["n"] == 0 and "neighbour_prob_rel" not in got["NPO"]["matched"]
+    at = got["GradDiff"]["matched"]  # seeds 0 and 1: neighbour 0.4 and 0.5 against OFMU's 0.2 and 0.3
+    assert (at["n"], at["of"]) == (2, 2)
+    assert at["neighbour_prob_rel"] == [pytest.approx(0.45), pytest.approx(math.sqrt(0.005))]
+    pr = at["paired"]["neighbour_prob_rel"]
+    assert (pr["n_both"], pr["diff"], pr["se"]) == (2, pytest.approx(0.2), pytest.approx(0.0))
+    assert at["paired"]["fluency_rel"]["diff"] == pytest.approx(((2.0 - 1.2) + (1.1 - 1.0)) / 2)
+    assert "paired" not in got["OFMU"]["matched"]
+    from ofmu.studies.lm.report import _matched_table
+    rows = {r.split(" | ")[0]: r for r in _matched_table(summarize(res)["10"]) if r.startswith("| ")}
+    assert rows["| GradDiff"].startswith("| GradDiff | 2/2 | 0.45 ± 0.07; +0.20 ± 0.00 [2] |")
+    assert rows["| NPO"] == "| NPO | 0/2 | - | - | - | - |"
+
+
 @pytest.mark.skipif(not (corpus.WORDNET_DIR / "data.noun").is_file(), reason="needs WordNet")
 def test_small_rung_replays_sentences_it_was_pretrained_on_never_the_fluency_text():
     from ofmu.studies.lm.config import config_for
@@ -457,6 +504,11 @@ def test_authors_benchmark_cli_smoke(tmp_path, capsys):
               if r["forget_quality"] >= 0.05]
         assert m["per_seed"][0]["frontier_rel"] == (pytest.approx(max(ok)) if ok else None)
         assert ("paired" in m) == (name != "OFMU")
+        level = 2 * split["val"]["retain"]["forget_prob"]
+        done = [r for r in split["methods"][name]["validation"] if r.get("forget_prob", 1.0) <= level]
+        want = None if not done else max(r["neighbour_prob_rel"] for r in done)
+        at = m["per_seed"][0]["matched"]
+        assert (at and at["neighbour_prob_rel"]) == (pytest.approx(want) if done else None)
     assert sorted(p.name.split("-")[2] for p in cache.iterdir()) == ["base", "retain10", "target"]
     assert "forget 10%" in capsys.readouterr().out
     # merging per-seed runs: the worlds side by side, the summary over both; no duplicates

@@ -11,7 +11,7 @@ from pathlib import Path
 from ...files import replace_atomic, write_text_atomic
 from .config import LMConfig
 from .methods import ALL_METHODS as DEFAULT_ORDER
-from .summary import FQ_OK, MU_SHARE, REFERENCE
+from .summary import FQ_OK, MATCH_FACTOR, MATCHED, MU_SHARE, REFERENCE
 
 COLS = (("forget_quality", "FQ", "{:.2g}"), ("model_utility", "MU", "{:.3f}"),
         ("mu_ratio", "MU / retain", "{:.2f}"), ("forget_prob", "forget prob", "{:.3f}"),
@@ -107,6 +107,7 @@ def markdown_table(result: dict) -> str:
             out += ["", "Diverged (non-finite weights or losses; scored FQ 0, MU 0, other metrics left "
                     "out): " + "; ".join(diverged) + "."]
         out += _paired_table(s)
+        out += _matched_table(s)
     out += ["", "Methods:"] + [f"- {n}: {d}" for n, d in result.get("methods", {}).items()]
     return "\n".join(out)
 
@@ -135,6 +136,40 @@ def _paired_table(s: dict) -> list[str]:
             se = "" if pr["se"] is None else f" ± {pr['se']:.3f}"
             diff = f"{pr['diff']:+.3f}{se} ({pr['n_both']})"
         out.append(f"| {name} | {front} | {none}/{len(m['per_seed'])} | {diff} |")
+    return out
+
+
+_MATCHED_NAMES = {"neighbour_prob_rel": "neighbour prob / target", "world_prob_rel": "world prob / base",
+                  "fluency_rel": "ppl / target", "mu_ratio": "MU / retain"}
+
+
+def _matched_table(s: dict) -> list[str]:
+    """What each method keeps once it has forgotten as far as the retain model (validation pool),
+    with the paired difference to OFMU's shipped defaults."""
+    if not any("matched" in m for m in s["methods"].values()):
+        return []
+    out = ["", f"At matched forgetting (validation pool): over the validation points whose forget prob "
+           f"is at most {MATCH_FACTOR:g} x the retain model's, the best each reaches (highest; lowest "
+           "perplexity), mean ± spread over the data seeds that have such a point, then the "
+           f"difference to {REFERENCE}'s on the same seeds ± its standard error [seeds where both have one].",
+           "", "| method | seeds with a point | " + " | ".join(_MATCHED_NAMES[k] for k, _ in MATCHED) + " |",
+           "|---" * (len(MATCHED) + 2) + "|"]
+    for name, m in s["methods"].items():
+        at = m.get("matched")
+        if at is None:
+            continue
+        cells = []
+        for k, _ in MATCHED:
+            if k not in at:
+                cells.append("-")
+                continue
+            cell = _fmt(at[k], "{:.2f}")
+            pr = at.get("paired", {}).get(k)
+            if pr is not None and pr["diff"] is not None:
+                se = "" if pr["se"] is None else f" ± {pr['se']:.2f}"
+                cell += f"; {pr['diff']:+.2f}{se} [{pr['n_both']}]"
+            cells.append(cell)
+        out.append(f"| {name} | {at['n']}/{at['of']} | " + " | ".join(cells) + " |")
     return out
 
 

@@ -12,6 +12,11 @@ import numpy as np
 FQ_OK = 0.05  # forget quality the KS test must not reject
 MU_PARTS = ("retain_prob", "retain_rouge", "retain_tr", "world_prob", "world_rouge", "world_tr")
 MU_SHARE = 0.95  # the target: model utility at least this share of the retain model's
+# "matched forgetting": a validation point whose forget probability is at most this many times the
+# retain model's has forgotten about as far as a model that never saw the forget facts
+MATCH_FACTOR = 2.0
+# what a method keeps at matched forgetting, and which way is better
+MATCHED = (("neighbour_prob_rel", max), ("world_prob_rel", max), ("fluency_rel", min), ("mu_ratio", max))
 KEYS = ("forget_quality", "model_utility", "mu_ratio", "forget_prob", "forget_rouge", "mia_auc",
         "neighbour_prob_rel", "neighbour_rouge_rel", "world_prob_rel", "world_rouge_rel",
         "fluency_rel", "grad_evals", "time_s", "peak_mem_mb")
@@ -39,7 +44,24 @@ def mean_std(rows: list[dict]) -> dict:
     return out
 
 
-def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str) -> dict:
+def matched(entry: dict, val_retain: dict) -> dict | None:
+    """What a method keeps once it has forgotten as far as the retain model, on the validation
+    pool: over its validation points whose forget probability is at most ``MATCH_FACTOR`` x the
+    retain model's, the most neighbour-fact probability (relative to the target), world-fact
+    probability (relative to the base), MU (relative to the retain model) and the lowest held-out
+    perplexity (relative to the target) any of them reaches, and how many points qualified;
+    ``None`` when no point forgot that far. Nothing is chosen from these numbers, so they stay on
+    validation. Diverged points (no forget probability) never qualify."""
+    level = MATCH_FACTOR * val_retain["forget_prob"]
+    pts = [{**r, "mu_ratio": r["model_utility"] / val_retain["model_utility"]}
+           for r in entry["validation"] if "forget_prob" in r and r["forget_prob"] <= level]
+    if not pts:
+        return None
+    return {"n_points": len(pts), **{k: best(p[k] for p in pts) for k, best in MATCHED}}
+
+
+def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str,
+              val_retain: dict | None = None) -> dict:
     tests = entry["test"]
     ok = [r["model_utility"] / val_retain_mu for r in entry["validation"] if r["forget_quality"] >= FQ_OK]
     row = {"data_seed": int(ds), "lr": entry["chosen"]["hparams"]["lr"],
@@ -55,6 +77,8 @@ def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str) -> d
     row["val_diverged"] = sum(bool(r.get("diverged")) for r in entry["validation"])
     row["fq_ok"] = row["forget_quality"] > FQ_OK
     row["target_met"] = row["fq_ok"] and row["mu_ratio"] >= MU_SHARE
+    if val_retain is not None and "forget_prob" in val_retain:
+        row["matched"] = matched(entry, val_retain)
     return row
 
 
@@ -99,8 +123,12 @@ def paired(per: list[dict], ref: list[dict]) -> dict:
     data seeds (the same authors and models, so the seed-to-seed spread of utility cancels): mean
     difference and its standard error over the seeds where both have a frontier, and on how many
     seeds each has none."""
-    mine = {p["data_seed"]: p["frontier_rel"] for p in per}
-    theirs = {p["data_seed"]: p["frontier_rel"] for p in ref}
+    return _paired_values({p["data_seed"]: p["frontier_rel"] for p in per},
+                          {p["data_seed"]: p["frontier_rel"] for p in ref})
+
+
+def _paired_values(mine: dict, theirs: dict) -> dict:
+    """``mine`` minus ``theirs`` per data seed (dicts data seed -> value or None)."""
     common = sorted(set(mine) & set(theirs))
     d = np.array([mine[k] - theirs[k] for k in common if mine[k] is not None and theirs[k] is not None])
     return {"n_common": len(common), "n_both": int(d.size),
@@ -110,6 +138,20 @@ def paired(per: list[dict], ref: list[dict]) -> dict:
 
 
 REFERENCE = "OFMU"  # the paired comparisons are against OFMU's shipped defaults
+
+
+def _matched_agg(per: list[dict], ref: list[dict] | None) -> dict | None:
+    """The per-seed matched-forgetting numbers over data seeds (mean ± spread over the seeds that
+    have a point; ``n`` of ``of``) and, per number, the paired difference to the reference's."""
+    if not all("matched" in p for p in per):
+        return None
+    have = [p["matched"] for p in per if p["matched"] is not None]
+    out = {"n": len(have), "of": len(per), **{k: agg([m[k] for m in have]) for k, _ in MATCHED if have}}
+    if ref is not None and all("matched" in p for p in ref):
+        def values(rows, k):
+            return {p["data_seed"]: None if p["matched"] is None else p["matched"][k] for p in rows}
+        out["paired"] = {k: _paired_values(values(per, k), values(ref, k)) for k, _ in MATCHED}
+    return out
 
 
 def summarize(result: dict) -> dict:
@@ -128,7 +170,7 @@ def summarize(result: dict) -> dict:
                 s["val_target_passes"].append(int(ds))
             for name, e in split["methods"].items():
                 m = s["methods"].setdefault(name, {"per_seed": [], "_entries": []})
-                m["per_seed"].append(_per_seed(e, retain_mu, val_retain_mu, ds))
+                m["per_seed"].append(_per_seed(e, retain_mu, val_retain_mu, ds, split["val"]["retain"]))
                 m["_entries"].append(e)
     out = {}
     for pct, s in splits.items():
@@ -145,6 +187,9 @@ def summarize(result: dict) -> dict:
         for name, m in methods.items():
             if ref is not None and name != REFERENCE:
                 m["paired"] = paired(m["per_seed"], ref["per_seed"])
+            at = _matched_agg(m["per_seed"], None if ref is None or name == REFERENCE else ref["per_seed"])
+            if at is not None:
+                m["matched"] = at
         out[pct] = {"data_seeds": s["data_seeds"], "n_forget_qa": s["n_forget_qa"],
                     "retain_mu": agg([r["model_utility"] for r in s["retain"]]),
                     "target_fq": agg([t["forget_quality"] for t in s["target"]]),
