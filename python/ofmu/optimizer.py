@@ -139,12 +139,12 @@ class OFMU(Optimizer):
     utility there. With TOFU's question counts (100 authors per
     pool, 1280 evaluations) they meet it at forget 5% in 2 of 3 data seeds (NPO 0 of 3) and at
     10% in none (nor does NPO); in TOFU's shape at forget 1% in 3 of 3 (NPO 1 of 3, which
-    over-forgets); on a 4.2M-parameter Llama at forget 10%, in 2 of 4 (NPO 1 of 4; its utility
-    there follows a near-zero world-ROUGE part, so that count says little; at 5% the
-    untouched model already passes, so that split decides nothing). There,
-    where they forget, held-out perplexity rises 1.2-2.3x (NPO's 1.0-1.2x) and on one data seed
-    utility falls to 0.34x: they cost more fluency than NPO (mixing general text into the retain
-    batches removes that). Trained through LoRA adapters they did not unlearn within the
+    over-forgets); on a 4.2M-parameter Llama at forget 10%, in 3 of 4 (NPO and GradDiff 0 of
+    4, which forget at 0.74-0.91x utility; OFMU's frontier lies above both on every data seed),
+    though on two of the three the forget answers stay likelier than under the retain model
+    (0.19-0.27 against 0.02-0.03). There held-out perplexity rises 1.3-1.6x (NPO's 0.9-1.1x):
+    they cost more fluency than NPO (mixing general text into the retain batches removed that
+    in an earlier setting). Trained through LoRA adapters they did not unlearn within the
     budget. One step costs 10 gradient evaluations;
     ``outer_steps=2`` (4.7) forgets more per evaluation at the same utility (a tie overall).
 
