@@ -60,9 +60,9 @@ def matched(entry: dict, val_retain: dict) -> dict | None:
     return {"n_points": len(pts), **{k: best(p[k] for p in pts) for k, best in MATCHED}}
 
 
-def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str,
-              val_retain: dict | None = None) -> dict:
+def _per_seed(entry: dict, retain_mu: float, val_retain: dict, ds: str) -> dict:
     tests = entry["test"]
+    val_retain_mu = val_retain["model_utility"]
     ok = [r["model_utility"] / val_retain_mu for r in entry["validation"] if r["forget_quality"] >= FQ_OK]
     row = {"data_seed": int(ds), "lr": entry["chosen"]["hparams"]["lr"],
            "fraction": entry["chosen"]["fraction"],
@@ -77,7 +77,7 @@ def _per_seed(entry: dict, retain_mu: float, val_retain_mu: float, ds: str,
     row["val_diverged"] = sum(bool(r.get("diverged")) for r in entry["validation"])
     row["fq_ok"] = row["forget_quality"] > FQ_OK
     row["target_met"] = row["fq_ok"] and row["mu_ratio"] >= MU_SHARE
-    if val_retain is not None and "forget_prob" in val_retain:
+    if "forget_prob" in val_retain:  # results older than the forget probability have no match
         row["matched"] = matched(entry, val_retain)
     return row
 
@@ -161,7 +161,6 @@ def summarize(result: dict) -> dict:
             s = splits.setdefault(pct, {"retain": [], "target": [], "methods": {}, "n_forget_qa": [],
                                         "data_seeds": [], "val_target_passes": []})
             retain_mu = split["test"]["retain"]["model_utility"]
-            val_retain_mu = split["val"]["retain"]["model_utility"]
             s["retain"].append(split["test"]["retain"])
             s["target"].append(split["test"]["target"])
             s["n_forget_qa"].append(split["test"]["n_forget_qa"])
@@ -170,7 +169,7 @@ def summarize(result: dict) -> dict:
                 s["val_target_passes"].append(int(ds))
             for name, e in split["methods"].items():
                 m = s["methods"].setdefault(name, {"per_seed": [], "_entries": []})
-                m["per_seed"].append(_per_seed(e, retain_mu, val_retain_mu, ds, split["val"]["retain"]))
+                m["per_seed"].append(_per_seed(e, retain_mu, split["val"]["retain"], ds))
                 m["_entries"].append(e)
     out = {}
     for pct, s in splits.items():
