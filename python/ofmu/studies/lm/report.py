@@ -133,14 +133,19 @@ def _paired_table(s: dict) -> list[str]:
         elif pr["diff"] is None:
             diff = f"n/a ({pr['n_both']})"
         else:
-            se = "" if pr["se"] is None else f" ± {pr['se']:.3f}"
-            diff = f"{pr['diff']:+.3f}{se} ({pr['n_both']})"
+            diff = _difference(pr, "{:.3f}", "({})")
         out.append(f"| {name} | {front} | {none}/{len(m['per_seed'])} | {diff} |")
     return out
 
 
-_MATCHED_NAMES = {"neighbour_prob_rel": "neighbour prob / target", "world_prob_rel": "world prob / base",
-                  "fluency_rel": "ppl / target", "mu_ratio": "MU / retain"}
+def _difference(pr: dict, f: str, seeds: str) -> str:
+    """A paired difference as ``+d ± se`` and the number of seeds it is over."""
+    se = "" if pr["se"] is None else f" ± {f.format(pr['se'])}"
+    signed = f.replace("{:", "{:+")
+    return f"{signed.format(pr['diff'])}{se} {seeds.format(pr['n_both'])}"
+
+
+_MATCHED_NAMES = {k: name for k, name, _ in COLS}
 
 
 def _matched_table(s: dict) -> list[str]:
@@ -166,8 +171,7 @@ def _matched_table(s: dict) -> list[str]:
             cell = _fmt(at[k], "{:.2f}")
             pr = at.get("paired", {}).get(k)
             if pr is not None and pr["diff"] is not None:
-                se = "" if pr["se"] is None else f" ± {pr['se']:.2f}"
-                cell += f"; {pr['diff']:+.2f}{se} [{pr['n_both']}]"
+                cell += "; " + _difference(pr, "{:.2f}", "[{}]")
             cells.append(cell)
         out.append(f"| {name} | {at['n']}/{at['of']} | " + " | ".join(cells) + " |")
     return out
